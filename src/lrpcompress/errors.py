@@ -1,0 +1,14 @@
+"""The project's one error type: every expected failure is an LrpcError with a one-line message."""
+
+from __future__ import annotations
+
+
+class LrpcError(Exception):
+    """A failure the user can act on; ``str(err)`` is a single line that names the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class FormatError(LrpcError):
+    """A `.lrpc` file that is not valid under docs/FORMAT.md."""

@@ -1,0 +1,254 @@
+"""Model architectures and the architecture registry.
+
+``build_model(arch, num_classes)`` accepts the CIFAR ResNets (resnet20/32/44/56), the small
+``digits_cnn`` of the demo, torchvision model names, and ``package.module:function`` for a
+user's own factory. Checkpoints load with ``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import LrpcError
+
+CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
+
+
+class Add(nn.Module):
+    """Residual addition as a module, so relevance rules can see it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class OptionAShortcut(nn.Module):
+    """The parameter-free shortcut of the CIFAR ResNet paper: stride-2 subsample, zero-pad channels."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_planes - self.in_planes
+        lo = extra // 2
+        return F.pad(x, (0, 0, 0, 0, lo, extra - lo))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, mid_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, mid_planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid_planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(mid_planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = OptionAShortcut(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Identity()
+        self.add = Add()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(self.add(out, self.shortcut(x)))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs (He et al. 2016), key-compatible with akamaster/pytorch_resnet_cifar10.
+
+    ``widths`` optionally gives the inner width (conv1 output channels) of every block, for
+    models slimmed by structured pruning; the stage widths stay 16/32/64.
+    """
+
+    def __init__(self, depth_n: int, num_classes: int = 10, widths: Sequence[int] | None = None) -> None:
+        super().__init__()
+        n_blocks = 3 * depth_n
+        if widths is None:
+            widths = [16] * depth_n + [32] * depth_n + [64] * depth_n
+        if len(widths) != n_blocks or any(int(w) < 1 for w in widths):
+            raise LrpcError(f"widths must list {n_blocks} positive channel counts, got {list(widths)}")
+        self.widths = [int(w) for w in widths]
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        in_planes, k = 16, 0
+        for stage, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for i in range(depth_n):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                blocks.append(BasicBlock(in_planes, self.widths[k], planes, stride))
+                in_planes, k = planes, k + 1
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(self.flatten(self.pool(x)))
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for scikit-learn's 8x8 digits, used by the embedded demo."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+def _torchvision_factory(name: str) -> Callable[..., nn.Module] | None:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return None
+    if name in tvm.list_models(module=tvm):
+        return lambda num_classes=1000: tvm.get_model(name, weights=None, num_classes=num_classes)
+    return None
+
+
+def is_builtin_arch(arch: str) -> bool:
+    return arch in CIFAR_DEPTHS or arch == "digits_cnn" or (":" not in arch and _torchvision_factory(arch) is not None)
+
+
+def build_model(
+    arch: str, num_classes: int = 10, widths: Sequence[int] | None = None, allow_import: bool = True
+) -> nn.Module:
+    """Build an untrained model by architecture name.
+
+    ``allow_import=False`` refuses ``package.module:function`` (used by the file loader, which
+    must never import code named by a file).
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise LrpcError(f"num_classes must be a positive int, got {num_classes!r}")
+    if arch in CIFAR_DEPTHS:
+        return CifarResNet(CIFAR_DEPTHS[arch], num_classes, widths)
+    if widths is not None:
+        raise LrpcError(f"architecture {arch!r} does not support slimmed widths")
+    if arch == "digits_cnn":
+        return DigitsCNN(num_classes)
+    if ":" in arch:
+        if not allow_import:
+            raise LrpcError(
+                f"architecture {arch!r} is a user factory; pass it explicitly (--arch) to load this file"
+            )
+        mod_name, _, fn_name = arch.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise LrpcError(f"cannot import model factory {arch!r}: {exc}") from None
+        model = fn(num_classes=num_classes)
+        if not isinstance(model, nn.Module):
+            raise LrpcError(f"model factory {arch!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    factory = _torchvision_factory(arch)
+    if factory is None:
+        known = ", ".join(sorted(CIFAR_DEPTHS) + ["digits_cnn"])
+        raise LrpcError(
+            f"unknown architecture {arch!r}; use one of {known}, a torchvision model name, or package.module:function"
+        )
+    return factory(num_classes=num_classes)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint without unpickling code: plain state_dict, {'state_dict': ...}, DataParallel prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise LrpcError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for pickled code and corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LrpcError(
+            f"cannot read weights {path}: it is not a weights-only checkpoint ({first[:160]}); "
+            "re-save it with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LrpcError(f"weights file {path} does not hold a state_dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> nn.Module:
+    """Load ``state`` into ``model`` strictly, with errors that name the mismatch; reject NaN/Inf."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}")
+        if unexpected:
+            detail.append(f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}")
+        raise LrpcError(f"{source} do not match the architecture: {'; '.join(detail)}; check --arch")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise LrpcError(
+                f"{source} do not match the architecture: {k} has shape {tuple(v.shape)}, "
+                f"expected {tuple(own[k].shape)}; check --arch"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise LrpcError(f"{source} contain NaN or Inf in {k}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def load_model(arch: str, weights: str | Path, num_classes: int | None = None) -> nn.Module:
+    """Build ``arch`` and load a checkpoint into it (eval mode). ``num_classes`` defaults to the checkpoint's head."""
+    state = read_state_dict(weights)
+    if num_classes is None:
+        num_classes = _infer_num_classes(state)
+    model = build_model(arch, num_classes)
+    return load_weights(model, state, source=f"weights {weights}").eval()
+
+
+def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    return int(weights[-1].shape[0]) if weights else 10
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """float32 bytes of all parameters and floating buffers."""
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    return 4 * n
+
+
+__all__ = [
+    "Add", "BasicBlock", "CifarResNet", "DigitsCNN", "OptionAShortcut", "CIFAR_DEPTHS",
+    "build_model", "is_builtin_arch", "read_state_dict", "load_weights", "load_model",
+    "count_params", "dense_bytes",
+]

@@ -1,0 +1,379 @@
+"""Per-weight Layer-wise Relevance Propagation.
+
+How it works. Within a scoring pass every layer with weights gets a forward hook that replaces its
+output ``z`` with a *surrogate*: equal to ``z`` in value, whose gradient is the rule's relevance
+redistribution. The gradient that reaches a layer's output is then ``R_j / z_j`` (relevance per unit
+of activation), so ReLU, max-pooling, average pooling and residual additions between rule layers
+propagate relevance by ordinary autograd: a residual sum splits its relevance between the branches
+in proportion to their contributions. The rule's terms are computed from detached, modified copies
+of the weights (leaves); the relevance of weight ``w_ij`` is ``leaf ⊙ ∂/∂leaf``, which for LRP-ε is
+``Σ_{n,positions} a_i w_ij R_j / (z_j + ε·sign z_j)`` — the same quantity ECQx computes.
+
+Canonization: a BatchNorm that directly follows a conv/linear layer is folded into it for the pass
+(its hook passes the already-normalised surrogate through). Nothing is written to the model: all
+hooks are removed in ``finally``, parameters and buffers are only read, and ReLU modules run with
+``inplace=False`` only inside the pass (restored afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import ImageData, sample_indices
+from .errors import LrpcError
+from .rules import COMPOSITES, WEIGHTED, Composite, Rule, get_composite
+from .progress import progress
+
+START_POINTS = ("true", "predicted", "all")
+
+# Modules between rule layers that autograd propagates correctly under the gradient-ratio scheme:
+# linear maps without bias (pooling, flatten, padding, shortcuts) and ReLU / max selections.
+PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout2d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.ZeroPad2d, nn.BatchNorm1d, nn.BatchNorm2d,
+)
+
+
+@dataclass(frozen=True)
+class RelevanceConfig:
+    """How to score: composite name, where relevance starts, stabiliser, samples, batch size, seed."""
+
+    composite: str = "epsilon_plus"
+    start: str = "true"
+    epsilon: float = 1e-6
+    samples: int = 512
+    batch_size: int = 64
+    seed: int = 0
+    classes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.composite not in COMPOSITES:
+            raise LrpcError(f"unknown LRP composite {self.composite!r}; choose one of {', '.join(COMPOSITES)}")
+        if self.start not in START_POINTS:
+            raise LrpcError(f"unknown start point {self.start!r}; choose one of {', '.join(START_POINTS)}")
+        if self.samples < 1:
+            raise LrpcError(f"samples must be at least 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise LrpcError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.epsilon >= 0:
+            raise LrpcError(f"epsilon must be >= 0, got {self.epsilon}")
+
+
+@dataclass
+class Relevance:
+    """Relevance scores: per weight tensor (same name and shape as the parameter) and per output channel.
+
+    ``weights[name]`` sums the relevance of each weight over samples and positions; ``channels[name]``
+    is the relevance arriving at each output channel of that layer (its neuron relevance, biases and
+    the stabiliser included); ``inputs[name]`` the relevance of each input channel (weight relevance
+    summed over the other axes).
+    """
+
+    weights: dict[str, torch.Tensor]
+    channels: dict[str, torch.Tensor]
+    samples: int
+    config: RelevanceConfig
+    start_total: float = 0.0
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            self.inputs = {k: v.transpose(0, 1).reshape(v.shape[1], -1).sum(1) if v.dim() > 1 else v
+                           for k, v in self.weights.items()}
+
+    def metadata(self) -> dict[str, str]:
+        c = self.config
+        return {"composite": c.composite, "start": c.start, "epsilon": repr(c.epsilon), "samples": str(self.samples),
+                "seed": str(c.seed), "classes": ",".join(map(str, c.classes)) if c.classes else "all"}
+
+    def save(self, path: str | Path) -> None:
+        """Write weight relevance (and ``channel::`` entries) to a safetensors file, atomically."""
+        from safetensors.torch import save as st_save
+
+        from .io import atomic_write_bytes
+
+        tensors = {k: v.contiguous() for k, v in self.weights.items()}
+        tensors.update({f"channel::{k}": v.contiguous() for k, v in self.channels.items()})
+        atomic_write_bytes(path, st_save(tensors, metadata=self.metadata()))
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers with weights, in registration order."""
+    return [n for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise an error naming the first leaf module that has no rule and no safe pass-through."""
+    from .models import Add, OptionAShortcut
+
+    allowed = WEIGHTED + PASS_THROUGH + (Add, OptionAShortcut)
+    for name, m in model.named_modules():
+        if len(list(m.children())) == 0 and not isinstance(m, allowed):
+            raise LrpcError(
+                f"module {name!r} of type {type(m).__name__} has no LRP rule; supported layers: conv, linear, "
+                "BatchNorm, ReLU, pooling, flatten, dropout, residual additions"
+            )
+
+
+def _find_folds(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, nn.Module]:
+    """Map each BatchNorm whose input is exactly the output of a conv/linear layer to that layer (data flow)."""
+    produced: dict[int, nn.Module] = {}
+    keep: list[torch.Tensor] = []
+    folds: dict[nn.Module, nn.Module] = {}
+
+    def on_out(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        produced[id(out)] = mod
+        keep.append(out)
+
+    def on_bn(mod: nn.Module, inp: tuple) -> None:
+        src = produced.get(id(inp[0]))
+        if src is not None:
+            folds[mod] = src
+
+    handles = []
+    try:
+        for m in model.modules():
+            if isinstance(m, WEIGHTED):
+                handles.append(m.register_forward_hook(on_out))
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                handles.append(m.register_forward_pre_hook(on_bn))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return folds
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = bn.running_var, bn.running_mean
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.detach(), shift.detach()
+
+
+class _Tap(torch.autograd.Function):
+    """Identity in value; on the way back records ``Σ z·grad`` per channel (the output's relevance)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, z: torch.Tensor, sink: list) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.sink = sink
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        r = (z * grad).transpose(0, 1).reshape(z.shape[1], -1).sum(1) if z.dim() > 1 else (z * grad)
+        ctx.sink.append(r.detach().double())
+        return grad, None, None
+
+
+def _layer_fn(module: nn.Module):
+    if isinstance(module, nn.Linear):
+        return lambda x, w, b: F.linear(x, w, b)
+    return lambda x, w, b: module._conv_forward(x, w, b)  # conv modules keep padding/stride/groups here
+
+
+@dataclass
+class _LayerState:
+    name: str
+    module: nn.Module
+    rule: Rule
+    fold: nn.Module | None
+    leaves: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (leaf, modifier-applied base)
+    sink: list[torch.Tensor] = field(default_factory=list)
+
+
+def _effective_params(st: _LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = st.module.weight.detach()
+    b = st.module.bias.detach() if st.module.bias is not None else None
+    if st.fold is not None:
+        scale, shift = _bn_affine(st.fold)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w = w * scale.view(shape)
+        b = shift if b is None else b * scale + shift
+    return w, b
+
+
+def _surrogate(st: _LayerState, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Value ``z``; gradient: the rule's redistribution. Records weight leaves for relevance."""
+    w_eff, b_eff = _effective_params(st)
+    z = out.detach()
+    if st.fold is not None:  # the BatchNorm's output, computed from the layer's output
+        scale, shift = _bn_affine(st.fold)
+        view = (1, -1) + (1,) * (out.dim() - 2)
+        z = z * scale.view(view) + shift.view(view)
+    fn = _layer_fn(st.module)
+    result = z
+    for term in st.rule.terms:
+        zk = None
+        for part in term.parts:
+            xin = part.inp(x)
+            if part.inp.name in ("positive", "negative") and not bool(xin.any()):
+                continue  # e.g. the negative part of a post-ReLU input: all zero, skip the conv
+            leaf = part.weight(w_eff).detach().requires_grad_(True)
+            st.leaves.append(leaf)
+            y = fn(xin, leaf, None)
+            zk = y if zk is None else zk + y
+        if zk is None:
+            continue
+        if b_eff is not None:
+            view = (1, -1) + (1,) * (zk.dim() - 2)
+            zk = zk + term.bias(b_eff).view(view)
+        ratio = (z / st.rule.stabilize(zk.detach()))
+        result = result + term.coefficient * (zk - zk.detach()) * ratio
+    return _Tap.apply(result, z, st.sink)
+
+
+@contextlib.contextmanager
+def lrp_pass(model: nn.Module, composite: Composite, example: torch.Tensor) -> Iterator[dict[str, _LayerState]]:
+    """Scope in which ``model``'s forward computes LRP surrogates; the model is restored on exit."""
+    check_supported(model)
+    folds = {v: k for k, v in _find_folds(model, example).items()}  # layer -> its BatchNorm
+    states: dict[str, _LayerState] = {}
+    handles = []
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
+    was_training = model.training
+    try:
+        model.eval()
+        for m in relus:
+            m.inplace = False
+        first = True
+        for name, m in model.named_modules():
+            if not isinstance(m, WEIGHTED):
+                continue
+            st = _LayerState(name, m, composite.rule_for(m, first), folds.get(m))
+            first = False
+            states[name] = st
+            handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: _surrogate(st, inp[0], out)))
+            if st.fold is not None:
+                handles.append(st.fold.register_forward_hook(lambda mod, inp, out: inp[0]))
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+        for m in relus:
+            m.inplace = True
+        model.train(was_training)
+
+
+def _start_grad(logits: torch.Tensor, y: torch.Tensor, start: str) -> torch.Tensor:
+    if start == "all":
+        return torch.ones_like(logits)
+    target = y if start == "true" else logits.argmax(1)
+    return F.one_hot(target, logits.shape[1]).to(logits.dtype)
+
+
+def relevance_batches(
+    model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], config: RelevanceConfig,
+    total: int | None = None, show_progress: bool = True,
+) -> Relevance:
+    """Sum per-weight relevance over the given (x, y) batches."""
+    composite = get_composite(config.composite, config.epsilon)
+    it = iter(batches)
+    try:
+        first_x, first_y = next(it)
+    except StopIteration:
+        raise LrpcError("no reference samples to compute relevance from") from None
+    dtype = next(model.parameters()).dtype
+    acc_w: dict[str, torch.Tensor] = {}
+    acc_c: dict[str, torch.Tensor] = {}
+    n = 0
+    start_total = 0.0
+
+    def chain() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield first_x, first_y
+        yield from it
+
+    with lrp_pass(model, composite, first_x[:1].to(dtype)) as states:
+        bar = progress(chain(), total=total, desc="relevance", unit="batch", disable=not show_progress)
+        for x, y in bar:
+            x = x.to(dtype)
+            for st in states.values():
+                st.leaves.clear()
+                st.sink.clear()
+            logits = model(x)
+            g = _start_grad(logits, y, config.start)
+            start_total += float((logits.detach() * g).sum())
+            leaves = [leaf for st in states.values() for leaf in st.leaves]
+            grads = torch.autograd.grad(logits, leaves, grad_outputs=g, allow_unused=True)
+            k = 0
+            for name, st in states.items():
+                w_rel = torch.zeros(st.module.weight.shape, dtype=torch.float64)
+                for leaf in st.leaves:
+                    if grads[k] is not None:
+                        w_rel += (leaf.detach() * grads[k]).double()
+                    k += 1
+                acc_w[name] = acc_w[name] + w_rel if name in acc_w else w_rel
+                c_rel = torch.stack(st.sink).sum(0) if st.sink else torch.zeros(st.module.weight.shape[0], dtype=torch.float64)
+                acc_c[name] = acc_c[name] + c_rel if name in acc_c else c_rel
+            n += len(x)
+    weights = {f"{k}.weight": v for k, v in acc_w.items()}
+    channels = {f"{k}.weight": v for k, v in acc_c.items()}
+    return Relevance(weights, channels, n, config, start_total)
+
+
+def compute_relevance(model: nn.Module, data: ImageData, config: RelevanceConfig = RelevanceConfig(),
+                      show_progress: bool = True) -> Relevance:
+    """Per-weight relevance of ``model`` summed over ``config.samples`` reference images of ``data``.
+
+    Pass training data: the samples are drawn (class-balanced, seeded) from ``data``. The model is
+    left exactly as it was.
+    """
+    idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    nb = -(-len(idx) // config.batch_size)
+    rel = relevance_batches(model, data.batches(config.batch_size, idx), config, total=nb, show_progress=show_progress)
+    return replace(rel, samples=len(idx))
+
+
+def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_size: int = 64, seed: int = 0,
+                  show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """Gradient×weight scores of the true-class logit, summed over samples (the first-order Taylor baseline)."""
+    idx = sample_indices(len(data), samples, seed, data.y)
+    names = layer_names(model)
+    mods = dict(model.named_modules())
+    params = [mods[n].weight for n in names]
+    acc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        bar = progress(data.batches(batch_size, idx), total=-(-len(idx) // batch_size), desc="taylor",
+                       unit="batch", disable=not show_progress)
+        for x, y in bar:
+            logits = model(x)
+            g = torch.autograd.grad(logits, params, grad_outputs=F.one_hot(y, logits.shape[1]).to(logits.dtype))
+            for a, gi, p in zip(acc, g, params):
+                a += (gi * p.detach()).double()
+    finally:
+        model.train(was_training)
+    return {f"{n}.weight": a for n, a in zip(names, acc)}
+
+
+def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
+    """Read a relevance file written by :meth:`Relevance.save` (weights only) and its metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys() if not k.startswith("channel::")}, meta
+    except Exception as exc:
+        raise LrpcError(f"cannot read relevance file {path}: {exc}") from None
+
+
+__all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores",
+           "lrp_pass", "layer_names", "check_supported", "load_relevance", "START_POINTS"]
