@@ -236,6 +236,27 @@ def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
     return int(weights[-1].shape[0]) if weights else 10
 
 
+def restrict_classes(model: nn.Module, classes: Sequence[int]) -> nn.Module:
+    """Cut the classifier head (the last nn.Linear) down to ``classes``, in the given order. Returns a copy."""
+    import copy
+
+    model = copy.deepcopy(model)
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise LrpcError("cannot restrict classes: the model has no nn.Linear classifier head")
+    name, head = heads[-1]
+    if max(classes) >= head.out_features:
+        raise LrpcError(f"class index {max(classes)} is beyond the model's {head.out_features} outputs")
+    new = nn.Linear(head.in_features, len(classes), bias=head.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(head.weight[list(classes)])
+        if head.bias is not None:
+            new.bias.copy_(head.bias[list(classes)])
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], new)
+    return model.eval()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -249,6 +270,6 @@ def dense_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "Add", "BasicBlock", "CifarResNet", "DigitsCNN", "OptionAShortcut", "CIFAR_DEPTHS",
-    "build_model", "is_builtin_arch", "read_state_dict", "load_weights", "load_model",
+    "build_model", "is_builtin_arch", "restrict_classes", "read_state_dict", "load_weights", "load_model",
     "count_params", "dense_bytes",
 ]

@@ -18,6 +18,6 @@ def progress(it: Iterable[T], total: int | None = None, desc: str = "", unit: st
     if env == "0":
         disable = True
     elif env != "1" and not sys.stderr.isatty():
-        disable = True if total is not None and total < 2 else disable
+        disable = True
     return tqdm(it, total=total, desc=desc, unit=unit, disable=disable, leave=False, file=sys.stderr,
                 dynamic_ncols=True, mininterval=0.5)

@@ -1,0 +1,241 @@
+"""Method × budget benchmark on the CIFAR ResNets of ../shared (CIFAR-10 JPEG q75).
+
+Every method is a configuration of the same pipeline; every number is measured on a real `.lrpc` file
+(written, loaded back, evaluated on the full 10,000-image test split). Knobs of each method are chosen
+per budget on a validation split carved from the training data (never the test split); scores and
+calibration use training images only.
+
+    python benchmarks/run_benchmark.py              # full run, writes benchmarks/results/
+    python benchmarks/run_benchmark.py --quick      # a few minutes: ResNet-20, two budgets
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lrpcompress.compress import CompressConfig, compress, load_compressed, method_config  # noqa: E402
+from lrpcompress.data import load_data, split_train_val  # noqa: E402
+from lrpcompress.errors import LrpcError  # noqa: E402
+from lrpcompress.evaluation import accuracy  # noqa: E402
+from lrpcompress.models import load_model  # noqa: E402
+from lrpcompress.pruning import PruneConfig  # noqa: E402
+from lrpcompress.report import markdown_table  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+OPTIMAL = ("lrp", "taylor", "mse", "random")
+
+
+class Runner:
+    def __init__(self, arch: str, args: argparse.Namespace) -> None:
+        self.arch = arch
+        self.args = args
+        self.model = load_model(arch, SHARED / "models" / f"{arch}-cifar10jpeg.pt")
+        train = load_data(SHARED / "data" / "cifar10-jpeg", "train")
+        self.test = load_data(SHARED / "data" / "cifar10-jpeg", "test")
+        self.fit, self.val = split_train_val(train, args.val_size, args.seed)
+        self.cache: dict = {}
+        self.val_cache: dict = {}
+        self.tmp = Path(tempfile.mkdtemp())
+        self.base_test = accuracy(self.model, self.test, show_progress=False)
+        self.base_val = accuracy(self.model, self.val, show_progress=False)
+        self.dense = None
+
+    def cfg(self, method: str, **kw) -> CompressConfig:
+        c = method_config(method, seed=self.args.seed, **kw)
+        return replace(c, relevance=replace(c.relevance, samples=self.args.samples, seed=self.args.seed))
+
+    def run(self, cfg: CompressConfig):
+        res = compress(self.model, self.fit, cfg, self.arch, scores=self.cache, show_progress=False)
+        self.dense = res.dense_bytes
+        return res
+
+    def val_acc(self, key, res) -> float:
+        if key not in self.val_cache:
+            self.val_cache[key] = accuracy(res.compressed.to_module(), self.val, show_progress=False)
+        return self.val_cache[key]
+
+    def finish(self, method: str, budget: float, res, knobs: dict) -> dict:
+        path = self.tmp / "m.lrpc"
+        size = res.compressed.save(path)
+        loaded, _ = load_compressed(path)
+        st = res.compressed.stats()
+        return {"model": self.arch, "method": method, "budget": budget, "file_bytes": size,
+                "ratio": round(res.dense_bytes / size, 3), "accuracy": round(accuracy(loaded, self.test, show_progress=False), 2),
+                "drop": None, "sparsity": round(st["sparsity"], 4), "mean_bits": round(st["mean_bits"], 3),
+                "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1), "knobs": knobs}
+
+    def best_of(self, method: str, budget: float, candidates) -> dict | None:
+        """Among (key, knobs, thunk) candidates, the best validation accuracy that fits the budget."""
+        limit = self.dense_bytes() / budget * 1.02
+        best = None
+        for key, knobs, thunk in candidates:
+            res = thunk()
+            if res is None or res.file_bytes > limit:
+                continue
+            acc = self.val_acc(key, res)
+            if best is None or acc > best[0]:
+                best = (acc, knobs, res)
+        if best is None:
+            return None
+        row = self.finish(method, budget, best[2], best[1])
+        row["val_accuracy"] = round(best[0], 2)
+        return row
+
+    def dense_bytes(self) -> int:
+        if self.dense is None:
+            self.run(self.cfg("uniform"))
+        return self.dense
+
+
+def memo(f):
+    store = {}
+
+    def g(*a):
+        if a not in store:
+            try:
+                store[a] = f(*a)
+            except LrpcError:
+                store[a] = None
+        return store[a]
+    return g
+
+
+def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
+    r = Runner(arch, args)
+    log(f"{arch}: float test accuracy {r.base_test:.2f}%, validation {r.base_val:.2f}%")
+    rows = [{"model": arch, "method": "float32", "budget": 1.0, "file_bytes": r.dense_bytes(), "ratio": 1.0,
+             "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}}]
+    bits_grid = (8, 6, 5, 4, 3, 2)
+    uniform = memo(lambda b: r.run(replace(r.cfg("uniform"), quant=replace(r.cfg("uniform").quant, bits=b))))
+    mag = memo(lambda s, b: r.run(replace(r.cfg("magnitude"), prune=PruneConfig("fraction", s),
+                                          quant=replace(r.cfg("magnitude").quant, bits=b))))
+    paper = memo(lambda b: r.run(replace(r.cfg("paper"), quant=replace(r.cfg("paper").quant, bits=b))))
+    deeplift = memo(lambda b, p: r.run(replace(r.cfg("deeplift"), prune=PruneConfig("fraction", p, scope="layer"),
+                                               quant=replace(r.cfg("deeplift").quant, bits=b))))
+    for budget in args.model_budgets.get(arch, args.budgets):
+        t0 = time.perf_counter()
+        cand = {
+            "uniform": [(("u", b), {"bits": b}, (lambda b=b: uniform(b))) for b in bits_grid],
+            "magnitude": [(("m", s, b), {"sparsity": s, "bits": b}, (lambda s=s, b=b: mag(s, b)))
+                          for b in bits_grid for s in (0.0, 0.25, 0.5, 0.75)],
+            "paper": [(("p", b), {"bits": b}, (lambda b=b: paper(b))) for b in (7, 6, 5, 4, 3, 2)],
+            "deeplift": [(("d", b, p), {"bits": b, "filter_prune": p}, (lambda b=b, p=p: deeplift(b, p)))
+                         for b in (6, 5, 4, 3, 2) for p in (0.0, 0.1)],
+        }
+        for method in args.methods:
+            if method in cand:
+                row = r.best_of(method, budget, cand[method])
+            else:
+                try:
+                    res = r.run(replace(r.cfg(method), target_ratio=budget))
+                except LrpcError as exc:
+                    log(f"  {method} @ {budget}x: unreachable ({exc})")
+                    row = None
+                else:
+                    row = r.finish(method, budget, res, {"target_ratio": budget})
+            if row is None:
+                log(f"  {method} @ {budget}x: no setting fits")
+                continue
+            row["drop"] = round(r.base_test - row["accuracy"], 2)
+            rows.append(row)
+            log(f"  {method:9s} @ {budget:>4}x: {row['accuracy']:6.2f}%  {row['file_bytes']:8d} B  "
+                f"({row['ratio']:.2f}x, sparsity {row['sparsity']:.1%}, mean bits {row['mean_bits']:.2f}) {row['knobs']}")
+        log(f"  budget {budget}x took {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for method in sorted({r["method"] for r in rows if r["model"] == m and r["method"] != "float32"}):
+            pts = sorted((r["file_bytes"] / 1024, r["accuracy"]) for r in rows if r["model"] == m and r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        base = next(r for r in rows if r["model"] == m and r["method"] == "float32")
+        ax.axhline(base["accuracy"], color="k", ls="--", lw=0.8, label="float32")
+        ax.axhline(base["accuracy"] - 1, color="gray", ls=":", lw=0.8, label="float32 − 1 pt")
+        ax.set_xscale("log")
+        ax.set_xlabel(".lrpc file size (KiB, log)")
+        ax.set_ylabel("top-1 test accuracy (%)")
+        ax.set_ylim(max(0, base["accuracy"] - 25), base["accuracy"] + 2)
+        ax.set_title(f"{m}, CIFAR-10 (JPEG q75)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started: str, seconds: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [f"# Benchmark results ({'quick' if args.quick else 'full'} mode)", "",
+             f"Command: `{' '.join(['python', 'benchmarks/run_benchmark.py', *sys.argv[1:]])}`  ",
+             f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+             f"{platform.processor() or 'cpu'}; torch {torch.__version__}; wall time {seconds / 60:.1f} min.  ",
+             "Data: CIFAR-10 (JPEG q75), scores/calibration from training images, knobs chosen on "
+             f"{args.val_size} held-out training images, accuracy on the full 10,000-image test split, "
+             "measured on the model loaded back from the written `.lrpc` file.", ""]
+    cols = (("method", "method"), ("budget", "budget"), ("file_bytes", "file bytes"), ("ratio", "ratio"),
+            ("accuracy", "accuracy %"), ("drop", "drop"), ("sparsity", "sparsity"), ("mean_bits", "mean bits"),
+            ("knobs", "chosen setting"))
+    for m in sorted({r["model"] for r in rows}):
+        lines += [f"## {m}", ""]
+        mrows = [dict(r, knobs=", ".join(f"{k}={v}" for k, v in r["knobs"].items())) for r in rows if r["model"] == m]
+        mrows.sort(key=lambda r: (r["budget"], -r["accuracy"]))
+        lines += [markdown_table(mrows, cols), ""]
+    (out / "results.md").write_text("\n".join(lines))
+    plot(rows, out / "accuracy_vs_size.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", default=None)
+    ap.add_argument("--methods", default="lrp,mse,taylor,random,magnitude,uniform,paper,deeplift")
+    ap.add_argument("--budgets", default=None)
+    ap.add_argument("--budgets-for", action="append", default=[], metavar="ARCH:B1,B2",
+                    help="budgets for one model, e.g. resnet44:4,8,12 (overrides --budgets for it)")
+    ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--val-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    args.models = (args.models or ("resnet20" if args.quick else "resnet20,resnet44")).split(",")
+    args.methods = args.methods.split(",")
+    args.budgets = [float(b) for b in (args.budgets or ("4,8" if args.quick else "2,4,6,8,12,16")).split(",")]
+    args.model_budgets = {a.split(":")[0]: [float(b) for b in a.split(":")[1].split(",")] for a in args.budgets_for}
+    args.samples = args.samples or (128 if args.quick else 512)
+    args.val_size = args.val_size or (1000 if args.quick else 2000)
+    if not (SHARED / "models").is_dir():
+        sys.exit(f"benchmark needs {SHARED}/models and {SHARED}/data (see README)")
+    torch.manual_seed(args.seed)
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    rows: list[dict] = []
+    for arch in args.models:
+        rows += bench_model(arch, args, log)
+        write_results(rows, args, Path(args.out), started, time.perf_counter() - t0)
+    log(f"wrote {args.out}/results.md, results.json, accuracy_vs_size.png")
+
+
+if __name__ == "__main__":
+    main()

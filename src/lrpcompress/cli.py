@@ -1,0 +1,335 @@
+"""Command-line interface: a thin layer over the library.
+
+Every expected failure prints one line ``lrpcompress: error: …`` on stderr and exits with status 2;
+nothing is written unless the whole run succeeds (outputs are written atomically at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from .errors import LrpcError
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _ratio(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 1.0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 1, got {s}")
+    return v
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
+def _bits(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer bit-width, got {s!r}") from None
+    if not 1 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"bit-widths must be 1..8, got {v}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="resnet20|32|44|56, digits_cnn, a torchvision name, or pkg.mod:fn")
+    p.add_argument("--weights", required=True, help="state_dict checkpoint (.pt/.th), loaded with weights_only=True")
+    p.add_argument("--data", required=True, help="folder with train.npz/test.npz, an ImageFolder root with "
+                                                "train/ and test/, or torchvision-cifar10:ROOT")
+    p.add_argument("--samples", type=_positive_int, default=512, help="reference training images for scores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--composite", default="epsilon_plus", help="LRP composite (see `lrpcompress rules`)")
+    p.add_argument("--start", default="true", help="where relevance starts: true | predicted | all")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--classes", default=None, help="restrict to a subset of classes: indices or names, e.g. 0,1,8")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .compress import METHODS
+
+    ap = argparse.ArgumentParser(prog="lrpcompress", description="Compress trained PyTorch models with LRP.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="per-weight LRP relevance, written as safetensors")
+    _add_model_args(s)
+    s.add_argument("--out", required=True, help="output .safetensors file")
+
+    c = sub.add_parser("compress", help="prune + mixed-precision quantize, write .lrpc and a JSON report")
+    _add_model_args(c)
+    c.add_argument("--out", required=True, help="output .lrpc file")
+    c.add_argument("--report", default=None, help="output report.json")
+    c.add_argument("--method", default="lrp", choices=METHODS)
+    size = c.add_mutually_exclusive_group()
+    size.add_argument("--target-ratio", type=_ratio, default=None, help="file this many times smaller than float32")
+    size.add_argument("--target-bytes", type=_positive_int, default=None, help="file size in bytes")
+    size.add_argument("--max-drop", type=_nonneg_float, default=None,
+                      help="largest compression whose validation accuracy drop stays within this many points")
+    c.add_argument("--bits", type=_bits, default=None, help="uniform/tier bits, or the mean for optimal allocation")
+    c.add_argument("--allocation", default=None, choices=("uniform", "tiers", "optimal"))
+    c.add_argument("--group-size", type=_positive_int, default=None, help="weights per scale (default: per channel)")
+    c.add_argument("--prune", default=None, choices=("none", "nonpositive", "fraction"))
+    c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
+    c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
+    c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out for --max-drop")
+
+    e = sub.add_parser("evaluate", help="accuracy of a .lrpc model on the test split")
+    e.add_argument("model", help=".lrpc file")
+    e.add_argument("--data", required=True)
+    e.add_argument("--arch", default=None, help="only for files made from a user's own pkg.mod:fn model")
+    e.add_argument("--split", default="test")
+
+    i = sub.add_parser("inspect", help="print the per-layer table of a .lrpc file")
+    i.add_argument("model", help=".lrpc file")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sub.add_parser("rules", help="list LRP composites and methods")
+
+    d = sub.add_parser("demo", help="train a small CNN on scikit-learn digits and compress it (no downloads)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=_positive_int, default=12)
+
+    b = sub.add_parser("benchmark", help="run benchmarks/run_benchmark.py (the method × budget table)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _relevance_config(a: argparse.Namespace, classes):
+    from .relevance import RelevanceConfig
+
+    return RelevanceConfig(composite=a.composite, start=a.start, samples=a.samples, batch_size=a.batch_size,
+                           seed=a.seed, classes=tuple(classes) if classes else None)
+
+
+def _load_inputs(a: argparse.Namespace, need_test: bool = True):
+    from .data import load_data, parse_classes
+    from .models import load_model
+
+    train = load_data(a.data, "train")
+    test = load_data(a.data, "test") if need_test else None
+    classes = parse_classes(a.classes, train.classes)
+    model = load_model(a.arch, a.weights, num_classes=None)
+    n_out = [m for m in model.modules() if hasattr(m, "out_features")][-1].out_features
+    if n_out != train.num_classes and classes is None:
+        raise LrpcError(f"the model has {n_out} outputs but the data has {train.num_classes} classes")
+    if classes is not None:
+        from .models import restrict_classes
+
+        model = restrict_classes(model, classes)
+        train = train.restrict_classes(classes)
+        test = test.restrict_classes(classes) if test is not None else None
+    return model, train, test, classes
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from .io import check_output_path
+    from .relevance import compute_relevance
+
+    out = check_output_path(a.out, a.force)
+    model, train, _, classes = _load_inputs(a, need_test=False)
+    rel = compute_relevance(model, train, _relevance_config(a, classes))
+    rel.save(out)
+    print(f"wrote {out}: relevance of {len(rel.weights)} weight tensors from {rel.samples} training images "
+          f"({a.composite}, start={a.start}, seed={a.seed})")
+    return 0
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    from .compress import compress, compress_max_drop, method_config
+    from .data import split_train_val
+    from .evaluation import accuracy
+    from .io import check_output_path
+    from .pruning import PruneConfig
+    from .report import build_report, write_report
+
+    t0 = time.perf_counter()
+    out = check_output_path(a.out, a.force)
+    report_path = check_output_path(a.report, a.force) if a.report else None
+    if report_path is not None and report_path.resolve() == out.resolve():
+        raise LrpcError("--out and --report must be different files")
+    model, train, test, classes = _load_inputs(a)
+    cfg = method_config(a.method, seed=a.seed)
+    cfg = replace(cfg, relevance=_relevance_config(a, classes))
+    q = cfg.quant
+    if a.allocation:
+        q = replace(q, allocation=a.allocation)
+    if a.bits:
+        q = replace(q, bits=a.bits)
+    if a.group_size:
+        q = replace(q, group_size=a.group_size)
+    p = cfg.prune
+    if a.prune:
+        p = replace(p, criterion=a.prune)
+    if a.sparsity is not None:
+        p = replace(p, criterion="fraction" if p.criterion == "none" else p.criterion, sparsity=a.sparsity)
+    cfg = replace(cfg, quant=q, prune=p if isinstance(p, PruneConfig) else cfg.prune,
+                  prune_score=a.prune_score or cfg.prune_score,
+                  target_ratio=a.target_ratio, target_bytes=a.target_bytes)
+    extra_spec = {"classes": list(classes)} if classes else None
+    if a.max_drop is not None:
+        fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed)
+        result, chosen = compress_max_drop(model, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec)
+    else:
+        result = compress(model, train, cfg, a.arch, model_spec_extra=extra_spec)
+        chosen = None
+    size = result.compressed.save(out)
+    from .compress import load_compressed
+
+    loaded, _ = load_compressed(out)
+    base_acc = accuracy(model, test)
+    acc = accuracy(loaded, test)
+    extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
+             "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen}
+    rep = build_report(method=a.method, settings=cfg, baseline_accuracy=base_acc, accuracy=acc,
+                       dense_bytes=result.dense_bytes, file_bytes=size, stats=result.compressed.stats(),
+                       layers=result.compressed.layer_table(), seconds=time.perf_counter() - t0,
+                       score_seconds=result.score_seconds, extra=extra)
+    if report_path is not None:
+        write_report(rep, report_path)
+    print(f"wrote {out}: {size} bytes, {rep['compression_ratio']:.2f}x smaller than float32 ({result.dense_bytes} B); "
+          f"accuracy {acc:.2f}% (baseline {base_acc:.2f}%, drop {base_acc - acc:+.2f}); "
+          f"sparsity {rep['sparsity']:.1%}, mean bits {rep['mean_bits']:.2f}")
+    return 0
+
+
+def _load_lrpc(path: str, arch: str | None):
+    from .compress import load_compressed
+    from .models import build_model
+    from .packing import load_payload
+
+    if arch is None:
+        return load_compressed(path)
+    payload = load_payload(path)
+    from .compress import module_from_payload
+
+    model = build_model(arch, int(payload.model.get("num_classes", 10)))
+    return module_from_payload(payload, model), payload
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .data import load_data
+    from .evaluation import accuracy
+
+    model, payload = _load_lrpc(a.model, a.arch)
+    data = load_data(a.data, a.split)
+    classes = payload.model.get("classes")
+    if classes:
+        if not isinstance(classes, list) or not all(isinstance(c, int) and 0 <= c < data.num_classes for c in classes):
+            raise LrpcError("the file's class list does not fit the data")
+        data = data.restrict_classes(classes)
+    print(f"accuracy {accuracy(model, data):.2f}% on {len(data)} {a.split} images")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .compress import CompressedModel
+    from .packing import load_payload
+    from .report import LAYER_COLUMNS, format_table, layer_rows
+
+    payload = load_payload(a.model)
+    cm = CompressedModel(payload.model, payload.tensors, payload.float_dtype, payload.metadata)
+    rows = cm.layer_table()
+    size = Path(a.model).stat().st_size
+    if a.json:
+        print(json.dumps({"model": payload.model, "file_bytes": size, "layers": rows, **cm.stats()}, indent=2))
+        return 0
+    st = cm.stats()
+    print(f"{a.model}: {size} bytes, arch {payload.model.get('arch')}, sparsity {st['sparsity']:.1%}, "
+          f"mean bits {st['mean_bits']:.2f}")
+    print(format_table(layer_rows(rows), LAYER_COLUMNS))
+    return 0
+
+
+def cmd_rules(_: argparse.Namespace) -> int:
+    from .compress import METHODS
+    from .rules import COMPOSITES
+
+    print("LRP composites: " + ", ".join(COMPOSITES))
+    print("methods: " + ", ".join(METHODS))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    print(run_demo(seed=a.seed, epochs=a.epochs))
+    return 0
+
+
+def cmd_benchmark(a: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "run_benchmark.py"
+    if not script.is_file():
+        raise LrpcError("benchmarks/run_benchmark.py not found: run the benchmark from a source checkout")
+    sys.argv = [str(script), *a.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+COMMANDS = {"score": cmd_score, "compress": cmd_compress, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+            "rules": cmd_rules, "demo": cmd_demo, "benchmark": cmd_benchmark}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LrpcError as exc:
+        print(f"lrpcompress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrpcompress: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("lrpcompress: error: out of memory; try fewer --samples or a smaller --batch-size", file=sys.stderr)
+        return 1
+    except Exception as exc:  # never a traceback for users; LRPC_DEBUG=1 shows it
+        if os.environ.get("LRPC_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split())[:300]
+        print(f"lrpcompress: error: unexpected {type(exc).__name__}: {msg} (LRPC_DEBUG=1 shows details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,592 @@
+"""The compression pipeline: score → prune → allocate bits → quantize → pack.
+
+One public verb, :func:`compress`, takes a model, training data and a frozen :class:`CompressConfig`
+and returns a :class:`CompressedModel` that can be saved as `.lrpc`, rebuilt as an ``nn.Module``,
+and measured. Named methods (``paper``, ``lrp``, ``magnitude``, …) are just configurations:
+:func:`method_config`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .allocation import allocate_optimal, allocate_tiers, layer_costs
+from .data import ImageData, sample_indices
+from .errors import LrpcError
+from .models import build_model, dense_bytes, is_builtin_arch
+from .packing import Payload, decode, encode, load_payload, save_payload
+from .pruning import PruneConfig, prune_masks, sparsity_of
+from .quantization import VALID_BITS, GroupLayout, QuantTensor, quantize_tensor
+from .relevance import (ActivationStats, RelevanceConfig, _bn_affine, _find_folds, activation_stats, compute_relevance,
+                        layer_names, taylor_scores)
+
+SCORES = ("lrp", "taylor", "deeplift", "magnitude", "random", "none")
+ALLOCATIONS = ("uniform", "tiers", "optimal")
+PRUNE_SCORES = ("relevance", "abs_relevance", "magnitude", "taylor", "deeplift", "random")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Mixed-precision settings.
+
+    ``allocation``: ``uniform`` (every group ``bits``), ``tiers`` (the paper's: top third of channels by
+    importance ``bits+1``, bottom third ``bits-1``) or ``optimal`` (minimise importance-weighted error
+    under the byte budget; without a budget, the budget of uniform ``bits``).
+    ``importance``: the scores that weight the error (``lrp``, ``taylor``, ``random``, ``none`` = plain
+    MSE); see :func:`channel_importance`. ``activation_aware`` weights errors by the input power.
+    ``overrides``: fnmatch pattern → fixed bits for matching weight names (mixed precision as configuration).
+    ``group_size``: columns per scale group (``None``: one group per output channel).
+    """
+
+    allocation: str = "optimal"
+    bits: int = 4
+    importance: str = "lrp"
+    power: float = 0.25
+    activation_aware: bool = True
+    group_size: int | None = None
+    bit_options: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    overrides: Mapping[str, int] = field(default_factory=dict)
+    search_clip: bool = True
+    float_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise LrpcError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.importance not in SCORES:
+            raise LrpcError(f"unknown importance {self.importance!r}; choose one of {', '.join(SCORES)}")
+        if not 1 <= self.bits <= 8:
+            raise LrpcError(f"bits must be between 1 and 8, got {self.bits}")
+        bad = [b for b in (*self.bit_options, *self.overrides.values()) if b not in VALID_BITS]
+        if bad or not self.bit_options:
+            raise LrpcError(f"bit-widths must be 1..8 (0 = prune the group, 16 = float16), got {bad or '[]'}")
+        if self.group_size is not None and self.group_size < 1:
+            raise LrpcError(f"group_size must be a positive int or None, got {self.group_size}")
+        if self.float_dtype not in ("float16", "float32"):
+            raise LrpcError(f"float_dtype must be float16 or float32, got {self.float_dtype!r}")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything a compression run needs; ``target_ratio``/``target_bytes`` ask for a file size."""
+
+    relevance: RelevanceConfig = RelevanceConfig()
+    prune: PruneConfig = PruneConfig()
+    prune_score: str = "magnitude"
+    quant: QuantConfig = QuantConfig()
+    target_ratio: float | None = None
+    target_bytes: int | None = None
+    fold_bn: bool = True
+    bias_correction: bool = True
+    seed: int = 0
+    method: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.prune_score not in PRUNE_SCORES:
+            raise LrpcError(f"unknown prune score {self.prune_score!r}; choose one of {', '.join(PRUNE_SCORES)}")
+        if self.target_ratio is not None and self.target_bytes is not None:
+            raise LrpcError("give either a target ratio or a target size in bytes, not both")
+        if self.target_ratio is not None and not self.target_ratio > 1.0:
+            raise LrpcError(f"target ratio must be > 1, got {self.target_ratio}")
+        if self.target_bytes is not None and self.target_bytes < 1:
+            raise LrpcError(f"target bytes must be positive, got {self.target_bytes}")
+        if (self.target_ratio or self.target_bytes) and self.quant.allocation != "optimal":
+            raise LrpcError("a size target needs the optimal bit allocation (--allocation optimal)")
+
+
+def method_config(method: str, **overrides: Any) -> CompressConfig:
+    """A named method as a configuration. ``overrides`` replace top-level fields."""
+    rel = RelevanceConfig()
+    table: dict[str, CompressConfig] = {
+        # the paper's literal recipe: LRP-ε, prune every weight with relevance <= 0, relevance-tiered bits
+        "paper": CompressConfig(relevance=replace(rel, composite="epsilon"), prune=PruneConfig("nonpositive"),
+                                prune_score="relevance", bias_correction=False,
+                                quant=QuantConfig(allocation="tiers", importance="lrp", bits=4, power=1.0,
+                                                  activation_aware=False)),
+        # the project's default: z+ channel relevance weights the quantization error of an optimal allocation
+        "lrp": CompressConfig(relevance=rel, quant=QuantConfig(allocation="optimal", importance="lrp")),
+        "magnitude": CompressConfig(prune=PruneConfig("fraction", 0.0), prune_score="magnitude",
+                                    quant=QuantConfig(allocation="uniform", importance="none")),
+        "taylor": CompressConfig(quant=QuantConfig(allocation="optimal", importance="taylor")),
+        "random": CompressConfig(quant=QuantConfig(allocation="optimal", importance="random")),
+        "mse": CompressConfig(quant=QuantConfig(allocation="optimal", importance="none")),
+        # Sabih et al. 2020 in spirit: DeepLIFT channel scores rank filters for pruning and set tiered bits
+        "deeplift": CompressConfig(prune=PruneConfig("fraction", 0.0, scope="layer"), prune_score="deeplift",
+                                   bias_correction=False,
+                                   quant=QuantConfig(allocation="tiers", importance="deeplift", bits=4, power=1.0,
+                                                     activation_aware=False)),
+        "uniform": CompressConfig(quant=QuantConfig(allocation="uniform", importance="none")),
+    }
+    if method not in table:
+        raise LrpcError(f"unknown method {method!r}; choose one of {', '.join(table)}")
+    return replace(table[method], method=method, **overrides)
+
+
+METHODS = ("paper", "lrp", "magnitude", "taylor", "deeplift", "random", "mse", "uniform")
+
+
+# ------------------------------------------------------------------ canonical (BN-folded) weights
+
+@dataclass
+class Canonical:
+    """The model's state with BatchNorm folded into the preceding layer where possible."""
+
+    weights: dict[str, torch.Tensor]  # name -> (folded) weight to quantize
+    floats: dict[str, torch.Tensor]  # everything else that is stored
+    folded: list[str]  # BatchNorm module names folded away
+    raw_weights: dict[str, torch.Tensor]
+    fold_owner: dict[str, str] = field(default_factory=dict)  # BatchNorm name -> layer name
+
+
+def canonicalize(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) -> Canonical:
+    """Fold every BatchNorm fed directly by a conv/linear layer into it (scale into the weight, shift kept)."""
+    folds = _find_folds(model, example) if fold_bn else {}
+    by_layer = {v: k for k, v in folds.items()}
+    names = {m: n for n, m in model.named_modules()}
+    weights, raw, floats, folded, owner = {}, {}, {}, [], {}
+    skip: set[str] = set()
+    for lname in layer_names(model):
+        layer = dict(model.named_modules())[lname]
+        w = layer.weight.detach().float().clone()
+        raw[f"{lname}.weight"] = w.clone()
+        b = layer.bias.detach().float().clone() if layer.bias is not None else None
+        bn = by_layer.get(layer)
+        if bn is not None:
+            bname = names[bn]
+            scale, shift = (t.float() for t in _bn_affine(bn))
+            w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
+            shift = shift + (b * scale if b is not None else 0)
+            floats[f"{bname}.bias"] = shift
+            if b is not None:
+                floats[f"{lname}.bias"] = torch.zeros_like(b)
+            folded.append(bname)
+            owner[bname] = lname
+            skip.update(f"{bname}.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+        elif b is not None:
+            floats[f"{lname}.bias"] = b
+        weights[f"{lname}.weight"] = w
+    for k, v in model.state_dict().items():
+        if k in weights or k in floats or k in skip or not v.is_floating_point():
+            continue
+        floats[k] = v.detach().float().clone()
+    return Canonical(weights, floats, folded, raw, owner)
+
+
+def _folded_bn_state(model: nn.Module, folded: list[str], floats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mods = dict(model.named_modules())
+    out = {}
+    for bname in folded:
+        bn = mods[bname]
+        n = bn.num_features
+        out[f"{bname}.weight"] = torch.ones(n)
+        out[f"{bname}.bias"] = floats[f"{bname}.bias"]
+        out[f"{bname}.running_mean"] = torch.zeros(n)
+        out[f"{bname}.running_var"] = torch.full((n,), 1.0 - bn.eps)
+    return out
+
+
+# ------------------------------------------------------------------ the compressed model
+
+@dataclass
+class CompressedModel:
+    """Quantized weights plus float tensors and an architecture description; saves as `.lrpc`."""
+
+    model_spec: dict[str, Any]
+    tensors: dict[str, QuantTensor | torch.Tensor]
+    float_dtype: dict[str, str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> Payload:
+        return Payload(self.model_spec, self.tensors, self.float_dtype, self.metadata)
+
+    def to_bytes(self) -> bytes:
+        return encode(self.payload())
+
+    def save(self, path: str | Path) -> int:
+        return save_payload(self.payload(), path)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Float32 tensors exactly as the file stores them (dequantized; float16 round-tripped)."""
+        out = {}
+        for k, t in self.tensors.items():
+            if isinstance(t, QuantTensor):
+                out[k] = t.dequantize()
+            else:
+                dt = torch.float16 if self.float_dtype.get(k, "float16") == "float16" else torch.float32
+                out[k] = t.to(dt).float()
+        return out
+
+    def to_module(self, arch_factory: nn.Module | None = None) -> nn.Module:
+        """Rebuild a runnable model; ``arch_factory`` supplies the module for user architectures."""
+        return module_from_payload(self.payload(), arch_factory)
+
+    def layer_table(self) -> list[dict[str, Any]]:
+        rows = []
+        for k, t in self.tensors.items():
+            if not isinstance(t, QuantTensor):
+                continue
+            numel = t.mask.size
+            eb = t.element_bits()[t.mask]
+            rows.append({"name": k, "shape": list(t.shape), "kept": float(t.mask.mean()),
+                         "mean_bits": float(eb.mean()) if eb.size else 0.0,
+                         "bits": sorted(set(int(b) for b in np.unique(t.bits))),
+                         "bytes": int(-(-int(eb.sum()) // 8) + 2 * t.layout.n_groups), "numel": int(numel)})
+        return rows
+
+    def stats(self) -> dict[str, float]:
+        q = [t for t in self.tensors.values() if isinstance(t, QuantTensor)]
+        total = sum(t.mask.size for t in q)
+        kept = sum(int(t.mask.sum()) for t in q)
+        bits = sum(t.payload_bits() for t in q)
+        return {"sparsity": 1.0 - kept / max(total, 1), "mean_bits": bits / max(kept, 1),
+                "bits_per_weight": bits / max(total, 1)}
+
+
+def module_from_payload(payload: Payload, model: nn.Module | None = None) -> nn.Module:
+    """Build the architecture named in ``payload`` (or use ``model``) and load the stored tensors."""
+    spec = payload.model
+    arch = spec.get("arch")
+    if model is None:
+        if not isinstance(arch, str) or not is_builtin_arch(arch):
+            raise LrpcError(f"the file's architecture {arch!r} is not built in; pass --arch (or a model) to load it")
+        num_classes = spec.get("num_classes")
+        widths = spec.get("widths")
+        if not isinstance(num_classes, int) or num_classes < 1 or num_classes > 100000:
+            raise LrpcError(f"the file's num_classes {num_classes!r} is invalid")
+        if widths is not None and (not isinstance(widths, list) or not all(isinstance(w, int) for w in widths)):
+            raise LrpcError("the file's widths must be a list of ints")
+        model = build_model(arch, num_classes, widths, allow_import=False)
+    folded = spec.get("folded", [])
+    if not isinstance(folded, list) or not all(isinstance(f, str) for f in folded):
+        raise LrpcError("the file's folded list must hold module names")
+    mods = dict(model.named_modules())
+    for b in folded:
+        if not isinstance(mods.get(b), nn.modules.batchnorm._BatchNorm):
+            raise LrpcError(f"the file folds {b!r}, which is not a BatchNorm of this architecture")
+        if f"{b}.bias" not in payload.tensors:
+            raise LrpcError(f"the file folds {b!r} but stores no shift for it")
+    tensors = CompressedModel(spec, payload.tensors, payload.float_dtype).state_dict()
+    state = _folded_bn_state(model, folded, tensors)
+    state.update({k: v for k, v in tensors.items() if k not in state})
+    own = model.state_dict()
+    needed = [k for k, v in own.items() if v.is_floating_point()]
+    missing = [k for k in needed if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise LrpcError(f"the file does not match the architecture {arch!r}: "
+                        f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise LrpcError(f"the file does not match the architecture: {k} is {tuple(v.shape)}, "
+                            f"the model needs {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def load_compressed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, Payload]:
+    """Load a `.lrpc` file into a runnable model (eval mode)."""
+    payload = load_payload(path)
+    return module_from_payload(payload, model), payload
+
+
+# ------------------------------------------------------------------ scores and importance
+
+@dataclass
+class Scores:
+    """Per-weight and per-output-channel scores from one source."""
+
+    weights: dict[str, torch.Tensor]
+    channels: dict[str, torch.Tensor]
+    seconds: float = 0.0
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def score_key(source: str, config: CompressConfig) -> str:
+    """Cache key of a score source under ``config`` (sources depend on the relevance settings)."""
+    r = config.relevance
+    key = f"{source}:{r.samples}:{r.seed}:{r.classes}"
+    return f"{key}:{r.composite}:{r.start}:{r.epsilon}" if source == "lrp" else key
+
+
+def compute_scores(source: str, model: nn.Module, data: ImageData, config: CompressConfig,
+                   show_progress: bool = True) -> Scores:
+    t0 = time.perf_counter()
+    names = [f"{n}.weight" for n in layer_names(model)]
+    params = dict(model.named_parameters())
+    if source == "lrp":
+        rel = compute_relevance(model, data, config.relevance, show_progress)
+        return Scores(rel.weights, rel.channels, time.perf_counter() - t0)
+    if source == "taylor":
+        w = taylor_scores(model, data, config.relevance.samples, config.relevance.batch_size, config.relevance.seed,
+                          show_progress)
+        return Scores(w, {k: _channel_sum(v) for k, v in w.items()}, time.perf_counter() - t0)
+    if source == "deeplift":
+        from .baselines import deeplift_channels
+
+        r = config.relevance
+        ch = deeplift_channels(model, data, r.samples, r.batch_size, r.seed, show_progress)
+        w = {k: v.view((-1,) + (1,) * (params[k].dim() - 1)).expand_as(params[k]).clone() for k, v in ch.items()}
+        return Scores(w, ch, time.perf_counter() - t0)
+    if source == "magnitude":
+        w = {k: params[k].detach().abs().double() for k in names}
+        return Scores(w, {k: _channel_sum(v) for k, v in w.items()}, time.perf_counter() - t0)
+    if source == "random":
+        g = torch.Generator().manual_seed(config.seed)
+        w = {k: torch.rand(params[k].shape, generator=g, dtype=torch.float64) for k in names}
+        return Scores(w, {k: _channel_sum(v) for k, v in w.items()}, time.perf_counter() - t0)
+    raise LrpcError(f"unknown score source {source!r}")
+
+
+def channel_importance(weights: Mapping[str, torch.Tensor], stats: ActivationStats | None,
+                       channels: Mapping[str, torch.Tensor] | None, power: float) -> dict[str, torch.Tensor]:
+    """Per-element weights of the squared quantization error.
+
+    ``E[a_i²] · (ρ_c / mean_layer ρ)^power`` where ``a_i`` is the input feeding weight ``i`` (so the error is
+    measured at the layer's output, as in activation-aware quantization) and ``ρ_c = |score_c| / E|z_c|`` is
+    the score of output channel ``c`` per unit of its activation. ``channels=None`` drops the score factor;
+    ``stats=None`` drops the activation factor (plain weight MSE).
+    """
+    out = {}
+    for k, w in weights.items():
+        imp = torch.ones_like(w)
+        if stats is not None and k in stats.input_power:
+            p = stats.input_power[k].float()
+            if w.dim() >= 2 and p.numel() == w.shape[1]:
+                imp = imp * p.view((1, -1) + (1,) * (w.dim() - 2))
+            else:  # grouped convolutions: fall back to the layer's mean input power
+                imp = imp * float(p.mean())
+        if channels is not None:
+            rho = channels[k].double().abs()
+            if stats is not None and k in stats.output_abs:
+                rho = rho / stats.output_abs[k].double().clamp(min=1e-12)
+            rho = (rho / rho.mean().clamp(min=1e-30)).clamp(min=1e-3) ** power
+            imp = imp * rho.float().view((-1,) + (1,) * (w.dim() - 1))
+        out[k] = imp.expand_as(w).contiguous()
+    return out
+
+
+# ------------------------------------------------------------------ the verb
+
+@dataclass
+class CompressResult:
+    compressed: CompressedModel
+    file_bytes: int
+    dense_bytes: int
+    seconds: float
+    score_seconds: float
+    masks: dict[str, torch.Tensor]
+    bits: dict[str, np.ndarray]
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.file_bytes
+
+
+def _layout(w: torch.Tensor, group_size: int | None) -> GroupLayout:
+    cols = int(np.prod(w.shape[1:])) if w.dim() > 1 else 1
+    return GroupLayout(tuple(w.shape), min(group_size or cols, cols))
+
+
+def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: str, num_classes: int | None = None,
+             scores: dict[str, Any] | None = None, show_progress: bool = True,
+             model_spec_extra: Mapping[str, Any] | None = None) -> CompressResult:
+    """Compress ``model`` (left unchanged) with reference data ``train``; see :class:`CompressConfig`.
+
+    ``scores`` is a cache: precomputed :class:`Scores` by source name (and ``"stats"``) are reused, and
+    what this call computes is added to it, so several configurations can share one scoring pass.
+    """
+    t0 = time.perf_counter()
+    model.eval()
+    example = train.tensor(np.arange(1))
+    canon = canonicalize(model, example, config.fold_bn)
+    scores = scores if scores is not None else {}
+    needed = {config.quant.importance} - {"none"}
+    prune_src = {"relevance": "lrp", "abs_relevance": "lrp"}.get(config.prune_score, config.prune_score)
+    if config.prune.criterion != "none" and not (config.prune.criterion == "fraction" and config.prune.sparsity == 0):
+        needed.add(prune_src)
+    if config.quant.allocation == "tiers" and config.quant.importance == "none":
+        raise LrpcError("tiered allocation needs an importance score (lrp, taylor or random)")
+    score_seconds = 0.0
+    for src in sorted(needed):
+        if score_key(src, config) not in scores:
+            scores[score_key(src, config)] = compute_scores(src, model, train, config, show_progress)
+            score_seconds += scores[score_key(src, config)].seconds
+
+    # pruning
+    if prune_src in needed:
+        pscore = scores[score_key(prune_src, config)].weights
+        if config.prune_score == "abs_relevance":
+            pscore = {k: v.abs() for k, v in pscore.items()}
+        masks = prune_masks({k: pscore[k] for k in canon.weights}, config.prune)
+    else:
+        masks = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in canon.weights.items()}
+
+    # bit allocation
+    q = config.quant
+    fixed = {k: b for k in canon.weights for pat, b in q.overrides.items() if fnmatch.fnmatch(k, pat)}
+    free = [k for k in canon.weights if k not in fixed]
+    layouts = {k: _layout(w, q.group_size) for k, w in canon.weights.items()}
+    imp_channels = scores[score_key(q.importance, config)].channels if q.importance != "none" else None
+    bits: dict[str, np.ndarray] = {k: np.full(layouts[k].n_groups, b, np.int64) for k, b in fixed.items()}
+    d_bytes = dense_bytes(model)
+    spec = {"arch": arch, "num_classes": int(num_classes if num_classes is not None else _num_classes(model)),
+            "widths": getattr(model, "widths", None) if arch in ("resnet20", "resnet32", "resnet44", "resnet56") else None,
+            "classes": None, "folded": canon.folded}
+    spec.update(model_spec_extra or {})
+    if spec["widths"] is not None and spec["widths"] == _default_widths(arch):
+        spec["widths"] = None
+
+    def build(bits_map: Mapping[str, np.ndarray], correct: bool = False) -> CompressedModel:
+        tensors: dict[str, Any] = {}
+        state = model.state_dict()
+        for k in state:
+            if k in canon.weights:
+                tensors[k] = quantize_tensor(canon.weights[k], bits_map[k], layouts[k].group_size, masks[k],
+                                             q.search_clip)
+            elif k in canon.floats:
+                tensors[k] = canon.floats[k]
+        cm = CompressedModel(spec, tensors, {k: q.float_dtype for k in canon.floats}, {})
+        if correct:  # shifts are stored as floats of fixed size: correcting them never changes the file size
+            r = config.relevance
+            correct_biases_(cm, model, canon, train, sample_indices(len(train), r.samples, r.seed, train.y))
+        return cm
+
+    stats = None
+    if q.activation_aware and q.allocation != "uniform":
+        if score_key("stats", config) not in scores:
+            r = config.relevance
+            scores[score_key("stats", config)] = activation_stats(model, train, r.samples, r.batch_size, r.seed)
+        stats = scores[score_key("stats", config)]
+    if q.allocation == "uniform":
+        bits.update({k: np.full(layouts[k].n_groups, q.bits, np.int64) for k in free})
+    elif q.allocation == "tiers":
+        ranking = {}
+        for k in free:
+            imp = channel_importance({k: canon.weights[k]}, stats, {k: imp_channels[k]}, q.power)[k]
+            g, _ = layouts[k].to_groups(imp)
+            ranking[k] = g[:, 0].numpy()
+        bits.update(allocate_tiers(ranking, q.bits))
+    else:
+        imp = channel_importance({k: canon.weights[k] for k in free}, stats, imp_channels, q.power)
+        options = tuple(b for b in q.bit_options)
+        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip)
+                  for k in free]
+        target = config.target_bytes or (int(d_bytes / config.target_ratio) if config.target_ratio else None)
+        if target is None:  # the budget of uniform `bits`
+            budget_bits = float(sum(t.costs[:, options.index(q.bits)].sum() for t in tables)) if q.bits in options \
+                else float(sum(int(masks[k].sum()) * q.bits + 24 * layouts[k].n_groups for k in free))
+            bits.update(allocate_optimal(tables, budget_bits))
+        else:
+            bits.update(_fit_budget(tables, bits, build, target))
+    compressed = build(bits, correct=config.bias_correction)
+    data = compressed.to_bytes()
+    seconds = time.perf_counter() - t0
+    return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)
+
+
+MAX_DROP_RATIOS = (24.0, 20.0, 16.0, 14.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
+
+
+def compress_max_drop(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
+                      max_drop: float, model_spec_extra: Mapping[str, Any] | None = None,
+                      show_progress: bool = True) -> tuple[CompressResult, float]:
+    """The smallest file whose accuracy on ``val`` (held out from training data) drops at most ``max_drop`` points.
+
+    Walks a ladder of size targets from the most compressed down and keeps the first that qualifies.
+    """
+    from .evaluation import accuracy
+
+    if config.quant.allocation != "optimal":
+        raise LrpcError("--max-drop needs the optimal bit allocation (--allocation optimal)")
+    base = accuracy(model, val, show_progress=False)
+    scores: dict[str, Scores] = {}
+    needed = {config.quant.importance, "lrp" if config.prune_score in ("relevance", "abs_relevance") else ""} - {"none", ""}
+    for src in sorted(needed):
+        scores[score_key(src, config)] = compute_scores(src, model, fit, config, show_progress)
+    for ratio in MAX_DROP_RATIOS:
+        try:
+            res = compress(model, fit, replace(config, target_ratio=ratio, target_bytes=None), arch, scores=scores,
+                           show_progress=False, model_spec_extra=model_spec_extra)
+        except LrpcError:
+            continue
+        if base - accuracy(res.compressed.to_module(), val, show_progress=False) <= max_drop:
+            return res, ratio
+    raise LrpcError(f"no compression of at least 2x keeps the validation accuracy drop within {max_drop} points")
+
+
+def correct_biases_(cm: CompressedModel, model: nn.Module, canon: Canonical, data: ImageData,
+                    indices: np.ndarray) -> None:
+    """Shift each layer's stored bias so its mean output on reference data matches the float model's.
+
+    Quantization moves a channel's mean output by ``Σ_i δ_i E[a_i]``; the correction (Nagel et al. 2019,
+    empirical form) absorbs it into the folded BatchNorm shift or the layer bias. A channel whose weights
+    were all removed becomes the constant it averaged to.
+    """
+    targets = {}
+    layer_bn = {layer: bn for bn, layer in canon.fold_owner.items()}
+    for wname in canon.weights:
+        lname = wname[: -len(".weight")]
+        key = f"{layer_bn[lname]}.bias" if lname in layer_bn else f"{lname}.bias"
+        if isinstance(cm.tensors.get(key), torch.Tensor):
+            targets[wname] = key
+    if not targets:
+        return
+    ref = activation_stats(model, data, indices=indices).output_mean
+    qmodel = cm.to_module()
+    params = dict(qmodel.named_parameters())
+    for wname, key in targets.items():  # in forward order: each correction sees the corrected layers above it
+        got = activation_stats(qmodel, data, indices=indices).output_mean[wname]
+        with torch.no_grad():
+            params[key] += (ref[wname] - got).to(params[key].dtype)
+        cm.tensors[key] = params[key].detach().clone()
+
+
+def _fit_budget(tables, fixed_bits: Mapping[str, np.ndarray], build, target: int) -> dict[str, np.ndarray]:
+    """Allocate so that the real file is at most ``target`` bytes and within 2% of it."""
+    weight_bits = {t.name: np.full(t.layout.n_groups, 4, np.int64) for t in tables}
+    probe = build({**fixed_bits, **weight_bits})
+    size = len(probe.to_bytes())
+    est_bits = sum(float(t.costs[:, list(t.options).index(4)].sum()) if 4 in t.options else 0.0 for t in tables)
+    overhead = size - est_bits / 8.0
+    budget = (target - overhead) * 8.0
+    best = None
+    for _ in range(8):
+        alloc = allocate_optimal(tables, budget)
+        size = len(build({**fixed_bits, **alloc}).to_bytes())
+        if size <= target:
+            best = alloc
+            if size >= 0.98 * target:
+                break
+            budget += (target - size) * 8.0 * 0.9
+        else:
+            budget -= (size - target) * 8.0 + 64
+    if best is None:
+        raise LrpcError(f"cannot fit the model into {target} bytes; ask for a smaller ratio")
+    return best
+
+
+def _num_classes(model: nn.Module) -> int:
+    lin = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(lin[-1].out_features) if lin else 10
+
+
+def _default_widths(arch: str) -> list[int] | None:
+    from .models import CIFAR_DEPTHS
+
+    n = CIFAR_DEPTHS.get(arch)
+    return [16] * n + [32] * n + [64] * n if n else None
+
+
+__all__ = ["CompressConfig", "QuantConfig", "CompressedModel", "CompressResult", "Scores", "compress",
+           "compute_scores", "method_config", "load_compressed", "module_from_payload", "canonicalize",
+           "channel_importance", "METHODS", "decode", "load_payload"]

@@ -1,0 +1,201 @@
+"""Quantization numerics: pure functions on tensors, no model surgery.
+
+A weight tensor of shape ``[C, ...]`` is viewed as ``C`` rows of ``K`` columns and cut into groups of
+``group_size`` columns that never straddle rows (``group_size = K``: per output channel). Each group
+has one bit-width and one float16 scale. Codes follow docs/FORMAT.md: symmetric levels
+``(u - (2^(b-1) - 1)) * s`` for 2..8 bits, ``±s`` for 1 bit, raw float16 for 16 bits, nothing for 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import LrpcError
+
+VALID_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
+CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.9, 11), 4))  # deeper clipping lowers weight MSE but costs accuracy
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How a tensor is cut into groups."""
+
+    shape: tuple[int, ...]
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise LrpcError(f"group_size must be >= 1, got {self.group_size}")
+
+    @property
+    def rows(self) -> int:
+        return int(self.shape[0]) if self.shape else 1
+
+    @property
+    def cols(self) -> int:
+        n = int(np.prod(self.shape)) if self.shape else 1
+        return n // self.rows if self.rows else 0
+
+    @property
+    def per_row(self) -> int:
+        return -(-self.cols // self.group_size)
+
+    @property
+    def n_groups(self) -> int:
+        return self.rows * self.per_row
+
+    def group_of_element(self) -> np.ndarray:
+        """Group index of every element in flat row-major order."""
+        r = np.repeat(np.arange(self.rows), self.cols)
+        k = np.tile(np.arange(self.cols), self.rows)
+        return r * self.per_row + k // self.group_size
+
+    def to_groups(self, t: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_groups, group_size) view of ``t`` padded with ``fill``, and the validity mask."""
+        t2 = t.reshape(self.rows, self.cols)
+        pad = self.per_row * self.group_size - self.cols
+        valid = torch.ones(self.rows, self.cols, dtype=torch.bool)
+        if pad:
+            t2 = torch.cat([t2, torch.full((self.rows, pad), fill, dtype=t2.dtype)], 1)
+            valid = torch.cat([valid, torch.zeros(self.rows, pad, dtype=torch.bool)], 1)
+        return t2.reshape(self.n_groups, self.group_size), valid.reshape(self.n_groups, self.group_size)
+
+    def from_groups(self, g: torch.Tensor) -> torch.Tensor:
+        return g.reshape(self.rows, self.per_row * self.group_size)[:, : self.cols].reshape(self.shape)
+
+
+@dataclass
+class QuantTensor:
+    """A pruned, group-quantized tensor: what a `.lrpc` file stores for one weight."""
+
+    layout: GroupLayout
+    bits: np.ndarray  # uint8 [n_groups]
+    scales: np.ndarray  # float16 [n_groups]
+    mask: np.ndarray  # bool [numel], survivors
+    codes: np.ndarray  # int64 [mask.sum()], unsigned codes in flat order
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    def element_bits(self) -> np.ndarray:
+        return self.bits.astype(np.int64)[self.layout.group_of_element()]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_codes(self.layout, self.bits, self.scales, self.mask, self.codes)
+
+    def payload_bits(self) -> int:
+        return int(self.element_bits()[self.mask].sum())
+
+
+def dequantize_codes(layout: GroupLayout, bits: np.ndarray, scales: np.ndarray, mask: np.ndarray,
+                     codes: np.ndarray) -> torch.Tensor:
+    """Rebuild the float32 tensor (pure; used by the writer and the reader alike)."""
+    numel = int(np.prod(layout.shape)) if layout.shape else 1
+    out = np.zeros(numel, dtype=np.float32)
+    if codes.size:
+        eb = bits.astype(np.int64)[layout.group_of_element()][mask]
+        s = scales.astype(np.float32)[layout.group_of_element()][mask]
+        u = codes.astype(np.int64)
+        vals = np.empty(u.shape, dtype=np.float32)
+        one = eb == 1
+        vals[one] = (2 * u[one] - 1).astype(np.float32) * s[one]
+        mid = (eb >= 2) & (eb <= 8)
+        vals[mid] = (u[mid] - ((1 << (eb[mid] - 1)) - 1)).astype(np.float32) * s[mid]
+        half = eb == 16
+        vals[half] = u[half].astype(np.uint16).view(np.float16).astype(np.float32)
+        out[mask] = vals
+    return torch.from_numpy(out.reshape(layout.shape))
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(max=65504.0).to(torch.float16).to(torch.float32)
+
+
+def quantize_bits(groups: torch.Tensor, valid: torch.Tensor, b: int, search_clip: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize every group at ``b`` bits. Returns (codes, float16-exact scales, dequantized values).
+
+    ``valid`` marks the elements that are stored (survivors); the scale minimises their squared error
+    over a grid of clipping ratios (``search_clip``) or uses the max-abs scale.
+    """
+    g = torch.where(valid, groups, torch.zeros_like(groups)).float()
+    n = g.shape[0]
+    if b == 0:
+        return torch.zeros_like(g, dtype=torch.long), torch.zeros(n), torch.zeros_like(g)
+    if b == 16:
+        h = g.clamp(-65504, 65504).to(torch.float16)
+        codes = torch.from_numpy(h.numpy().view(np.uint16).astype(np.int64))
+        return codes, torch.zeros(n), h.float()
+    if b == 1:
+        cnt = valid.sum(1).clamp(min=1)
+        s = _fp16(g.abs().sum(1) / cnt)
+        codes = (g >= 0).long()
+        return codes, s, (2 * codes - 1).float() * s[:, None]
+    qmax = (1 << (b - 1)) - 1
+    amax = g.abs().amax(1)
+    best_err = torch.full((n,), float("inf"))
+    best_s = _fp16(amax / qmax)
+    for r in (CLIP_RATIOS if search_clip else (1.0,)):
+        s = _fp16(amax * float(r) / qmax)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.round(g / safe[:, None]).clamp(-qmax, qmax)
+        err = ((q * s[:, None] - g) ** 2 * valid).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+    safe = torch.where(best_s > 0, best_s, torch.ones_like(best_s))
+    q = torch.round(g / safe[:, None]).clamp(-qmax, qmax)
+    return (q + qmax).long(), best_s, q * best_s[:, None]
+
+
+def group_errors(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, bit_options: tuple[int, ...],
+                 importance: torch.Tensor | None = None, search_clip: bool = True) -> dict[int, torch.Tensor]:
+    """Importance-weighted squared error ``Σ imp·(w - Q_b(w))²`` of every group at each bit-width.
+
+    Pruned elements count as set to zero at every width; ``importance`` defaults to 1 (plain MSE).
+    """
+    groups, valid = layout.to_groups(weight.detach().float())
+    mgroups, _ = layout.to_groups(mask.float())
+    imp = layout.to_groups(importance.float())[0] if importance is not None else valid.float()
+    imp = imp * valid
+    keep = valid & (mgroups > 0)
+    pruned_err = (groups ** 2 * imp * ~keep).sum(1)
+    out = {}
+    for b in bit_options:
+        _, _, deq = quantize_bits(groups, keep, b, search_clip)
+        out[b] = (((deq - groups) ** 2) * imp * keep).sum(1).double() + pruned_err.double()
+    return out
+
+
+def quantize_tensor(weight: torch.Tensor, bits: np.ndarray | int, group_size: int | None = None,
+                    mask: torch.Tensor | None = None, search_clip: bool = True) -> QuantTensor:
+    """Quantize ``weight`` with per-group ``bits`` (an int for all groups); ``mask`` marks survivors."""
+    shape = tuple(weight.shape)
+    cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    layout = GroupLayout(shape, group_size or cols)
+    bits_arr = np.full(layout.n_groups, bits, dtype=np.int64) if np.isscalar(bits) else np.asarray(bits, np.int64)
+    if bits_arr.shape != (layout.n_groups,):
+        raise LrpcError(f"need {layout.n_groups} bit-widths for shape {shape}, got {bits_arr.shape}")
+    bad = sorted(set(bits_arr.tolist()) - set(VALID_BITS))
+    if bad:
+        raise LrpcError(f"bit-widths must be 1..8 (or 0 for pruned groups, 16 for float16), got {bad}")
+    if mask is None:
+        mask = torch.ones(shape, dtype=torch.bool)
+    groups, valid = layout.to_groups(weight.detach().float())
+    mgroups, _ = layout.to_groups(mask.to(torch.bool).float())
+    keep = valid & (mgroups > 0) & torch.from_numpy(bits_arr > 0)[:, None]
+    codes = torch.zeros(groups.shape, dtype=torch.long)
+    scales = torch.zeros(layout.n_groups)
+    for b in sorted(set(bits_arr.tolist()) - {0}):
+        rows = torch.from_numpy(bits_arr == b)
+        c, s, _ = quantize_bits(groups[rows], keep[rows], b, search_clip)
+        codes[rows] = c
+        scales[rows] = s
+    flat_keep = layout.from_groups(keep).reshape(-1).numpy().astype(bool)
+    flat_codes = layout.from_groups(codes).reshape(-1).numpy()
+    return QuantTensor(layout, bits_arr.astype(np.uint8), scales.numpy().astype(np.float16), flat_keep,
+                       flat_codes[flat_keep].astype(np.int64))
