@@ -148,7 +148,8 @@ def _load_inputs(a: argparse.Namespace, need_test: bool = True):
     model = load_model(a.arch, a.weights, num_classes=None)
     n_out = [m for m in model.modules() if hasattr(m, "out_features")][-1].out_features
     if n_out != train.num_classes and classes is None:
-        raise LrpcError(f"the model has {n_out} outputs but the data has {train.num_classes} classes")
+        raise LrpcError(f"labels out of range for the model: the data has labels 0..{train.num_classes - 1}, "
+                        f"the model has {n_out} outputs")
     if classes is not None:
         from .models import restrict_classes
 
@@ -176,6 +177,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .data import split_train_val
     from .evaluation import accuracy
     from .io import check_output_path
+    from .models import is_builtin_arch
     from .pruning import PruneConfig
     from .report import build_report, write_report
 
@@ -210,9 +212,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         result = compress(model, train, cfg, a.arch, model_spec_extra=extra_spec)
         chosen = None
     size = result.compressed.save(out)
-    from .compress import load_compressed
-
-    loaded, _ = load_compressed(out)
+    loaded, _ = _load_lrpc(str(out), None if is_builtin_arch(a.arch) else a.arch)
     base_acc = accuracy(model, test)
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),

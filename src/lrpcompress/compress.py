@@ -223,9 +223,13 @@ class CompressedModel:
                 out[k] = t.to(dt).float()
         return out
 
-    def to_module(self, arch_factory: nn.Module | None = None) -> nn.Module:
-        """Rebuild a runnable model; ``arch_factory`` supplies the module for user architectures."""
-        return module_from_payload(self.payload(), arch_factory)
+    def to_module(self, model: nn.Module | None = None) -> nn.Module:
+        """Rebuild a runnable model. In memory the architecture was named by the caller, so a user's
+        ``package.module:function`` factory may be imported here (files never import code)."""
+        if model is None:
+            spec = self.model_spec
+            model = build_model(spec["arch"], spec["num_classes"], spec.get("widths"), allow_import=True)
+        return module_from_payload(self.payload(), model)
 
     def layer_table(self) -> list[dict[str, Any]]:
         rows = []

@@ -173,6 +173,7 @@ def encode(payload: Payload) -> bytes:
     table = []
     for name, t in payload.tensors.items():
         if isinstance(t, QuantTensor):
+            _check_quant(name, t)
             entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "kind": "quant",
                                      "group_size": t.layout.group_size}
             ub = np.unique(t.bits)
@@ -191,6 +192,23 @@ def encode(payload: Payload) -> bytes:
     hbytes = json.dumps(header, separators=(",", ":"), sort_keys=False, allow_nan=False).encode()
     body = PREFIX.pack(MAGIC, VERSION, len(hbytes)) + hbytes + b"".join(chunks)
     return body + hashlib.sha256(body).digest()
+
+
+def _check_quant(name: str, t: QuantTensor) -> None:
+    """Refuse to write a tensor the reader would reject."""
+    n = t.layout.n_groups
+    if t.bits.shape != (n,) or t.scales.shape != (n,) or t.mask.size != int(np.prod(t.shape)):
+        raise LrpcError(f"{name}: bits/scales/mask sizes do not match its layout")
+    if set(np.unique(t.bits).tolist()) - set(VALID_BITS):
+        raise LrpcError(f"{name}: invalid bit-widths {sorted(set(np.unique(t.bits).tolist()) - set(VALID_BITS))}")
+    eb = t.element_bits()[t.mask]
+    if t.codes.size != eb.size or np.any(eb == 0):
+        raise LrpcError(f"{name}: codes do not match the survivors and their bit-widths")
+    mid = (eb >= 2) & (eb <= 8)
+    if np.any(t.codes < 0) or np.any(t.codes[mid] > (1 << eb[mid]) - 2) or np.any(t.codes[eb == 1] > 1):
+        raise LrpcError(f"{name}: code out of range for its bit-width")
+    if not np.all(np.isfinite(t.scales)) or np.any(t.scales < 0):
+        raise LrpcError(f"{name}: scales must be finite and non-negative")
 
 
 def save_payload(payload: Payload, path: str | Path) -> int:

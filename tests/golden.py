@@ -1,0 +1,30 @@
+"""The payload behind tests/data/golden.lrpc (run this file to regenerate it after a deliberate format change)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrpcompress.packing import Payload, save_payload
+from lrpcompress.quantization import GroupLayout, QuantTensor
+
+GOLDEN = Path(__file__).parent / "data" / "golden.lrpc"
+
+
+def golden_payload() -> Payload:
+    layout = GroupLayout((3, 4), 2)  # 6 groups
+    bits = np.array([2, 3, 8, 1, 0, 16], dtype=np.uint8)
+    scales = np.array([0.5, 0.25, 0.01, 1.0, 0.0, 0.0], dtype=np.float16)
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1], dtype=bool)
+    half = np.array([1.5, -2.0], dtype=np.float16).view(np.uint16).astype(np.int64)
+    codes = np.array([0, 2, 6, 4, 254, 1, *half], dtype=np.int64)
+    q = QuantTensor(layout, bits, scales, mask, codes)
+    return Payload(model={"arch": "digits_cnn", "num_classes": 10, "widths": None, "classes": None, "folded": []},
+                   tensors={"w": q, "b": torch.tensor([0.5, -1.25, 3.0]), "c": torch.tensor([1.0, 2.0])},
+                   float_dtype={"b": "float16", "c": "float32"}, metadata={"note": "golden"})
+
+
+if __name__ == "__main__":
+    print(save_payload(golden_payload(), GOLDEN), "bytes written to", GOLDEN)

@@ -1,0 +1,284 @@
+"""The command line: the main paths work, and every kind of bad input is one line on stderr, exit != 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lrpcompress.cli import main
+from lrpcompress.models import build_model
+
+from conftest import make_npz_folder
+
+
+def run(capsys, *argv):
+    code = main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert pattern.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture()
+def compressed(tmp_path, tiny_data, resnet20_weights, capsys):
+    out = tmp_path / "m.lrpc"
+    code, stdout, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                            tiny_data, "--samples", 16, "--out", out, "--report", tmp_path / "r.json")
+    assert code == 0, err
+    return out
+
+
+def test_compress_report_evaluate_inspect(tmp_path, tiny_data, compressed, capsys):
+    rep = json.loads((tmp_path / "r.json").read_text())
+    for key in ("baseline_accuracy", "accuracy", "dense_bytes", "file_bytes", "compression_ratio", "sparsity",
+                "mean_bits", "layers", "settings", "seconds", "method"):
+        assert key in rep
+    assert rep["file_bytes"] == compressed.stat().st_size
+    assert rep["compression_ratio"] == pytest.approx(rep["dense_bytes"] / rep["file_bytes"], rel=1e-3)
+    code, out, _ = run(capsys, "evaluate", compressed, "--data", tiny_data)
+    assert code == 0 and f"{rep['accuracy']:.2f}%" in out
+    code, out, _ = run(capsys, "inspect", compressed)
+    assert code == 0 and "layer1.0.conv1.weight" in out and "mean bits" in out
+    code, out, _ = run(capsys, "inspect", compressed, "--json")
+    assert json.loads(out)["file_bytes"] == compressed.stat().st_size
+
+
+def test_score_writes_safetensors(tmp_path, tiny_data, resnet20_weights, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "rel.safetensors"
+    code, _, err = run(capsys, "score", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--out", out)
+    assert code == 0, err
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert meta["samples"] == "8" and meta["composite"] == "epsilon_plus" and meta["seed"] == "0"
+        assert tuple(f.get_tensor("conv1.weight").shape) == (16, 3, 3, 3)
+
+
+def test_determinism_two_runs_same_bytes(tmp_path, tiny_data, resnet20_weights, capsys):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"d{i}.lrpc"
+        code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                           tiny_data, "--samples", 8, "--seed", 5, "--out", out)
+        assert code == 0, err
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _compress_args(tmp_path, data, weights, *extra):
+    return ("compress", "--arch", "resnet20", "--weights", weights, "--data", data, "--samples", 8,
+            "--out", tmp_path / "x.lrpc", *extra)
+
+
+def test_missing_weights_file(tmp_path, tiny_data, capsys):
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, tmp_path / "nope.pt"))
+    assert_one_line_error(code, err, "not found")
+    assert not (tmp_path / "x.lrpc").exists()
+
+
+def test_missing_data(tmp_path, resnet20_weights, capsys):
+    code, _, err = run(capsys, *_compress_args(tmp_path, tmp_path / "nodata", resnet20_weights))
+    assert_one_line_error(code, err, "not found")
+
+
+def test_unreadable_lrpc(tmp_path, tiny_data, capsys):
+    code, _, err = run(capsys, "evaluate", tmp_path / "missing.lrpc", "--data", tiny_data)
+    assert_one_line_error(code, err, "not found")
+    d = tmp_path / "dir.lrpc"
+    d.mkdir()
+    code, _, err = run(capsys, "inspect", d)
+    assert_one_line_error(code, err, "not found")
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda b: b"XXXX" + b[4:], "magic"),
+    (lambda b: b[:8] + (9).to_bytes(4, "little") + b[12:], "version 9"),
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], "checksum"),
+])
+def test_corrupt_files(compressed, tiny_data, capsys, corrupt, message):
+    data = compressed.read_bytes()
+    compressed.write_bytes(corrupt(data))
+    code, _, err = run(capsys, "evaluate", compressed, "--data", tiny_data)
+    assert_one_line_error(code, err, message)
+
+
+def test_offsets_beyond_file(compressed, capsys):
+    import hashlib
+    import struct
+
+    data = compressed.read_bytes()
+    hlen = struct.unpack_from("<Q", data, 12)[0]
+    header = json.loads(data[20:20 + hlen])
+    header["tensors"][0]["scales"] = [10 ** 9, 32]
+    h = json.dumps(header).encode()
+    body = data[:12] + struct.pack("<Q", len(h)) + h + data[20 + hlen:-32]
+    compressed.write_bytes(body + hashlib.sha256(body).digest())
+    code, _, err = run(capsys, "inspect", compressed)
+    assert_one_line_error(code, err, "beyond the data section")
+
+
+def test_weights_do_not_match_arch(tmp_path, tiny_data, resnet20_weights, capsys):
+    code, _, err = run(capsys, "compress", "--arch", "resnet32", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--out", tmp_path / "x.lrpc")
+    assert_one_line_error(code, err, "do not match the architecture")
+
+
+def test_nan_weights(tmp_path, tiny_data, capsys):
+    sd = build_model("resnet20").state_dict()
+    sd["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, tmp_path / "nan.pt"))
+    assert_one_line_error(code, err, "NaN or Inf")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/lrpc_pwned",))
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, tiny_data, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": build_model("resnet20").state_dict(), "x": Evil()}, path)
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, path))
+    assert_one_line_error(code, err, "not a weights-only checkpoint")
+    assert not Path("/tmp/lrpc_pwned").exists()
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump(Evil(), f)
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, tmp_path / "raw.pkl"))
+    assert_one_line_error(code, err, "weights")
+    assert not Path("/tmp/lrpc_pwned").exists()
+
+
+def test_samples_zero(tmp_path, tiny_data, resnet20_weights, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(list(map(str, ("compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                            "--samples", 0, "--out", tmp_path / "x.lrpc"))))
+    assert exc.value.code != 0
+    assert "--samples: must be at least 1" in capsys.readouterr().err
+
+
+def test_empty_data(tmp_path, resnet20_weights, capsys):
+    d = tmp_path / "empty"
+    d.mkdir()
+    for split in ("train", "test"):
+        np.savez(d / f"{split}.npz", x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0, np.int64))
+    code, _, err = run(capsys, *_compress_args(tmp_path, d, resnet20_weights))
+    assert_one_line_error(code, err, "empty")
+
+
+def test_labels_out_of_range(tmp_path, resnet20_weights, capsys):
+    d = make_npz_folder(tmp_path / "bad")
+    z = dict(np.load(d / "train.npz"))
+    z["y"][3] = 42
+    np.savez(d / "train.npz", **z)
+    code, _, err = run(capsys, *_compress_args(tmp_path, d, resnet20_weights))
+    assert_one_line_error(code, err, "labels")
+
+
+def test_wrong_image_shape(tmp_path, resnet20_weights, capsys):
+    d = make_npz_folder(tmp_path / "small", size=28)
+    code, _, err = run(capsys, *_compress_args(tmp_path, d, resnet20_weights))
+    assert_one_line_error(code, err, "28×28")
+
+
+@pytest.mark.parametrize("bits", [0, 9, 16])
+def test_bits_outside_range(tmp_path, tiny_data, resnet20_weights, capsys, bits):
+    with pytest.raises(SystemExit):
+        main(list(map(str, _compress_args(tmp_path, tiny_data, resnet20_weights, "--bits", bits))))
+    assert "bit-widths must be 1..8" in capsys.readouterr().err
+
+
+def test_unreachable_target_ratio(tmp_path, tiny_data, resnet20_weights, capsys):
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, resnet20_weights, "--target-ratio", 1000))
+    assert_one_line_error(code, err, "unreachable")
+    assert not (tmp_path / "x.lrpc").exists()
+
+
+def test_output_folder_missing(tmp_path, tiny_data, resnet20_weights, capsys):
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--out", tmp_path / "nowhere" / "x.lrpc")
+    assert_one_line_error(code, err, "output folder does not exist")
+
+
+def test_existing_output_needs_force_and_is_never_truncated(tmp_path, tiny_data, resnet20_weights, capsys):
+    out = tmp_path / "x.lrpc"
+    out.write_bytes(b"precious")
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, resnet20_weights))
+    assert_one_line_error(code, err, "--force")
+    assert out.read_bytes() == b"precious"
+    # a failing run with --force leaves the old file intact
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, resnet20_weights, "--force",
+                                               "--target-ratio", 1000))
+    assert code != 0 and out.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".x.lrpc")] == []
+
+
+def test_unknown_arch_and_rule(tmp_path, tiny_data, resnet20_weights, capsys):
+    code, _, err = run(capsys, "compress", "--arch", "resnet21", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--out", tmp_path / "x.lrpc")
+    assert_one_line_error(code, err, "unknown architecture")
+    code, _, err = run(capsys, *_compress_args(tmp_path, tiny_data, resnet20_weights, "--composite", "magic"))
+    assert_one_line_error(code, err, "unknown LRP composite")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    from lrpcompress import io as lio
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lio.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        lio.atomic_write_bytes(tmp_path / "f.bin", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_factory_file_needs_explicit_arch(tmp_path, tiny_data, capsys, monkeypatch):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from lrpcompress.models import DigitsCNN\n"
+                                     "import torch.nn as nn\n"
+                                     "def net(num_classes=10):\n"
+                                     "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),"
+                                     " nn.Flatten(), nn.Linear(4, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    mod = importlib.import_module("mypkg")
+    torch.save(mod.net().state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "u.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "mypkg:net", "--weights", tmp_path / "w.pt", "--data", tiny_data,
+                       "--samples", 8, "--out", out)
+    assert code == 0, err
+    code, _, err = run(capsys, "evaluate", out, "--data", tiny_data)
+    assert_one_line_error(code, err, "pass --arch")
+    code, out_text, err = run(capsys, "evaluate", out, "--data", tiny_data, "--arch", "mypkg:net")
+    assert code == 0 and "accuracy" in out_text
+
+
+def test_rules_lists_composites(capsys):
+    code, out, _ = run(capsys, "rules")
+    assert code == 0 and "epsilon_plus" in out and "paper" in out
+
+
+def test_console_script_installed():
+    assert shutil.which("lrpcompress") is not None

@@ -1,0 +1,122 @@
+"""End to end on the digits CNN: compress, write, load back, compare bit for bit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from lrpcompress.compress import (CompressConfig, QuantConfig, canonicalize, compress, load_compressed,
+                                  method_config)
+from lrpcompress.data import load_digits_data
+from lrpcompress.demo import train_digits_cnn
+from lrpcompress.errors import LrpcError
+from lrpcompress.evaluation import accuracy
+from lrpcompress.pruning import PruneConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, test = load_digits_data(0)
+    model = train_digits_cnn(train, epochs=3, seed=0)
+    return model, train, test
+
+
+def _small(cfg: CompressConfig) -> CompressConfig:
+    return replace(cfg, relevance=replace(cfg.relevance, samples=128))
+
+
+def test_round_trip_is_bit_exact(digits, tmp_path):
+    model, train, test = digits
+    res = compress(model, train, _small(method_config("lrp")), "digits_cnn")
+    path = tmp_path / "m.lrpc"
+    size = res.compressed.save(path)
+    assert size == path.stat().st_size == res.file_bytes
+    loaded, payload = load_compressed(path)
+    mem = res.compressed.to_module()
+    sd_mem, sd_file = mem.state_dict(), loaded.state_dict()
+    for k in sd_mem:
+        assert torch.equal(sd_mem[k], sd_file[k]), k
+    x = test.tensor(np.arange(64))
+    assert torch.equal(mem(x), loaded(x))
+    assert payload.model["arch"] == "digits_cnn"
+
+
+def test_default_compression_is_small_and_accurate(digits):
+    model, train, test = digits
+    res = compress(model, train, _small(replace(method_config("lrp"), target_ratio=8.0)), "digits_cnn")
+    assert res.ratio == pytest.approx(8.0, rel=0.02) and res.file_bytes <= res.dense_bytes / 8.0
+    base = accuracy(model, test, show_progress=False)
+    assert accuracy(res.compressed.to_module(), test, show_progress=False) >= base - 3.0
+
+
+def test_target_bytes_within_two_percent(digits):
+    model, train, _ = digits
+    for target in (9000, 15000, 30000):
+        res = compress(model, train, _small(replace(method_config("mse"), target_bytes=target)), "digits_cnn")
+        assert 0.98 * target <= res.file_bytes <= target
+
+
+def test_unreachable_target_is_an_error(digits):
+    model, train, _ = digits
+    with pytest.raises(LrpcError, match="unreachable|cannot fit"):
+        compress(model, train, _small(replace(method_config("lrp"), target_ratio=500.0)), "digits_cnn")
+
+
+def test_same_seed_same_bytes(digits):
+    model, train, _ = digits
+    cfg = _small(replace(method_config("lrp", seed=3), target_ratio=6.0))
+    a = compress(model, train, cfg, "digits_cnn").compressed.to_bytes()
+    b = compress(model, train, cfg, "digits_cnn").compressed.to_bytes()
+    assert a == b
+
+
+def test_model_is_left_unchanged(digits):
+    model, train, _ = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compress(model, train, _small(method_config("paper")), "digits_cnn")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_pruned_weights_are_exactly_zero(digits):
+    model, train, _ = digits
+    cfg = _small(replace(method_config("magnitude"), prune=PruneConfig("fraction", 0.5)))
+    res = compress(model, train, cfg, "digits_cnn")
+    sd = res.compressed.to_module().state_dict()
+    canon = canonicalize(model, train.tensor(np.arange(1)))
+    for k, mask in res.masks.items():
+        assert torch.all(sd[k][~mask] == 0)
+        assert k in canon.weights
+    assert res.compressed.stats()["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_paper_rule_prunes_nonpositive_relevance(digits):
+    model, train, _ = digits
+    res = compress(model, train, _small(method_config("paper")), "digits_cnn")
+    assert 0.05 < res.compressed.stats()["sparsity"] < 0.95
+
+
+def test_overrides_fix_layer_bits(digits):
+    model, train, _ = digits
+    cfg = _small(replace(method_config("lrp"), quant=replace(QuantConfig(), overrides={"fc2.weight": 8})))
+    res = compress(model, train, cfg, "digits_cnn")
+    assert set(res.bits["fc2.weight"].tolist()) == {8}
+
+
+def test_larger_budget_gives_no_worse_accuracy_on_average(digits):
+    model, train, test = digits
+    accs = [accuracy(compress(model, train, _small(replace(method_config("lrp"), target_ratio=r)),
+                              "digits_cnn").compressed.to_module(), test, show_progress=False) for r in (20.0, 6.0)]
+    assert accs[1] >= accs[0] - 0.5
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(LrpcError, match="--allocation optimal"):
+        replace(method_config("uniform"), target_ratio=4.0)
+    with pytest.raises(LrpcError, match="unknown method"):
+        method_config("best")
+    with pytest.raises(LrpcError, match="1..8"):
+        QuantConfig(bit_options=(3, 12))
