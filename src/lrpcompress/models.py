@@ -8,6 +8,8 @@ user's own factory. Checkpoints load with ``weights_only=True`` only.
 from __future__ import annotations
 
 import importlib
+import pickle
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -182,13 +184,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise LrpcError(f"weights file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for pickled code and corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         raise LrpcError(
-            f"cannot read weights {path}: it is not a weights-only checkpoint ({first[:160]}); "
-            "re-save it with torch.save(model.state_dict(), path)"
+            f"cannot read weights {path}: it is not a weights-only checkpoint (it holds Python objects that "
+            "only pickle could load, which can run code); re-save it with torch.save(model.state_dict(), path)"
         ) from None
+    except Exception as exc:  # torch raises several types for corrupt or foreign files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LrpcError(f"cannot read weights {path}: not a PyTorch checkpoint ({first})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
