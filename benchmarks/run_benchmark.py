@@ -33,6 +33,7 @@ from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402
+from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -155,6 +156,12 @@ def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
             log(f"  {method:9s} @ {budget:>4}x: {row['accuracy']:6.2f}%  {row['file_bytes']:8d} B  "
                 f"({row['ratio']:.2f}x, sparsity {row['sparsity']:.1%}, mean bits {row['mean_bits']:.2f}) {row['knobs']}")
         log(f"  budget {budget}x took {time.perf_counter() - t0:.0f} s")
+    for budget, epochs in args.finetune.get(arch, []):
+        ft = replace(r.cfg("lrp"), target_ratio=budget, finetune=FinetuneConfig(epochs=epochs, seed=args.seed))
+        row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), {"target_ratio": budget, "finetune_epochs": epochs})
+        row["drop"] = round(r.base_test - row["accuracy"], 2)
+        rows.append(row)
+        log(f"  lrp+ft{epochs} @ {budget}x: {row['accuracy']:.2f}% {row['file_bytes']} B")
     return rows
 
 
@@ -195,7 +202,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
              "measured on the model loaded back from the written `.lrpc` file.", ""]
     cols = (("method", "method"), ("budget", "budget"), ("file_bytes", "file bytes"), ("ratio", "ratio"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("sparsity", "sparsity"), ("mean_bits", "mean bits"),
-            ("knobs", "chosen setting"))
+            ("seconds", "compress s"), ("knobs", "chosen setting"))
     for m in sorted({r["model"] for r in rows}):
         lines += [f"## {m}", ""]
         mrows = [dict(r, knobs=", ".join(f"{k}={v}" for k, v in r["knobs"].items())) for r in rows if r["model"] == m]
@@ -213,6 +220,8 @@ def main() -> None:
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--budgets-for", action="append", default=[], metavar="ARCH:B1,B2",
                     help="budgets for one model, e.g. resnet44:4,8,12 (overrides --budgets for it)")
+    ap.add_argument("--finetune", action="append", default=None, metavar="ARCH:BUDGET:EPOCHS",
+                    help="extra lrp rows with recovery fine-tuning, e.g. resnet20:16:2")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -222,6 +231,11 @@ def main() -> None:
     args.methods = args.methods.split(",")
     args.budgets = [float(b) for b in (args.budgets or ("4,8" if args.quick else "2,4,6,8,12,16")).split(",")]
     args.model_budgets = {a.split(":")[0]: [float(b) for b in a.split(":")[1].split(",")] for a in args.budgets_for}
+    ft = args.finetune if args.finetune is not None else ([] if args.quick else ["resnet20:12:1", "resnet20:16:2"])
+    args.finetune = {}
+    for item in ft:
+        arch, budget, epochs = item.split(":")
+        args.finetune.setdefault(arch, []).append((float(budget), int(epochs)))
     args.samples = args.samples or (128 if args.quick else 512)
     args.val_size = args.val_size or (1000 if args.quick else 2000)
     if not (SHARED / "models").is_dir():

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", default=None, choices=("none", "nonpositive", "fraction"))
     c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
+    c.add_argument("--finetune-epochs", type=int, default=0, help="recovery fine-tuning epochs through the quantizers")
+    c.add_argument("--finetune-lr", type=float, default=0.01)
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out for --max-drop")
 
     e = sub.add_parser("evaluate", help="accuracy of a .lrpc model on the test split")
@@ -179,6 +181,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .io import check_output_path
     from .models import is_builtin_arch
     from .pruning import PruneConfig
+    from .recovery import FinetuneConfig
     from .report import build_report, write_report
 
     t0 = time.perf_counter()
@@ -203,7 +206,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         p = replace(p, criterion="fraction" if p.criterion == "none" else p.criterion, sparsity=a.sparsity)
     cfg = replace(cfg, quant=q, prune=p if isinstance(p, PruneConfig) else cfg.prune,
                   prune_score=a.prune_score or cfg.prune_score,
-                  target_ratio=a.target_ratio, target_bytes=a.target_bytes)
+                  target_ratio=a.target_ratio, target_bytes=a.target_bytes,
+                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, seed=a.seed))
     extra_spec = {"classes": list(classes)} if classes else None
     if a.max_drop is not None:
         fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed)

@@ -24,6 +24,7 @@ from .errors import LrpcError
 from .models import build_model, dense_bytes, is_builtin_arch
 from .packing import Payload, decode, encode, load_payload, save_payload
 from .pruning import PruneConfig, prune_masks, sparsity_of
+from .recovery import FinetuneConfig, finetune
 from .quantization import VALID_BITS, GroupLayout, QuantTensor, quantize_tensor
 from .relevance import (ActivationStats, RelevanceConfig, _bn_affine, _find_folds, activation_stats, compute_relevance,
                         layer_names, taylor_scores)
@@ -85,6 +86,7 @@ class CompressConfig:
     target_bytes: int | None = None
     fold_bn: bool = True
     bias_correction: bool = True
+    finetune: FinetuneConfig = FinetuneConfig(epochs=0)
     seed: int = 0
     method: str = "custom"
 
@@ -493,6 +495,8 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         else:
             bits.update(_fit_budget(tables, bits, build, target))
     compressed = build(bits, correct=config.bias_correction)
+    if config.finetune.epochs > 0:
+        compressed = finetune(compressed, train, config.finetune, show_progress=show_progress)
     data = compressed.to_bytes()
     seconds = time.perf_counter() - t0
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)

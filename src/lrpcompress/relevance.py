@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, sample_indices
 from .errors import LrpcError
-from .rules import COMPOSITES, WEIGHTED, Composite, Rule, get_composite
+from .rules import COMPOSITES, IDENTITY, NEGATIVE, POSITIVE, WEIGHTED, ZERO, Composite, Rule, get_composite
 from .progress import progress
 
 START_POINTS = ("true", "predicted", "all")
@@ -73,9 +73,9 @@ class Relevance:
     """Relevance scores: per weight tensor (same name and shape as the parameter) and per output channel.
 
     ``weights[name]`` sums the relevance of each weight over samples and positions; ``channels[name]``
-    is the relevance arriving at each output channel of that layer (its neuron relevance, biases and
-    the stabiliser included); ``inputs[name]`` the relevance of each input channel (weight relevance
-    summed over the other axes).
+    is the relevance each output channel of that layer receives (its neuron relevance: the weights' and
+    the bias's shares; only the stabiliser's tiny absorption is left out); ``inputs[name]`` the relevance
+    of each input channel (weight relevance summed over the other axes).
     """
 
     weights: dict[str, torch.Tensor]
@@ -165,21 +165,20 @@ def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.detach(), shift.detach()
 
 
-class _Tap(torch.autograd.Function):
-    """Identity in value; on the way back records ``Σ z·grad`` per channel (the output's relevance)."""
+class _Relay(torch.autograd.Function):
+    """Value: the layer's true output ``z``. Gradient to each rule term ``z_k``: the incoming gradient
+    (relevance per unit of output) times ``c_k · z / stab(z_k)``."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, z: torch.Tensor, sink: list) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(z)
-        ctx.sink = sink
-        return out.clone()
+    def forward(ctx, z: torch.Tensor, *terms_and_ratios: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n = len(terms_and_ratios) // 2
+        ctx.save_for_backward(*terms_and_ratios[n:])
+        return z.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        r = (z * grad).transpose(0, 1).reshape(z.shape[1], -1).sum(1) if z.dim() > 1 else (z * grad)
-        ctx.sink.append(r.detach().double())
-        return grad, None, None
+        ratios = ctx.saved_tensors
+        return (None, *[grad * r for r in ratios], *[None] * len(ratios))
 
 
 def _layer_fn(module: nn.Module):
@@ -194,8 +193,9 @@ class _LayerState:
     module: nn.Module
     rule: Rule
     fold: nn.Module | None
-    leaves: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (leaf, modifier-applied base)
-    sink: list[torch.Tensor] = field(default_factory=list)
+    weight_leaves: list[torch.Tensor] = field(default_factory=list)
+    bias_leaves: list[torch.Tensor] = field(default_factory=list)
+    pending: torch.Tensor | None = None  # the layer's input, kept until its BatchNorm runs
 
 
 def _effective_params(st: _LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,40 +203,47 @@ def _effective_params(st: _LayerState) -> tuple[torch.Tensor, torch.Tensor | Non
     b = st.module.bias.detach() if st.module.bias is not None else None
     if st.fold is not None:
         scale, shift = _bn_affine(st.fold)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        w = w * scale.view(shape)
+        w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
         b = shift if b is None else b * scale + shift
     return w, b
 
 
-def _surrogate(st: _LayerState, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Value ``z``; gradient: the rule's redistribution. Records weight leaves for relevance."""
+def _surrogate(st: _LayerState, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Value ``z``; gradient: the rule's redistribution. Records weight and bias leaves for relevance."""
     w_eff, b_eff = _effective_params(st)
-    z = out.detach()
-    if st.fold is not None:  # the BatchNorm's output, computed from the layer's output
-        scale, shift = _bn_affine(st.fold)
-        view = (1, -1) + (1,) * (out.dim() - 2)
-        z = z * scale.view(view) + shift.view(view)
+    z = z.detach()
     fn = _layer_fn(st.module)
-    result = z
+    nonneg = bool(x.min() >= 0)
+    zks, ratios = [], []
     for term in st.rule.terms:
         zk = None
         for part in term.parts:
-            xin = part.inp(x)
-            if part.inp.name in ("positive", "negative") and not bool(xin.any()):
-                continue  # e.g. the negative part of a post-ReLU input: all zero, skip the conv
+            if part.inp is POSITIVE and nonneg:
+                xin = x
+            elif part.inp is NEGATIVE and nonneg:
+                continue  # the negative part of a non-negative input is zero: skip its convolution
+            elif part.inp is IDENTITY:
+                xin = x
+            else:
+                xin = part.inp(x)
             leaf = part.weight(w_eff).detach().requires_grad_(True)
-            st.leaves.append(leaf)
+            st.weight_leaves.append(leaf)
             y = fn(xin, leaf, None)
             zk = y if zk is None else zk + y
         if zk is None:
             continue
-        if b_eff is not None:
-            view = (1, -1) + (1,) * (zk.dim() - 2)
-            zk = zk + term.bias(b_eff).view(view)
-        ratio = (z / st.rule.stabilize(zk.detach()))
-        result = result + term.coefficient * (zk - zk.detach()) * ratio
-    return _Tap.apply(result, z, st.sink)
+        if b_eff is not None and term.bias is not ZERO:
+            bias = term.bias(b_eff).detach().requires_grad_(True)
+            st.bias_leaves.append(bias)
+            zk = zk + bias.view((1, -1) + (1,) * (zk.dim() - 2))
+        ratio = z / st.rule.stabilize(zk.detach(), term.sign)
+        if term.coefficient != 1.0:
+            ratio = ratio * term.coefficient
+        zks.append(zk)
+        ratios.append(ratio)
+    if not zks:
+        return z.clone()
+    return _Relay.apply(z, *zks, *ratios)
 
 
 @contextlib.contextmanager
@@ -259,9 +266,12 @@ def lrp_pass(model: nn.Module, composite: Composite, example: torch.Tensor) -> I
             st = _LayerState(name, m, composite.rule_for(m, first), folds.get(m))
             first = False
             states[name] = st
-            handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: _surrogate(st, inp[0], out)))
-            if st.fold is not None:
-                handles.append(st.fold.register_forward_hook(lambda mod, inp, out: inp[0]))
+            if st.fold is None:
+                handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: _surrogate(st, inp[0], out)))
+            else:  # the surrogate is built where the BatchNorm's output (the folded layer's z) appears
+                handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: setattr(st, "pending", inp[0])))
+                handles.append(st.fold.register_forward_hook(
+                    lambda mod, inp, out, st=st: _surrogate(st, st.pending, out)))
         yield states
     finally:
         for h in handles:
@@ -304,22 +314,27 @@ def relevance_batches(
         for x, y in bar:
             x = x.to(dtype)
             for st in states.values():
-                st.leaves.clear()
-                st.sink.clear()
+                st.weight_leaves.clear()
+                st.bias_leaves.clear()
+                st.pending = None
             logits = model(x)
             g = _start_grad(logits, y, config.start)
             start_total += float((logits.detach() * g).sum())
-            leaves = [leaf for st in states.values() for leaf in st.leaves]
-            grads = torch.autograd.grad(logits, leaves, grad_outputs=g, allow_unused=True)
-            k = 0
+            leaves = [leaf for st in states.values() for leaf in (*st.weight_leaves, *st.bias_leaves)]
+            grads = iter(torch.autograd.grad(logits, leaves, grad_outputs=g, allow_unused=True))
             for name, st in states.items():
                 w_rel = torch.zeros(st.module.weight.shape, dtype=torch.float64)
-                for leaf in st.leaves:
-                    if grads[k] is not None:
-                        w_rel += (leaf.detach() * grads[k]).double()
-                    k += 1
+                c_rel = torch.zeros(st.module.weight.shape[0], dtype=torch.float64)
+                for leaf in st.weight_leaves:
+                    gr = next(grads)
+                    if gr is not None:
+                        w_rel += (leaf.detach() * gr).double()
+                for leaf in st.bias_leaves:
+                    gr = next(grads)
+                    if gr is not None:
+                        c_rel += (leaf.detach() * gr).double()
+                c_rel += w_rel.reshape(w_rel.shape[0], -1).sum(1)
                 acc_w[name] = acc_w[name] + w_rel if name in acc_w else w_rel
-                c_rel = torch.stack(st.sink).sum(0) if st.sink else torch.zeros(st.module.weight.shape[0], dtype=torch.float64)
                 acc_c[name] = acc_c[name] + c_rel if name in acc_c else c_rel
             n += len(x)
     weights = {f"{k}.weight": v for k, v in acc_w.items()}

@@ -58,9 +58,13 @@ class Part:
 
 @dataclass(frozen=True)
 class Term:
+    """``sign``: the known sign of this term's ``z_k`` (+1 for positive contributions, -1 for negative ones,
+    0 when either can occur); a known sign makes the stabiliser a single addition."""
+
     coefficient: float
     parts: tuple[Part, ...]
     bias: Mod
+    sign: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,13 @@ class Rule:
         if not (self.epsilon >= 0):
             raise LrpcError(f"rule {self.name!r}: epsilon must be >= 0, got {self.epsilon}")
 
-    def stabilize(self, z: torch.Tensor) -> torch.Tensor:
-        sign = torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
-        return z + self.epsilon * sign
+    def stabilize(self, z: torch.Tensor, sign: int = 0) -> torch.Tensor:
+        """``z + ε·sign(z)`` with sign(0) = +1; ``sign`` = ±1 when every entry's sign is known."""
+        if sign > 0:
+            return z + self.epsilon
+        if sign < 0:
+            return z - self.epsilon
+        return torch.where(z >= 0, z + self.epsilon, z - self.epsilon)
 
 
 def epsilon(eps: float = 1e-6) -> Rule:
@@ -89,8 +97,9 @@ def epsilon(eps: float = 1e-6) -> Rule:
 def alpha_beta(alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-9) -> Rule:
     if alpha - beta != 1.0 or beta < 0:
         raise LrpcError(f"alpha_beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
-    pos = Term(alpha, (Part(POSITIVE, POSITIVE), Part(NEGATIVE, NEGATIVE)), POSITIVE)
-    terms = (pos,) if beta == 0 else (pos, Term(-beta, (Part(POSITIVE, NEGATIVE), Part(NEGATIVE, POSITIVE)), NEGATIVE))
+    pos = Term(alpha, (Part(POSITIVE, POSITIVE), Part(NEGATIVE, NEGATIVE)), POSITIVE, +1)
+    neg = Term(-beta, (Part(POSITIVE, NEGATIVE), Part(NEGATIVE, POSITIVE)), NEGATIVE, -1)
+    terms = (pos,) if beta == 0 else (pos, neg)
     return Rule(f"alpha{alpha:g}_beta{beta:g}", terms, eps)
 
 
@@ -103,7 +112,7 @@ def gamma(g: float = 0.25, eps: float = 1e-6) -> Rule:
 
 
 def flat(eps: float = 1e-9) -> Rule:
-    return Rule("flat", (Term(1.0, (Part(ONES, ONES),), ZERO),), eps)
+    return Rule("flat", (Term(1.0, (Part(ONES, ONES),), ZERO, +1),), eps)
 
 
 def wsquare(eps: float = 1e-9) -> Rule:

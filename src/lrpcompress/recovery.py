@@ -1,0 +1,165 @@
+"""Recovery fine-tuning through the quantizers (straight-through estimator).
+
+The allocation (bit-width per group), the survivor masks and the float16 scales stay fixed; latent
+float weights are trained with the forward pass using their quantized values, so the written file holds
+exactly the weights that were evaluated. Pruned weights stay zero. BatchNorm layers keep their
+(folded) statistics; shifts and biases train as floats. Parametrizations are removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as P
+
+from .data import ImageData
+from .errors import LrpcError
+from .progress import progress
+from .quantization import GroupLayout, QuantTensor
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise LrpcError(f"finetune epochs must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise LrpcError(f"finetune learning rate must be > 0, got {self.lr}")
+
+
+def fake_quantize(w: torch.Tensor, layout: GroupLayout, bits: torch.Tensor, scales: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+    """Quantized values of ``w`` at fixed per-group bits and scales (the decoder's arithmetic, float32)."""
+    g, _ = layout.to_groups(w)
+    b = bits[:, None]
+    s = scales[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    qmax = (2.0 ** (b - 1) - 1).clamp(min=1)
+    mid = torch.round(g / safe).clamp(-qmax, qmax) * s
+    one = torch.where(g >= 0, s, -s)
+    half = g.clamp(-65504, 65504).half().float()
+    out = torch.where(b == 1, one, mid)
+    out = torch.where(b == 16, half, out)
+    out = torch.where(b == 0, torch.zeros_like(out), out)
+    return layout.from_groups(out) * keep
+
+
+class _STE(nn.Module):
+    def __init__(self, qt: QuantTensor) -> None:
+        super().__init__()
+        self.layout = qt.layout
+        self.register_buffer("bits", torch.from_numpy(qt.bits.astype(np.float32)))
+        self.register_buffer("scales", torch.from_numpy(qt.scales.astype(np.float32)))
+        self.register_buffer("keep", torch.from_numpy(qt.mask.reshape(qt.shape)).float())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        q = fake_quantize(w, self.layout, self.bits, self.scales, self.keep)
+        return w * self.keep + (q - w * self.keep).detach()
+
+
+def requantize(w: torch.Tensor, qt: QuantTensor) -> QuantTensor:
+    """Codes of ``w`` under ``qt``'s fixed bits, scales and mask."""
+    lay = qt.layout
+    g, _ = lay.to_groups(w.detach().float())
+    b = torch.from_numpy(qt.bits.astype(np.int64))[:, None]
+    s = torch.from_numpy(qt.scales.astype(np.float32))[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    qmax = ((1 << (b - 1).clamp(min=0)) - 1).clamp(min=1)
+    mid = torch.round(g / safe).clamp(-qmax, qmax) + qmax
+    one = (g >= 0).long()
+    half = torch.from_numpy(g.clamp(-65504, 65504).half().numpy().view(np.uint16).astype(np.int64))
+    codes = torch.where(b == 1, one, mid.long())
+    codes = torch.where(b == 16, half, codes)
+    flat = lay.from_groups(codes).reshape(-1).numpy()
+    return QuantTensor(lay, qt.bits.copy(), qt.scales.copy(), qt.mask.copy(), flat[qt.mask].astype(np.int64))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random 4-pixel-padded crops and horizontal flips (the CIFAR recipe)."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):
+        crop = pad[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Module | None = None,
+             show_progress: bool = True):
+    """Fine-tune ``compressed`` (a CompressedModel) in place of its weights; returns a new CompressedModel."""
+    from .compress import CompressedModel
+
+    if config.epochs == 0:
+        return compressed
+    net = compressed.to_module(model)
+    quant = {k: t for k, t in compressed.tensors.items() if isinstance(t, QuantTensor)}
+    params = dict(net.named_parameters())
+    mods = dict(net.named_modules())
+    trainable = [params[k] for k in quant] + [p for k, p in params.items()
+                                              if k.endswith(".bias") and k in compressed.tensors]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                          nesterov=True)
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    try:
+        for k, qt in quant.items():
+            P.register_parametrization(mods[k.rpartition(".")[0]], "weight", _STE(qt))
+        net.eval()  # BatchNorm statistics stay frozen (they are folded constants)
+        for epoch in range(config.epochs):
+            order = rng.permutation(len(train))
+            bar = progress(train.batches(config.batch_size, order), total=math.ceil(len(train) / config.batch_size),
+                           desc=f"finetune {epoch + 1}/{config.epochs}", unit="batch", disable=not show_progress)
+            correct = seen = 0
+            for x, y in bar:
+                if config.augment and x.shape[-1] > 8:
+                    x = _augment(x, gen)
+                opt.zero_grad(set_to_none=True)
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                opt.step()
+                sched.step()
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%")
+    finally:
+        for k in quant:
+            mod = mods[k.rpartition(".")[0]]
+            if P.is_parametrized(mod, "weight"):
+                P.remove_parametrizations(mod, "weight", leave_parametrized=False)
+    tensors = dict(compressed.tensors)
+    for k, qt in quant.items():
+        tensors[k] = requantize(params_after(net, k), qt)
+    for k, t in compressed.tensors.items():
+        if not isinstance(t, QuantTensor) and k in dict(net.named_parameters()):
+            tensors[k] = dict(net.named_parameters())[k].detach().clone()
+    return CompressedModel(copy.deepcopy(compressed.model_spec), tensors, dict(compressed.float_dtype),
+                           dict(compressed.metadata))
+
+
+def params_after(net: nn.Module, name: str) -> torch.Tensor:
+    return dict(net.named_parameters())[name].detach()
