@@ -193,10 +193,12 @@ def plot(rows: list[dict], path: Path) -> None:
 def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started: str, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    commands = sorted({r.get("command", "") for r in rows} - {""})
     lines = [f"# Benchmark results ({'quick' if args.quick else 'full'} mode)", "",
-             f"Command: `{' '.join(['python', 'benchmarks/run_benchmark.py', *sys.argv[1:]])}`  ",
+             "Produced by: " + "; ".join(f"`{c}`" for c in commands) + "  ",
              f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-             f"{platform.processor() or 'cpu'}; torch {torch.__version__}; wall time {seconds / 60:.1f} min.  ",
+             f"{platform.processor() or 'cpu'}; torch {torch.__version__}"
+             + (f"; wall time {seconds / 60:.1f} min.  " if seconds else ".  "),
              "Data: CIFAR-10 (JPEG q75), scores/calibration from training images, knobs chosen on "
              f"{args.val_size} held-out training images, accuracy on the full 10,000-image test split, "
              "measured on the model loaded back from the written `.lrpc` file.", ""]
@@ -226,8 +228,11 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the tables from --merge files")
+    ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
+                    help="also include the rows of another run (other models) in the written tables")
     args = ap.parse_args()
-    args.models = (args.models or ("resnet20" if args.quick else "resnet20,resnet44")).split(",")
+    args.models = [] if args.report_only else (args.models or ("resnet20" if args.quick else "resnet20,resnet44")).split(",")
     args.methods = args.methods.split(",")
     args.budgets = [float(b) for b in (args.budgets or ("4,8" if args.quick else "2,4,6,8,12,16")).split(",")]
     args.model_budgets = {a.split(":")[0]: [float(b) for b in a.split(":")[1].split(",")] for a in args.budgets_for}
@@ -245,9 +250,14 @@ def main() -> None:
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
     rows: list[dict] = []
+    for extra in args.merge:
+        rows += [r for r in json.loads(Path(extra).read_text()) if r["model"] not in args.models]
+    command = " ".join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]])
     for arch in args.models:
-        rows += bench_model(arch, args, log)
+        rows += [dict(r, command=command) for r in bench_model(arch, args, log)]
         write_results(rows, args, Path(args.out), started, time.perf_counter() - t0)
+    if args.report_only:
+        write_results(rows, args, Path(args.out), started, 0.0)
     log(f"wrote {args.out}/results.md, results.json, accuracy_vs_size.png")
 
 

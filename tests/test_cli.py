@@ -282,3 +282,29 @@ def test_rules_lists_composites(capsys):
 
 def test_console_script_installed():
     assert shutil.which("lrpcompress") is not None
+
+
+def test_classes_subset_cuts_head_and_evaluates_on_those_classes(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "c.lrpc", tmp_path / "c.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--classes", "airplane,1,ship", "--out", out, "--report", rep)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    assert report["classes"] == [0, 1, 8]
+    from lrpcompress.compress import load_compressed
+
+    net, payload = load_compressed(out)
+    assert payload.model["classes"] == [0, 1, 8] and net.linear.out_features == 3
+    code, text, _ = run(capsys, "evaluate", out, "--data", tiny_data)
+    assert code == 0 and "on 6 test images" in text  # 2 of each of the 3 classes in the tiny test split
+
+
+def test_max_drop_picks_a_ratio_on_held_out_training_data(tmp_path, tiny_data, resnet20_weights, capsys):
+    rep = tmp_path / "m.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--max-drop", 100, "--val-size", 8, "--out", tmp_path / "m.lrpc",
+                       "--report", rep)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    assert report["chosen_ratio"] == 24.0
+    assert report["compression_ratio"] == pytest.approx(24.0, rel=0.02)
