@@ -15,8 +15,6 @@ import datetime
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))

@@ -21,7 +21,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +48,7 @@ class Runner:
         self.test = load_data(SHARED / "data" / "cifar10-jpeg", "test")
         self.fit, self.val = split_train_val(train, args.val_size, args.seed)
         self.cache: dict = {}
+        self.runs: dict = {}
         self.val_cache: dict = {}
         self.tmp = Path(tempfile.mkdtemp())
         self.base_test = accuracy(self.model, self.test, show_progress=False)
@@ -60,8 +60,15 @@ class Runner:
         return replace(c, relevance=replace(c.relevance, samples=self.args.samples, seed=self.args.seed))
 
     def run(self, cfg: CompressConfig):
-        res = compress(self.model, self.fit, cfg, self.arch, scores=self.cache, show_progress=False)
-        self.dense = res.dense_bytes
+        key = repr(cfg)
+        if key not in self.runs:
+            try:
+                self.runs[key] = compress(self.model, self.fit, cfg, self.arch, scores=self.cache, show_progress=False)
+            except LrpcError:
+                self.runs[key] = None
+        res = self.runs[key]
+        if res is not None:
+            self.dense = res.dense_bytes
         return res
 
     def val_acc(self, key, res) -> float:
@@ -80,14 +87,20 @@ class Runner:
                 "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1), "knobs": knobs}
 
     def best_of(self, method: str, budget: float, candidates) -> dict | None:
-        """Among (key, knobs, thunk) candidates, the best validation accuracy that fits the budget."""
+        """Among (knobs, config) candidates, the best validation accuracy that fits the budget.
+
+        The file size does not depend on the bias correction (shifts are stored floats), so a cheap run
+        without it decides whether a candidate fits before the full run."""
         limit = self.dense_bytes() / budget * 1.02
         best = None
-        for key, knobs, thunk in candidates:
-            res = thunk()
+        for knobs, cfg in candidates:
+            dry = self.run(replace(cfg, bias_correction=False)) if cfg.bias_correction else None
+            if cfg.bias_correction and (dry is None or dry.file_bytes > limit):
+                continue
+            res = self.run(cfg)
             if res is None or res.file_bytes > limit:
                 continue
-            acc = self.val_acc(key, res)
+            acc = self.val_acc(repr(cfg), res)
             if best is None or acc > best[0]:
                 best = (acc, knobs, res)
         if best is None:
@@ -102,52 +115,34 @@ class Runner:
         return self.dense
 
 
-def memo(f):
-    store = {}
-
-    def g(*a):
-        if a not in store:
-            try:
-                store[a] = f(*a)
-            except LrpcError:
-                store[a] = None
-        return store[a]
-    return g
-
-
 def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
     r = Runner(arch, args)
     log(f"{arch}: float test accuracy {r.base_test:.2f}%, validation {r.base_val:.2f}%")
     rows = [{"model": arch, "method": "float32", "budget": 1.0, "file_bytes": r.dense_bytes(), "ratio": 1.0,
              "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}}]
     bits_grid = (8, 6, 5, 4, 3, 2)
-    uniform = memo(lambda b: r.run(replace(r.cfg("uniform"), quant=replace(r.cfg("uniform").quant, bits=b))))
-    mag = memo(lambda s, b: r.run(replace(r.cfg("magnitude"), prune=PruneConfig("fraction", s),
-                                          quant=replace(r.cfg("magnitude").quant, bits=b))))
-    paper = memo(lambda b: r.run(replace(r.cfg("paper"), quant=replace(r.cfg("paper").quant, bits=b))))
-    deeplift = memo(lambda b, p: r.run(replace(r.cfg("deeplift"), prune=PruneConfig("fraction", p, scope="layer"),
-                                               quant=replace(r.cfg("deeplift").quant, bits=b))))
+
+    def with_quant(method: str, bits: int, prune: PruneConfig | None = None) -> CompressConfig:
+        c = r.cfg(method)
+        return replace(c, quant=replace(c.quant, bits=bits), prune=prune or c.prune)
+
     for budget in args.model_budgets.get(arch, args.budgets):
         t0 = time.perf_counter()
         cand = {
-            "uniform": [(("u", b), {"bits": b}, (lambda b=b: uniform(b))) for b in bits_grid],
-            "magnitude": [(("m", s, b), {"sparsity": s, "bits": b}, (lambda s=s, b=b: mag(s, b)))
+            "uniform": [({"bits": b}, with_quant("uniform", b)) for b in bits_grid],
+            "magnitude": [({"sparsity": s, "bits": b}, with_quant("magnitude", b, PruneConfig("fraction", s)))
                           for b in bits_grid for s in (0.0, 0.25, 0.5, 0.75)],
-            "paper": [(("p", b), {"bits": b}, (lambda b=b: paper(b))) for b in (7, 6, 5, 4, 3, 2)],
-            "deeplift": [(("d", b, p), {"bits": b, "filter_prune": p}, (lambda b=b, p=p: deeplift(b, p)))
+            "paper": [({"bits": b}, with_quant("paper", b)) for b in (7, 6, 5, 4, 3, 2)],
+            "deeplift": [({"bits": b, "filter_prune": p},
+                          with_quant("deeplift", b, PruneConfig("fraction", p, scope="layer")))
                          for b in (6, 5, 4, 3, 2) for p in (0.0, 0.1)],
         }
         for method in args.methods:
             if method in cand:
                 row = r.best_of(method, budget, cand[method])
             else:
-                try:
-                    res = r.run(replace(r.cfg(method), target_ratio=budget))
-                except LrpcError as exc:
-                    log(f"  {method} @ {budget}x: unreachable ({exc})")
-                    row = None
-                else:
-                    row = r.finish(method, budget, res, {"target_ratio": budget})
+                res = r.run(replace(r.cfg(method), target_ratio=budget))
+                row = None if res is None else r.finish(method, budget, res, {"target_ratio": budget})
             if row is None:
                 log(f"  {method} @ {budget}x: no setting fits")
                 continue

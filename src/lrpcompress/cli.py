@@ -13,59 +13,31 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import LrpcError
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
+    """An argparse type: convert, then check; messages say what is needed."""
+    def parse(s: str) -> Any:
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if convert is int else 'a number'}, "
+                                             f"got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{need}, got {s}")
+        return v
+    return parse
 
 
-def _ratio(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 1.0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 1, got {s}")
-    return v
-
-
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
-    return v
-
-
-def _bits(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer bit-width, got {s!r}") from None
-    if not 1 <= v <= 8:
-        raise argparse.ArgumentTypeError(f"bit-widths must be 1..8, got {v}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
+_finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+_positive_int = _checked(int, lambda v: v >= 1, "must be at least 1")
+_ratio = _checked(float, lambda v: _finite(v) and v > 1.0, "must be a finite number > 1")
+_fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+_bits = _checked(int, lambda v: 1 <= v <= 8, "bit-widths must be 1..8")
+_nonneg_float = _checked(float, lambda v: _finite(v) and v >= 0, "must be a finite number >= 0")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -108,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune", default=None, choices=("none", "nonpositive", "fraction"))
     c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
-    c.add_argument("--finetune-epochs", type=int, default=0, help="recovery fine-tuning epochs through the quantizers")
-    c.add_argument("--finetune-lr", type=float, default=0.01)
+    c.add_argument("--finetune-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0, help="recovery fine-tuning epochs through the quantizers")
+    c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=0.01)
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out for --max-drop")
 
     e = sub.add_parser("evaluate", help="accuracy of a .lrpc model on the test split")

@@ -23,7 +23,7 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import build_model, dense_bytes, is_builtin_arch
 from .packing import Payload, decode, encode, load_payload, save_payload
-from .pruning import PruneConfig, prune_masks, sparsity_of
+from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
 from .quantization import VALID_BITS, GroupLayout, QuantTensor, quantize_tensor
 from .relevance import (ActivationStats, RelevanceConfig, _bn_affine, _find_folds, activation_stats, compute_relevance,
