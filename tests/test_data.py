@@ -60,3 +60,19 @@ def test_shared_cifar_jpeg():
 
     d = load_data(SHARED / "data" / "cifar10-jpeg", "test")
     assert len(d) == 10000 and np.all(np.bincount(d.y) == 1000)
+
+
+def test_image_folder_source(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "imgs" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    d = load_data(tmp_path / "imgs", "test")
+    assert d.x.shape == (6, 32, 32, 3) and d.classes == ("cat", "dog") and sorted(d.y.tolist()) == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(LrpcError, match="neither"):
+        load_data(tmp_path / "imgs" / "train" / "cat", "train")
