@@ -185,6 +185,28 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """Method × budget grid of test accuracy (drop from float32) per model, for the README."""
+    out = []
+    for m in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == m]
+        budgets = sorted({r["budget"] for r in mrows if r["method"] != "float32"})
+        base = next(r for r in mrows if r["method"] == "float32")
+        head = f"| {m} (float32 {base['accuracy']:.2f}%) | " + " | ".join(f"{b:g}×" for b in budgets) + " |"
+        out += [head, "|---" * (len(budgets) + 1) + "|"]
+        order = ["lrp", "mse", "taylor", "random", "magnitude", "uniform", "deeplift", "paper"]
+        methods = [x for x in order if any(r["method"] == x for r in mrows)]
+        methods += sorted({r["method"] for r in mrows} - set(order) - {"float32"})
+        for method in methods:
+            cells = []
+            for b in budgets:
+                r = next((r for r in mrows if r["method"] == method and r["budget"] == b), None)
+                cells.append("–" if r is None else f"{r['accuracy']:.2f} ({-r['drop']:+.2f})")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started: str, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -206,6 +228,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
         mrows.sort(key=lambda r: (r["budget"], -r["accuracy"]))
         lines += [markdown_table(mrows, cols), ""]
     (out / "results.md").write_text("\n".join(lines))
+    (out / "summary.md").write_text(summary_table(rows))
     plot(rows, out / "accuracy_vs_size.png")
 
 
