@@ -553,7 +553,7 @@ def correct_biases_(cm: CompressedModel, model: nn.Module, canon: Canonical, dat
     qmodel = cm.to_module()
     params = dict(qmodel.named_parameters())
     for wname, key in targets.items():  # in forward order: each correction sees the corrected layers above it
-        got = activation_stats(qmodel, data, indices=indices).output_mean[wname]
+        got = activation_stats(qmodel, data, indices=indices, stop_at=wname[: -len(".weight")]).output_mean[wname]
         with torch.no_grad():
             params[key] += (ref[wname] - got).to(params[key].dtype)
         cm.tensors[key] = params[key].detach().clone()

@@ -388,10 +388,17 @@ class ActivationStats:
     output_mean: dict[str, torch.Tensor]
 
 
+class _StopForward(Exception):
+    pass
+
+
 @torch.no_grad()
 def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batch_size: int = 64, seed: int = 0,
-                     indices=None) -> ActivationStats:
-    """One forward pass over reference samples collecting per-channel input power and output magnitude."""
+                     indices=None, stop_at: str | None = None) -> ActivationStats:
+    """One forward pass over reference samples collecting per-channel input power and output magnitude.
+
+    ``stop_at`` (a layer name) ends each forward pass once that layer's output is recorded; the layers
+    before it get the same statistics as in a full pass."""
     idx = sample_indices(len(data), samples, seed, data.y) if indices is None else indices
     folds = {v: k for k, v in _find_folds(model, data.tensor(idx[:1])).items()}
     power: dict[str, torch.Tensor] = {}
@@ -414,6 +421,8 @@ def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batc
             c = chan(out)
             absz[name] = absz.get(name, 0) + c.abs().mean(1)
             meanz[name] = meanz.get(name, 0) + c.mean(1)
+            if name == stop_at:
+                raise _StopForward
         return hook
 
     handles = []
@@ -425,12 +434,16 @@ def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batc
                 handles.append(m.register_forward_pre_hook(pre(name)))
                 handles.append(folds.get(m, m).register_forward_hook(post(name)))
         for x, _ in data.batches(batch_size, idx):
-            model(x)
+            try:
+                model(x)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()
         model.train(was)
     key = lambda n: f"{n}.weight"  # noqa: E731
+    absz = {n: v for n, v in absz.items() if n in counts}
     return ActivationStats({key(n): v / counts[n] for n, v in power.items()},
                            {key(n): v / counts[n] for n, v in absz.items()},
                            {key(n): v / counts[n] for n, v in meanz.items()})
