@@ -175,3 +175,22 @@ def test_fuzz_spliced_header_bytes(junk, pos):
         decode(_reseal(body[: max(len(body), 0)]))
     except FormatError as exc:
         assert "\n" not in str(exc)
+
+
+def test_non_finite_floats_are_refused_both_ways():
+    from lrpcompress.errors import LrpcError
+
+    p = golden_payload()
+    p.tensors["b"] = torch.tensor([0.5, float("inf"), 1.0])
+    with pytest.raises(LrpcError, match="NaN or Inf"):
+        encode(p)
+    p.tensors["b"] = torch.tensor([0.5, 1e6, 1.0])  # beyond float16
+    with pytest.raises(LrpcError, match="NaN or Inf"):
+        encode(p)
+    data = GOLDEN.read_bytes()
+    _, _, hlen = PREFIX.unpack_from(data)
+    header = json.loads(data[20:20 + hlen])
+    off = 20 + hlen + header["tensors"][1]["data"][0]
+    bad = data[:off] + np.array([np.inf], dtype="<f2").tobytes() + data[off + 2:-32]
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        decode(_reseal(bad))

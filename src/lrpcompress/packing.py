@@ -185,6 +185,8 @@ def encode(payload: Payload) -> bytes:
         else:
             dtype = payload.float_dtype.get(name, "float16")
             arr = t.detach().cpu().numpy().astype("<f2" if dtype == "float16" else "<f4")
+            if not np.all(np.isfinite(arr)):
+                raise LrpcError(f"{name}: NaN or Inf (or beyond the {dtype} range); nothing was written")
             entry = {"name": name, "shape": list(t.shape), "kind": "float", "dtype": dtype,
                      "data": put(arr.tobytes())}
         table.append(entry)
@@ -314,6 +316,8 @@ def decode(data: bytes) -> Payload:
             size = np.dtype(FLOAT_DTYPES[dtype]).itemsize
             off, length = ranges.take(*_range(e.get("data"), f"{name} data"), f"{name} data", numel * size)
             arr = np.frombuffer(section[off: off + length], dtype="<f2" if dtype == "float16" else "<f4")
+            if not np.all(np.isfinite(arr)):
+                raise FormatError(f"{name}: NaN or Inf in a float tensor")
             tensors[name] = torch.from_numpy(arr.astype(np.float32).reshape(shape))
             dtypes[name] = dtype
         elif kind == "quant":

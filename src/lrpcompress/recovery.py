@@ -157,8 +157,13 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     for k, t in compressed.tensors.items():
         if not isinstance(t, QuantTensor) and k in dict(net.named_parameters()):
             tensors[k] = dict(net.named_parameters())[k].detach().clone()
-    return CompressedModel(copy.deepcopy(compressed.model_spec), tensors, dict(compressed.float_dtype),
-                           dict(compressed.metadata))
+    out = CompressedModel(copy.deepcopy(compressed.model_spec), tensors, dict(compressed.float_dtype),
+                          dict(compressed.metadata))
+    bad = [k for k, v in out.state_dict().items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LrpcError(f"fine-tuning diverged ({bad[0]} is no longer finite in float16); "
+                        "lower --finetune-lr or use fewer epochs")
+    return out
 
 
 def params_after(net: nn.Module, name: str) -> torch.Tensor:
