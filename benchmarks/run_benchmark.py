@@ -161,28 +161,33 @@ def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against file size per model: a zoomed panel above, the full range below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        for method in sorted({r["method"] for r in rows if r["model"] == m and r["method"] != "float32"}):
-            pts = sorted((r["file_bytes"] / 1024, r["accuracy"]) for r in rows if r["model"] == m and r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8.5), squeeze=False)
+    for col, m in enumerate(models):
         base = next(r for r in rows if r["model"] == m and r["method"] == "float32")
-        ax.axhline(base["accuracy"], color="k", ls="--", lw=0.8, label="float32")
-        ax.axhline(base["accuracy"] - 1, color="gray", ls=":", lw=0.8, label="float32 − 1 pt")
-        ax.set_xscale("log")
-        ax.set_xlabel(".lrpc file size (KiB, log)")
-        ax.set_ylabel("top-1 test accuracy (%)")
-        ax.set_ylim(max(0, base["accuracy"] - 25), base["accuracy"] + 2)
-        ax.set_title(f"{m}, CIFAR-10 (JPEG q75)")
-        ax.legend(fontsize=8)
+        for row, (lo, hi) in enumerate(((max(0, base["accuracy"] - 8), base["accuracy"] + 1), (0, 100))):
+            ax = axes[row][col]
+            for method in sorted({r["method"] for r in rows if r["model"] == m and r["method"] != "float32"}):
+                pts = sorted((r["file_bytes"] / 1024, r["accuracy"]) for r in rows
+                             if r["model"] == m and r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.axhline(base["accuracy"], color="k", ls="--", lw=0.8, label="float32")
+            ax.axhline(base["accuracy"] - 1, color="gray", ls=":", lw=0.8, label="float32 − 1 pt")
+            ax.set_xscale("log")
+            ax.set_ylim(lo, hi)
+            ax.set_xlabel(".lrpc file size (KiB, log)")
+            ax.set_ylabel("top-1 test accuracy (%)")
+            ax.set_title(f"{m}, CIFAR-10 (JPEG q75)" + (" — zoom" if row == 0 else " — full range"))
+            if row == 1:
+                ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def summary_table(rows: list[dict]) -> str:
