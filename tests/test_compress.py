@@ -120,3 +120,21 @@ def test_config_errors_name_the_fix():
         method_config("best")
     with pytest.raises(LrpcError, match="1..8"):
         QuantConfig(bit_options=(3, 12))
+
+
+def test_finetune_keeps_allocation_and_pruned_zeros(digits):
+    from lrpcompress.recovery import FinetuneConfig
+
+    model, train, test = digits
+    base = _small(replace(method_config("lrp"), target_ratio=10.0))
+    before = compress(model, train, base, "digits_cnn")
+    after = compress(model, train, replace(base, finetune=FinetuneConfig(epochs=1, lr=0.005)), "digits_cnn")
+    assert after.file_bytes == before.file_bytes
+    for k, t in after.compressed.tensors.items():
+        if hasattr(t, "bits"):
+            ref = before.compressed.tensors[k]
+            assert np.array_equal(t.bits, ref.bits) and np.array_equal(t.mask, ref.mask)
+            assert np.array_equal(t.scales, ref.scales)
+    net = after.compressed.to_module()
+    assert accuracy(net, test, show_progress=False) >= accuracy(before.compressed.to_module(), test,
+                                                              show_progress=False) - 2.0

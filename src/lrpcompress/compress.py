@@ -143,7 +143,6 @@ class Canonical:
     weights: dict[str, torch.Tensor]  # name -> (folded) weight to quantize
     floats: dict[str, torch.Tensor]  # everything else that is stored
     folded: list[str]  # BatchNorm module names folded away
-    raw_weights: dict[str, torch.Tensor]
     fold_owner: dict[str, str] = field(default_factory=dict)  # BatchNorm name -> layer name
 
 
@@ -152,12 +151,12 @@ def canonicalize(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) 
     folds = _find_folds(model, example) if fold_bn else {}
     by_layer = {v: k for k, v in folds.items()}
     names = {m: n for n, m in model.named_modules()}
-    weights, raw, floats, folded, owner = {}, {}, {}, [], {}
+    modules = dict(model.named_modules())
+    weights, floats, folded, owner = {}, {}, [], {}
     skip: set[str] = set()
     for lname in layer_names(model):
-        layer = dict(model.named_modules())[lname]
+        layer = modules[lname]
         w = layer.weight.detach().float().clone()
-        raw[f"{lname}.weight"] = w.clone()
         b = layer.bias.detach().float().clone() if layer.bias is not None else None
         bn = by_layer.get(layer)
         if bn is not None:
@@ -178,7 +177,7 @@ def canonicalize(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) 
         if k in weights or k in floats or k in skip or not v.is_floating_point():
             continue
         floats[k] = v.detach().float().clone()
-    return Canonical(weights, floats, folded, raw, owner)
+    return Canonical(weights, floats, folded, owner)
 
 
 def _folded_bn_state(model: nn.Module, folded: list[str], floats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -517,10 +516,7 @@ def compress_max_drop(model: nn.Module, fit: ImageData, val: ImageData, config: 
     if config.quant.allocation != "optimal":
         raise LrpcError("--max-drop needs the optimal bit allocation (--allocation optimal)")
     base = accuracy(model, val, show_progress=False)
-    scores: dict[str, Scores] = {}
-    needed = {config.quant.importance, "lrp" if config.prune_score in ("relevance", "abs_relevance") else ""} - {"none", ""}
-    for src in sorted(needed):
-        scores[score_key(src, config)] = compute_scores(src, model, fit, config, show_progress)
+    scores: dict[str, Any] = {}  # filled by the first compress call, reused by the rest
     for ratio in MAX_DROP_RATIOS:
         try:
             res = compress(model, fit, replace(config, target_ratio=ratio, target_bytes=None), arch, scores=scores,

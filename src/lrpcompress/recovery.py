@@ -151,12 +151,13 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
             mod = mods[k.rpartition(".")[0]]
             if P.is_parametrized(mod, "weight"):
                 P.remove_parametrizations(mod, "weight", leave_parametrized=False)
+    params = dict(net.named_parameters())  # after the parametrizations are gone
     tensors = dict(compressed.tensors)
-    for k, qt in quant.items():
-        tensors[k] = requantize(params_after(net, k), qt)
     for k, t in compressed.tensors.items():
-        if not isinstance(t, QuantTensor) and k in dict(net.named_parameters()):
-            tensors[k] = dict(net.named_parameters())[k].detach().clone()
+        if isinstance(t, QuantTensor):
+            tensors[k] = requantize(params[k].detach(), t)
+        elif k in params:
+            tensors[k] = params[k].detach().clone()
     out = CompressedModel(copy.deepcopy(compressed.model_spec), tensors, dict(compressed.float_dtype),
                           dict(compressed.metadata))
     bad = [k for k, v in out.state_dict().items() if not bool(torch.isfinite(v).all())]
@@ -165,6 +166,3 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
                         "lower --finetune-lr or use fewer epochs")
     return out
 
-
-def params_after(net: nn.Module, name: str) -> torch.Tensor:
-    return dict(net.named_parameters())[name].detach()
