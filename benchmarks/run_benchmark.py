@@ -43,9 +43,11 @@ class Runner:
     def __init__(self, arch: str, args: argparse.Namespace) -> None:
         self.arch = arch
         self.args = args
-        self.model = load_model(arch, SHARED / "models" / f"{arch}-cifar10jpeg.pt")
-        train = load_data(SHARED / "data" / "cifar10-jpeg", "train")
-        self.test = load_data(SHARED / "data" / "cifar10-jpeg", "test")
+        self.device = torch.device(args.device)
+        shared = Path(args.shared)
+        self.model = load_model(arch, shared / "models" / f"{arch}-cifar10jpeg.pt").to(self.device)
+        train = load_data(shared / "data" / "cifar10-jpeg", "train")
+        self.test = load_data(shared / "data" / "cifar10-jpeg", "test")
         self.fit, self.val = split_train_val(train, args.val_size, args.seed)
         self.cache: dict = {}
         self.runs: dict = {}
@@ -73,7 +75,7 @@ class Runner:
 
     def val_acc(self, key, res) -> float:
         if key not in self.val_cache:
-            self.val_cache[key] = accuracy(res.compressed.to_module(), self.val, show_progress=False)
+            self.val_cache[key] = accuracy(res.compressed.to_module().to(self.device), self.val, show_progress=False)
         return self.val_cache[key]
 
     def finish(self, method: str, budget: float, res, knobs: dict) -> dict:
@@ -82,9 +84,11 @@ class Runner:
         loaded, _ = load_compressed(path)
         st = res.compressed.stats()
         return {"model": self.arch, "method": method, "budget": budget, "file_bytes": size,
-                "ratio": round(res.dense_bytes / size, 3), "accuracy": round(accuracy(loaded, self.test, show_progress=False), 2),
+                "ratio": round(res.dense_bytes / size, 3),
+                "accuracy": round(accuracy(loaded.to(self.device), self.test, show_progress=False), 2),
                 "drop": None, "sparsity": round(st["sparsity"], 4), "mean_bits": round(st["mean_bits"], 3),
-                "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1), "knobs": knobs}
+                "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1), "knobs": knobs,
+                "machine": self.args.machine}
 
     def best_of(self, method: str, budget: float, candidates) -> dict | None:
         """Among (knobs, config) candidates, the best validation accuracy that fits the budget.
@@ -115,11 +119,12 @@ class Runner:
         return self.dense
 
 
-def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
+def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
+    """Run every method × budget on ``arch``; ``emit(row)`` receives each row as soon as it is measured."""
     r = Runner(arch, args)
     log(f"{arch}: float test accuracy {r.base_test:.2f}%, validation {r.base_val:.2f}%")
-    rows = [{"model": arch, "method": "float32", "budget": 1.0, "file_bytes": r.dense_bytes(), "ratio": 1.0,
-             "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}}]
+    emit({"model": arch, "method": "float32", "budget": 1.0, "file_bytes": r.dense_bytes(), "ratio": 1.0,
+          "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}, "machine": args.machine})
     bits_grid = (8, 6, 5, 4, 3, 2)
 
     def with_quant(method: str, bits: int, prune: PruneConfig | None = None) -> CompressConfig:
@@ -147,7 +152,7 @@ def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
                 log(f"  {method} @ {budget}x: no setting fits")
                 continue
             row["drop"] = round(r.base_test - row["accuracy"], 2)
-            rows.append(row)
+            emit(row)
             log(f"  {method:9s} @ {budget:>4}x: {row['accuracy']:6.2f}%  {row['file_bytes']:8d} B  "
                 f"({row['ratio']:.2f}x, sparsity {row['sparsity']:.1%}, mean bits {row['mean_bits']:.2f}) {row['knobs']}")
         log(f"  budget {budget}x took {time.perf_counter() - t0:.0f} s")
@@ -155,9 +160,8 @@ def bench_model(arch: str, args: argparse.Namespace, log) -> list[dict]:
         ft = replace(r.cfg("lrp"), target_ratio=budget, finetune=FinetuneConfig(epochs=epochs, seed=args.seed))
         row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), {"target_ratio": budget, "finetune_epochs": epochs})
         row["drop"] = round(r.base_test - row["accuracy"], 2)
-        rows.append(row)
+        emit(row)
         log(f"  lrp+ft{epochs} @ {budget}x: {row['accuracy']:.2f}% {row['file_bytes']} B")
-    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -188,6 +192,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -218,15 +223,16 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
     commands = sorted({r.get("command", "") for r in rows} - {""})
     lines = [f"# Benchmark results ({'quick' if args.quick else 'full'} mode)", "",
              "Produced by: " + "; ".join(f"`{c}`" for c in commands) + "  ",
-             f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-             f"{platform.processor() or 'cpu'}; torch {torch.__version__}"
+             f"Date of this write: {started}; torch {torch.__version__}"
              + (f"; wall time {seconds / 60:.1f} min.  " if seconds else ".  "),
+             "Machines (per row, column `machine`): " + "; ".join(sorted({r.get("machine") or "?" for r in rows}))
+             + ".  ",
              "Data: CIFAR-10 (JPEG q75), scores/calibration from training images, knobs chosen on "
              f"{args.val_size} held-out training images, accuracy on the full 10,000-image test split, "
              "measured on the model loaded back from the written `.lrpc` file.", ""]
     cols = (("method", "method"), ("budget", "budget"), ("file_bytes", "file bytes"), ("ratio", "ratio"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("sparsity", "sparsity"), ("mean_bits", "mean bits"),
-            ("seconds", "compress s"), ("knobs", "chosen setting"))
+            ("seconds", "compress s"), ("knobs", "chosen setting"), ("machine", "machine"))
     for m in sorted({r["model"] for r in rows}):
         lines += [f"## {m}", ""]
         mrows = [dict(r, knobs=", ".join(f"{k}={v}" for k, v in r["knobs"].items())) for r in rows if r["model"] == m]
@@ -235,6 +241,16 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
     (out / "results.md").write_text("\n".join(lines))
     (out / "summary.md").write_text(summary_table(rows))
     plot(rows, out / "accuracy_vs_size.png")
+
+
+def _machine(device: str) -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    desc = f"{platform.machine()} {os.cpu_count()} cores ({torch.get_num_threads()} threads) {cpu}".strip()
+    if device.startswith("cuda"):
+        desc += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return desc
 
 
 def main() -> None:
@@ -250,11 +266,16 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", default=str(SHARED), help="folder with models/ and data/ (default ../shared)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (forward/backward passes; the bytes are CPU work)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only rewrite the tables from --merge files")
     ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
                     help="also include the rows of another run (other models) in the written tables")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but no CUDA device is available")
+    args.machine = _machine(args.device)
     args.models = [] if args.report_only else (args.models or ("resnet20" if args.quick else "resnet20,resnet44")).split(",")
     args.methods = args.methods.split(",")
     args.budgets = [float(b) for b in (args.budgets or ("4,8" if args.quick else "2,4,6,8,12,16")).split(",")]
@@ -266,8 +287,8 @@ def main() -> None:
         args.finetune.setdefault(arch, []).append((float(budget), int(epochs)))
     args.samples = args.samples or (128 if args.quick else 512)
     args.val_size = args.val_size or (1000 if args.quick else 2000)
-    if not (SHARED / "models").is_dir():
-        sys.exit(f"benchmark needs {SHARED}/models and {SHARED}/data (see README)")
+    if not (Path(args.shared) / "models").is_dir():
+        sys.exit(f"benchmark needs {args.shared}/models and {args.shared}/data (see README)")
     torch.manual_seed(args.seed)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
@@ -276,9 +297,12 @@ def main() -> None:
     for extra in args.merge:
         rows += [r for r in json.loads(Path(extra).read_text()) if r["model"] not in args.models]
     command = " ".join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]])
-    for arch in args.models:
-        rows += [dict(r, command=command) for r in bench_model(arch, args, log)]
+    def emit(row: dict) -> None:  # results are rewritten after every row, so a stopped run keeps what it measured
+        rows.append(dict(row, command=command))
         write_results(rows, args, Path(args.out), started, time.perf_counter() - t0)
+
+    for arch in args.models:
+        bench_model(arch, args, log, emit)
     if args.report_only:
         write_results(rows, args, Path(args.out), started, 0.0)
     log(f"wrote {args.out}/results.md, results.json, accuracy_vs_size.png")

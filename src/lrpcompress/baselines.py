@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .data import ImageData, sample_indices
 from .errors import LrpcError
+from .models import model_device
 from .progress import progress
 from .relevance import _find_folds, layer_names
 
@@ -25,16 +26,17 @@ def deeplift_channels(model: nn.Module, data: ImageData, samples: int = 256, bat
         raise LrpcError("the deeplift baseline needs captum: pip install captum") from None
     idx = sample_indices(len(data), samples, seed, data.y)
     mods = dict(model.named_modules())
-    folds = {v: k for k, v in _find_folds(model, data.tensor(idx[:1])).items()}
+    dev = model_device(model)
+    folds = {v: k for k, v in _find_folds(model, data.tensor(idx[:1], dev)).items()}
     out = {}
     model.eval()
     for name in progress(layer_names(model), desc="deeplift", unit="layer", disable=not show_progress):
         layer = folds.get(mods[name], mods[name])
         dl = LayerDeepLift(model, layer)
         acc = None
-        for x, y in data.batches(batch_size, idx):
+        for x, y in data.batches(batch_size, idx, dev):
             a = dl.attribute(x, baselines=torch.zeros_like(x), target=y).detach()
             s = a.transpose(0, 1).reshape(a.shape[1], -1).sum(1).double() if a.dim() > 1 else a.double()
             acc = s if acc is None else acc + s
-        out[f"{name}.weight"] = acc.abs()
+        out[f"{name}.weight"] = acc.abs().cpu()
     return out

@@ -40,6 +40,21 @@ _bits = _checked(int, lambda v: 1 <= v <= 8, "bit-widths must be 1..8")
 _nonneg_float = _checked(float, lambda v: _finite(v) and v >= 0, "must be a finite number >= 0")
 
 
+def _device(s: str):
+    """An argparse type: a torch device that exists on this machine."""
+    import torch
+
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu or cuda, got {s!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s} was asked for but no CUDA device is available; use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"only cpu and cuda devices are supported, got {s!r}")
+    return dev
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", required=True, help="resnet20|32|44|56, digits_cnn, a torchvision name, or pkg.mod:fn")
     p.add_argument("--weights", required=True, help="state_dict checkpoint (.pt/.th), loaded with weights_only=True")
@@ -52,6 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--classes", default=None, help="restrict to a subset of classes: indices or names, e.g. 0,1,8")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--device", type=_device, default="cpu", help="where forward/backward passes run: cpu or cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--arch", default=None, help="only for files made from a user's own pkg.mod:fn model")
     e.add_argument("--split", default="test")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
 
     i = sub.add_parser("inspect", help="print the per-layer table of a .lrpc file")
     i.add_argument("model", help=".lrpc file")
@@ -119,7 +136,7 @@ def _load_inputs(a: argparse.Namespace, need_test: bool = True):
     train = load_data(a.data, "train")
     test = load_data(a.data, "test") if need_test else None
     classes = parse_classes(a.classes, train.classes)
-    model = load_model(a.arch, a.weights, num_classes=None)
+    model = load_model(a.arch, a.weights, num_classes=None).to(a.device)
     n_out = [m for m in model.modules() if hasattr(m, "out_features")][-1].out_features
     if n_out != train.num_classes and classes is None:
         raise LrpcError(f"labels out of range for the model: the data has labels 0..{train.num_classes - 1}, "
@@ -189,6 +206,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         chosen = None
     size = result.compressed.save(out)
     loaded, _ = _load_lrpc(str(out), None if is_builtin_arch(a.arch) else a.arch)
+    loaded = loaded.to(a.device)
     base_acc = accuracy(model, test)
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
@@ -230,7 +248,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if not isinstance(classes, list) or not all(isinstance(c, int) and 0 <= c < data.num_classes for c in classes):
             raise LrpcError("the file's class list does not fit the data")
         data = data.restrict_classes(classes)
-    print(f"accuracy {accuracy(model, data):.2f}% on {len(data)} {a.split} images")
+    print(f"accuracy {accuracy(model.to(a.device), data):.2f}% on {len(data)} {a.split} images")
     return 0
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from .allocation import allocate_optimal, allocate_tiers, layer_costs
 from .data import ImageData, sample_indices
 from .errors import LrpcError
-from .models import build_model, dense_bytes, is_builtin_arch
+from .models import build_model, dense_bytes, is_builtin_arch, model_device
 from .packing import Payload, decode, encode, load_payload, save_payload
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
@@ -156,12 +156,12 @@ def canonicalize(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) 
     skip: set[str] = set()
     for lname in layer_names(model):
         layer = modules[lname]
-        w = layer.weight.detach().float().clone()
-        b = layer.bias.detach().float().clone() if layer.bias is not None else None
+        w = layer.weight.detach().float().cpu().clone()
+        b = layer.bias.detach().float().cpu().clone() if layer.bias is not None else None
         bn = by_layer.get(layer)
         if bn is not None:
             bname = names[bn]
-            scale, shift = (t.float() for t in _bn_affine(bn))
+            scale, shift = (t.float().cpu() for t in _bn_affine(bn))
             w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
             shift = shift + (b * scale if b is not None else 0)
             floats[f"{bname}.bias"] = shift
@@ -176,7 +176,7 @@ def canonicalize(model: nn.Module, example: torch.Tensor, fold_bn: bool = True) 
     for k, v in model.state_dict().items():
         if k in weights or k in floats or k in skip or not v.is_floating_point():
             continue
-        floats[k] = v.detach().float().clone()
+        floats[k] = v.detach().float().cpu().clone()
     return Canonical(weights, floats, folded, owner)
 
 
@@ -343,7 +343,7 @@ def compute_scores(source: str, model: nn.Module, data: ImageData, config: Compr
         w = {k: v.view((-1,) + (1,) * (params[k].dim() - 1)).expand_as(params[k]).clone() for k, v in ch.items()}
         return Scores(w, ch, time.perf_counter() - t0)
     if source == "magnitude":
-        w = {k: params[k].detach().abs().double() for k in names}
+        w = {k: params[k].detach().abs().double().cpu() for k in names}
         return Scores(w, {k: _channel_sum(v) for k, v in w.items()}, time.perf_counter() - t0)
     if source == "random":
         g = torch.Generator().manual_seed(config.seed)
@@ -412,7 +412,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     """
     t0 = time.perf_counter()
     model.eval()
-    example = train.tensor(np.arange(1))
+    example = train.tensor(np.arange(1), model_device(model))
     canon = canonicalize(model, example, config.fold_bn)
     scores = scores if scores is not None else {}
     needed = {config.quant.importance} - {"none"}
@@ -495,7 +495,8 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             bits.update(_fit_budget(tables, bits, build, target))
     compressed = build(bits, correct=config.bias_correction)
     if config.finetune.epochs > 0:
-        compressed = finetune(compressed, train, config.finetune, show_progress=show_progress)
+        compressed = finetune(compressed, train, config.finetune, show_progress=show_progress,
+                              device=model_device(model))
     data = compressed.to_bytes()
     seconds = time.perf_counter() - t0
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)
@@ -523,7 +524,8 @@ def compress_max_drop(model: nn.Module, fit: ImageData, val: ImageData, config: 
                            show_progress=False, model_spec_extra=model_spec_extra)
         except LrpcError:
             continue
-        if base - accuracy(res.compressed.to_module(), val, show_progress=False) <= max_drop:
+        qmodel = res.compressed.to_module().to(model_device(model))
+        if base - accuracy(qmodel, val, show_progress=False) <= max_drop:
             return res, ratio
     raise LrpcError(f"no compression of at least 2x keeps the validation accuracy drop within {max_drop} points")
 
@@ -546,13 +548,13 @@ def correct_biases_(cm: CompressedModel, model: nn.Module, canon: Canonical, dat
     if not targets:
         return
     ref = activation_stats(model, data, indices=indices).output_mean
-    qmodel = cm.to_module()
+    qmodel = cm.to_module().to(model_device(model))
     params = dict(qmodel.named_parameters())
     for wname, key in targets.items():  # in forward order: each correction sees the corrected layers above it
         got = activation_stats(qmodel, data, indices=indices, stop_at=wname[: -len(".weight")]).output_mean[wname]
         with torch.no_grad():
-            params[key] += (ref[wname] - got).to(params[key].dtype)
-        cm.tensors[key] = params[key].detach().clone()
+            params[key] += (ref[wname] - got).to(params[key])
+        cm.tensors[key] = params[key].detach().cpu().clone()
 
 
 def _fit_budget(tables, fixed_bits: Mapping[str, np.ndarray], build, target: int) -> dict[str, np.ndarray]:

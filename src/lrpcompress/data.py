@@ -52,18 +52,21 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def tensor(self, idx: np.ndarray | slice) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(self.x[idx])).permute(0, 3, 1, 2).float().div_(self.scale)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+    def tensor(self, idx: np.ndarray | slice, device: torch.device | str | None = None) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.x[idx])).to(device).permute(0, 3, 1, 2).float()
+        x = x.div_(self.scale)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
-    def batches(self, batch_size: int, indices: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, indices: np.ndarray | None = None,
+                device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised (x, y) batches in ``indices`` order, on ``device`` (default CPU)."""
         if indices is None:
             indices = np.arange(len(self))
         for i in range(0, len(indices), batch_size):
             idx = indices[i: i + batch_size]
-            yield self.tensor(idx), torch.from_numpy(self.y[idx]).long()
+            yield self.tensor(idx, device), torch.from_numpy(self.y[idx]).long().to(device)
 
     def subset(self, indices: np.ndarray) -> "ImageData":
         return ImageData(self.x[indices], self.y[indices], self.mean, self.std, self.classes, self.scale)

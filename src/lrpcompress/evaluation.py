@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .data import ImageData
+from .models import model_device
 from .progress import progress
 
 
@@ -21,9 +22,9 @@ def accuracy(model: nn.Module, data: ImageData, batch_size: int = 500, show_prog
     correct = total = 0
     n = len(data) if indices is None else len(indices)
     try:
-        for x, y in progress(data.batches(batch_size, indices), total=-(-n // batch_size), desc="eval",
+        for x, y in progress(data.batches(batch_size, indices, model_device(model)), total=-(-n // batch_size), desc="eval",
                              unit="batch", disable=not show_progress):
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(x).argmax(1) == y).sum())  # int() syncs the device
             total += len(y)
     finally:
         model.train(was)

@@ -253,7 +253,7 @@ def restrict_classes(model: nn.Module, classes: Sequence[int]) -> nn.Module:
     name, head = heads[-1]
     if max(classes) >= head.out_features:
         raise LrpcError(f"class index {max(classes)} is beyond the model's {head.out_features} outputs")
-    new = nn.Linear(head.in_features, len(classes), bias=head.bias is not None)
+    new = nn.Linear(head.in_features, len(classes), bias=head.bias is not None).to(head.weight.device)
     with torch.no_grad():
         new.weight.copy_(head.weight[list(classes)])
         if head.bias is not None:
@@ -261,6 +261,12 @@ def restrict_classes(model: nn.Module, classes: Sequence[int]) -> nn.Module:
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], new)
     return model.eval()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def count_params(model: nn.Module) -> int:
@@ -276,6 +282,6 @@ def dense_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "Add", "BasicBlock", "CifarResNet", "DigitsCNN", "OptionAShortcut", "CIFAR_DEPTHS",
-    "build_model", "is_builtin_arch", "restrict_classes", "read_state_dict", "load_weights", "load_model",
+    "build_model", "is_builtin_arch", "model_device", "restrict_classes", "read_state_dict", "load_weights", "load_model",
     "count_params", "dense_bytes",
 ]

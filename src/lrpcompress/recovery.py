@@ -103,13 +103,16 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Module | None = None,
-             show_progress: bool = True):
-    """Fine-tune ``compressed`` (a CompressedModel) in place of its weights; returns a new CompressedModel."""
+             show_progress: bool = True, device: torch.device | str | None = None):
+    """Fine-tune ``compressed`` (a CompressedModel) in place of its weights; returns a new CompressedModel.
+
+    Training runs on ``device`` (default CPU); the result is the same either way up to float rounding."""
     from .compress import CompressedModel
 
     if config.epochs == 0:
         return compressed
-    net = compressed.to_module(model)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    net = compressed.to_module(model).to(dev)
     quant = {k: t for k, t in compressed.tensors.items() if isinstance(t, QuantTensor)}
     params = dict(net.named_parameters())
     mods = dict(net.named_modules())
@@ -127,7 +130,7 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     rng = np.random.default_rng(config.seed)
     try:
         for k, qt in quant.items():
-            P.register_parametrization(mods[k.rpartition(".")[0]], "weight", _STE(qt))
+            P.register_parametrization(mods[k.rpartition(".")[0]], "weight", _STE(qt).to(dev))
         net.eval()  # BatchNorm statistics stay frozen (they are folded constants)
         for epoch in range(config.epochs):
             order = rng.permutation(len(train))
@@ -137,6 +140,7 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
             for x, y in bar:
                 if config.augment and x.shape[-1] > 8:
                     x = _augment(x, gen)
+                x, y = x.to(dev), y.to(dev)
                 opt.zero_grad(set_to_none=True)
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
@@ -155,9 +159,9 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     tensors = dict(compressed.tensors)
     for k, t in compressed.tensors.items():
         if isinstance(t, QuantTensor):
-            tensors[k] = requantize(params[k].detach(), t)
+            tensors[k] = requantize(params[k].detach().cpu(), t)
         elif k in params:
-            tensors[k] = params[k].detach().clone()
+            tensors[k] = params[k].detach().cpu().clone()
     out = CompressedModel(copy.deepcopy(compressed.model_spec), tensors, dict(compressed.float_dtype),
                           dict(compressed.metadata))
     bad = [k for k, v in out.state_dict().items() if not bool(torch.isfinite(v).all())]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, sample_indices
 from .errors import LrpcError
+from .models import model_device
 from .rules import COMPOSITES, IDENTITY, NEGATIVE, POSITIVE, WEIGHTED, ZERO, Composite, Rule, get_composite
 from .progress import progress
 
@@ -300,6 +301,7 @@ def relevance_batches(
     except StopIteration:
         raise LrpcError("no reference samples to compute relevance from") from None
     dtype = next(model.parameters()).dtype
+    dev = model_device(model)
     acc_w: dict[str, torch.Tensor] = {}
     acc_c: dict[str, torch.Tensor] = {}
     n = 0
@@ -309,10 +311,10 @@ def relevance_batches(
         yield first_x, first_y
         yield from it
 
-    with lrp_pass(model, composite, first_x[:1].to(dtype)) as states:
+    with lrp_pass(model, composite, first_x[:1].to(dev, dtype)) as states:
         bar = progress(chain(), total=total, desc="relevance", unit="batch", disable=not show_progress)
         for x, y in bar:
-            x = x.to(dtype)
+            x, y = x.to(dev, dtype), y.to(dev)
             for st in states.values():
                 st.weight_leaves.clear()
                 st.bias_leaves.clear()
@@ -323,8 +325,8 @@ def relevance_batches(
             leaves = [leaf for st in states.values() for leaf in (*st.weight_leaves, *st.bias_leaves)]
             grads = iter(torch.autograd.grad(logits, leaves, grad_outputs=g, allow_unused=True))
             for name, st in states.items():
-                w_rel = torch.zeros(st.module.weight.shape, dtype=torch.float64)
-                c_rel = torch.zeros(st.module.weight.shape[0], dtype=torch.float64)
+                w_rel = torch.zeros(st.module.weight.shape, dtype=torch.float64, device=dev)
+                c_rel = torch.zeros(st.module.weight.shape[0], dtype=torch.float64, device=dev)
                 for leaf in st.weight_leaves:
                     gr = next(grads)
                     if gr is not None:
@@ -337,8 +339,8 @@ def relevance_batches(
                 acc_w[name] = acc_w[name] + w_rel if name in acc_w else w_rel
                 acc_c[name] = acc_c[name] + c_rel if name in acc_c else c_rel
             n += len(x)
-    weights = {f"{k}.weight": v for k, v in acc_w.items()}
-    channels = {f"{k}.weight": v for k, v in acc_c.items()}
+    weights = {f"{k}.weight": v.cpu() for k, v in acc_w.items()}
+    channels = {f"{k}.weight": v.cpu() for k, v in acc_c.items()}
     return Relevance(weights, channels, n, config, start_total)
 
 
@@ -362,11 +364,12 @@ def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_s
     names = layer_names(model)
     mods = dict(model.named_modules())
     params = [mods[n].weight for n in names]
-    acc = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    dev = model_device(model)
+    acc = [torch.zeros(p.shape, dtype=torch.float64, device=dev) for p in params]
     was_training = model.training
     model.eval()
     try:
-        bar = progress(data.batches(batch_size, idx), total=-(-len(idx) // batch_size), desc="taylor",
+        bar = progress(data.batches(batch_size, idx, dev), total=-(-len(idx) // batch_size), desc="taylor",
                        unit="batch", disable=not show_progress)
         for x, y in bar:
             logits = model(x)
@@ -375,7 +378,7 @@ def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_s
                 a += (gi * p.detach()).double()
     finally:
         model.train(was_training)
-    return {f"{n}.weight": a for n, a in zip(names, acc)}
+    return {f"{n}.weight": a.cpu() for n, a in zip(names, acc)}
 
 
 @dataclass
@@ -400,7 +403,8 @@ def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batc
     ``stop_at`` (a layer name) ends each forward pass once that layer's output is recorded; the layers
     before it get the same statistics as in a full pass."""
     idx = sample_indices(len(data), samples, seed, data.y) if indices is None else indices
-    folds = {v: k for k, v in _find_folds(model, data.tensor(idx[:1])).items()}
+    dev = model_device(model)
+    folds = {v: k for k, v in _find_folds(model, data.tensor(idx[:1], dev)).items()}
     power: dict[str, torch.Tensor] = {}
     absz: dict[str, torch.Tensor] = {}
     meanz: dict[str, torch.Tensor] = {}
@@ -433,7 +437,7 @@ def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batc
             if isinstance(m, WEIGHTED):
                 handles.append(m.register_forward_pre_hook(pre(name)))
                 handles.append(folds.get(m, m).register_forward_hook(post(name)))
-        for x, _ in data.batches(batch_size, idx):
+        for x, _ in data.batches(batch_size, idx, dev):
             try:
                 model(x)
             except _StopForward:
@@ -444,9 +448,9 @@ def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batc
         model.train(was)
     key = lambda n: f"{n}.weight"  # noqa: E731
     absz = {n: v for n, v in absz.items() if n in counts}
-    return ActivationStats({key(n): v / counts[n] for n, v in power.items()},
-                           {key(n): v / counts[n] for n, v in absz.items()},
-                           {key(n): v / counts[n] for n, v in meanz.items()})
+    return ActivationStats({key(n): (v / counts[n]).cpu() for n, v in power.items()},
+                           {key(n): (v / counts[n]).cpu() for n, v in absz.items()},
+                           {key(n): (v / counts[n]).cpu() for n, v in meanz.items()})
 
 
 def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
