@@ -19,7 +19,10 @@ from conftest import make_npz_folder
 
 
 def run(capsys, *argv):
-    code = main(list(map(str, argv)))
+    try:
+        code = main(list(map(str, argv)))
+    except SystemExit as exc:  # argparse rejects the arguments (one line, exit 2)
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -308,3 +311,46 @@ def test_max_drop_picks_a_ratio_on_held_out_training_data(tmp_path, tiny_data, r
     report = json.loads(rep.read_text())
     assert report["chosen_ratio"] == 24.0
     assert report["compression_ratio"] == pytest.approx(24.0, rel=0.02)
+
+
+def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "s.lrpc", tmp_path / "s.json"
+    code, text, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                          "--samples", 8, "--classes", "0,1,8", "--prune-channels", 0.5, "--finetune-epochs", 1,
+                          "--out", out, "--report", rep)
+    assert code == 0, err
+    assert "speed-up" in text
+    report = json.loads(rep.read_text())
+    assert report["classes"] == [0, 1, 8]
+    assert report["params"]["compressed"] < 0.6 * report["params"]["dense"]
+    assert report["flops"]["compressed"] < 0.6 * report["flops"]["dense"]
+    assert set(report["latency_ms"]) == {"dense", "compressed"}
+    assert set(report["latency_ms"]["dense"]) == {"1", "64"}
+    assert report["speedup"] == pytest.approx(report["latency_ms"]["dense"]["64"] / report["latency_ms"]["compressed"]["64"],
+                                              rel=1e-2)
+    assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
+    from lrpcompress.compress import load_compressed
+
+    net, payload = load_compressed(out)
+    assert net.widths == [8] * 3 + [16] * 3 + [32] * 3 and net.linear.out_features == 3
+    code, text, _ = run(capsys, "evaluate", out, "--data", tiny_data)
+    assert code == 0 and "on 6 test images" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--prune-channels", "1.5"), "[0, 1)"),
+    (("--channel-criterion", "magic"), "invalid choice"),
+    (("--device", "tpu"), "device"),
+])
+def test_bad_channel_and_device_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--out", tmp_path / "x.lrpc", *args)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "x.lrpc").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_data, resnet20_weights, capsys):
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--out", tmp_path / "x.lrpc", "--device", "cuda")
+    assert_one_line_error(code, err, "no CUDA device")

@@ -70,10 +70,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_device, default="cpu", help="where forward/backward passes run: cpu or cuda")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage stays available through --help)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS
 
-    ap = argparse.ArgumentParser(prog="lrpcompress", description="Compress trained PyTorch models with LRP.")
+    ap = _Parser(prog="lrpcompress", description="Compress trained PyTorch models with LRP.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="per-weight LRP relevance, written as safetensors")
@@ -98,7 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
     c.add_argument("--finetune-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0, help="recovery fine-tuning epochs through the quantizers")
     c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=0.01)
+    c.add_argument("--distill", type=_nonneg_float, default=1.0,
+                   help="weight of distillation from the uncompressed model during fine-tuning (0 = labels only)")
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out for --max-drop")
+    c.add_argument("--prune-channels", type=_fraction, default=0.0,
+                   help="fraction of prunable channels (inner widths) removed physically before quantization")
+    c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
+                   help="how channels are ranked for --prune-channels (lrp uses --composite)")
+    c.add_argument("--channel-scope", default="layer", choices=("layer", "global"))
+    c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
+    c.add_argument("--no-speed", action="store_true", help="skip the CPU latency/memory measurement in the report")
 
     e = sub.add_parser("evaluate", help="accuracy of a .lrpc model on the test split")
     e.add_argument("model", help=".lrpc file")
@@ -196,13 +212,28 @@ def cmd_compress(a: argparse.Namespace) -> int:
     cfg = replace(cfg, quant=q, prune=p if isinstance(p, PruneConfig) else cfg.prune,
                   prune_score=a.prune_score or cfg.prune_score,
                   target_ratio=a.target_ratio, target_bytes=a.target_bytes,
-                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, seed=a.seed))
-    extra_spec = {"classes": list(classes)} if classes else None
+                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, distill=a.distill, seed=a.seed))
+    extra_spec: dict = {"classes": list(classes)} if classes else {}
+    fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if a.max_drop is not None \
+        else (train, None)
+    slim, channel_info = model, None
+    if a.prune_channels > 0:
+        from .structured import ChannelPruneConfig, prune_channels
+
+        ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.composite, start=a.start,
+                                  scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
+                                  batch_size=a.batch_size, seed=a.seed)
+        sres = prune_channels(model, fit, ccfg)
+        slim = sres.model
+        if not is_builtin_arch(a.arch):
+            extra_spec["shapes"] = sres.shapes
+        channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
+                        "removed": {k: len(v) for k, v in sres.removed.items()}}
     if a.max_drop is not None:
-        fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed)
-        result, chosen = compress_max_drop(model, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec)
+        result, chosen = compress_max_drop(slim, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec or None,
+                                           reference=model)
     else:
-        result = compress(model, train, cfg, a.arch, model_spec_extra=extra_spec)
+        result = compress(slim, train, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
         chosen = None
     size = result.compressed.save(out)
     loaded, _ = _load_lrpc(str(out), None if is_builtin_arch(a.arch) else a.arch)
@@ -210,7 +241,15 @@ def cmd_compress(a: argparse.Namespace) -> int:
     base_acc = accuracy(model, test)
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
-             "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen}
+             "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen,
+             "channel_pruning": channel_info}
+    if not a.no_speed:
+        import numpy as np
+
+        from .evaluation import speed_profiles
+        from .report import speed_fields
+
+        extra.update(speed_fields(*speed_profiles([model, loaded], test.tensor(np.arange(1)))))
     rep = build_report(method=a.method, settings=cfg, baseline_accuracy=base_acc, accuracy=acc,
                        dense_bytes=result.dense_bytes, file_bytes=size, stats=result.compressed.stats(),
                        layers=result.compressed.layer_table(), seconds=time.perf_counter() - t0,
@@ -219,7 +258,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
         write_report(rep, report_path)
     print(f"wrote {out}: {size} bytes, {rep['compression_ratio']:.2f}x smaller than float32 ({result.dense_bytes} B); "
           f"accuracy {acc:.2f}% (baseline {base_acc:.2f}%, drop {base_acc - acc:+.2f}); "
-          f"sparsity {rep['sparsity']:.1%}, mean bits {rep['mean_bits']:.2f}")
+          f"sparsity {rep['sparsity']:.1%}, mean bits {rep['mean_bits']:.2f}"
+          + (f"; CPU speed-up {rep['speedup']:.2f}x at batch {rep['speedup_batch']}, "
+             f"MACs {rep['macs']['compressed'] / rep['macs']['dense']:.0%} of dense" if "speedup" in rep else ""))
     return 0
 
 

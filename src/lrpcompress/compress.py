@@ -268,6 +268,10 @@ def module_from_payload(payload: Payload, model: nn.Module | None = None) -> nn.
         if widths is not None and (not isinstance(widths, list) or not all(isinstance(w, int) for w in widths)):
             raise LrpcError("the file's widths must be a list of ints")
         model = build_model(arch, num_classes, widths, allow_import=False)
+    if spec.get("shapes") is not None:
+        from .structured import apply_shapes
+
+        model = apply_shapes(model, spec["shapes"])
     folded = spec.get("folded", [])
     if not isinstance(folded, list) or not all(isinstance(f, str) for f in folded):
         raise LrpcError("the file's folded list must hold module names")
@@ -404,8 +408,11 @@ def _layout(w: torch.Tensor, group_size: int | None) -> GroupLayout:
 
 def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: str, num_classes: int | None = None,
              scores: dict[str, Any] | None = None, show_progress: bool = True,
-             model_spec_extra: Mapping[str, Any] | None = None) -> CompressResult:
+             model_spec_extra: Mapping[str, Any] | None = None, teacher: nn.Module | None = None) -> CompressResult:
     """Compress ``model`` (left unchanged) with reference data ``train``; see :class:`CompressConfig`.
+
+    ``teacher`` is the model fine-tuning distils from when ``config.finetune.distill`` > 0 (default ``model``;
+    pass the dense model when ``model`` was slimmed by structured pruning).
 
     ``scores`` is a cache: precomputed :class:`Scores` by source name (and ``"stats"``) are reused, and
     what this call computes is added to it, so several configurations can share one scoring pass.
@@ -450,6 +457,13 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     spec.update(model_spec_extra or {})
     if spec["widths"] is not None and spec["widths"] == _default_widths(arch):
         spec["widths"] = None
+    if "shapes" not in spec and is_builtin_arch(arch):  # a slimmed model (any tool) stores its channel counts
+        from .structured import changed_shapes, module_shapes
+
+        fresh = build_model(arch, spec["num_classes"], spec["widths"], allow_import=False)
+        spec["shapes"] = changed_shapes(module_shapes(fresh), model) or None
+    if not spec.get("shapes"):
+        spec.pop("shapes", None)
 
     def build(bits_map: Mapping[str, np.ndarray], correct: bool = False) -> CompressedModel:
         tensors: dict[str, Any] = {}
@@ -496,7 +510,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     compressed = build(bits, correct=config.bias_correction)
     if config.finetune.epochs > 0:
         compressed = finetune(compressed, train, config.finetune, show_progress=show_progress,
-                              device=model_device(model))
+                              device=model_device(model), teacher=teacher if teacher is not None else model)
     data = compressed.to_bytes()
     seconds = time.perf_counter() - t0
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)
@@ -507,21 +521,22 @@ MAX_DROP_RATIOS = (24.0, 20.0, 16.0, 14.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 
 
 def compress_max_drop(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
                       max_drop: float, model_spec_extra: Mapping[str, Any] | None = None,
-                      show_progress: bool = True) -> tuple[CompressResult, float]:
+                      show_progress: bool = True, reference: nn.Module | None = None) -> tuple[CompressResult, float]:
     """The smallest file whose accuracy on ``val`` (held out from training data) drops at most ``max_drop`` points.
 
-    Walks a ladder of size targets from the most compressed down and keeps the first that qualifies.
+    Walks a ladder of size targets from the most compressed down and keeps the first that qualifies. The drop
+    is measured from ``reference`` (default ``model``; pass the dense model when ``model`` was slimmed).
     """
     from .evaluation import accuracy
 
     if config.quant.allocation != "optimal":
         raise LrpcError("--max-drop needs the optimal bit allocation (--allocation optimal)")
-    base = accuracy(model, val, show_progress=False)
+    base = accuracy(reference if reference is not None else model, val, show_progress=False)
     scores: dict[str, Any] = {}  # filled by the first compress call, reused by the rest
     for ratio in MAX_DROP_RATIOS:
         try:
             res = compress(model, fit, replace(config, target_ratio=ratio, target_bytes=None), arch, scores=scores,
-                           show_progress=False, model_spec_extra=model_spec_extra)
+                           show_progress=False, model_spec_extra=model_spec_extra, teacher=reference)
         except LrpcError:
             continue
         qmodel = res.compressed.to_module().to(model_device(model))

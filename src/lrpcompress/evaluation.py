@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,3 +47,97 @@ def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmu
         model(example)
         times.append(time.perf_counter() - t)
     return 1000.0 * float(np.median(times))
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example`` (conv and linear layers; per batch)."""
+    total = 0
+
+    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+            total += out.numel() * k
+        else:
+            total += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return int(total)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence native log lines the profiler prints on start (e.g. a CUDA build probing for GPUs)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@torch.inference_mode()
+def peak_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    """Peak bytes the CPU allocator holds during one forward pass beyond what existed before it
+    (activations and workspaces), read from the PyTorch profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.eval()
+    model(example)  # warm up lazily allocated state
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(example)
+    events = [e for e in prof.events() if e.cpu_memory_usage != 0 and (e.name == "[memory]" or not e.cpu_children)]
+    events.sort(key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def speed_profiles(models: Sequence[nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 64),
+                   repeats: int = 30) -> list[dict]:
+    """Params, MACs per image, CPU latency (ms, median) per batch size and peak memory of each model.
+
+    Runs CPU copies with the current thread count; ``example`` is one input image (1×C×H×W). The models are
+    timed in alternation, so load on the machine affects them alike and their ratio stays meaningful."""
+    import copy
+
+    nets = [copy.deepcopy(m).cpu().eval() for m in models]
+    x1 = example[:1].cpu()
+    out = [{"params": int(sum(p.numel() for p in n.parameters())), "macs": count_macs(n, x1), "latency_ms": {},
+            "peak_memory_bytes": {}} for n in nets]
+    with torch.inference_mode():
+        for b in batch_sizes:
+            xb = x1.expand(b, *x1.shape[1:]).contiguous()
+            for n in nets:
+                for _ in range(5):
+                    n(xb)
+            times: list[list[float]] = [[] for _ in nets]
+            for _ in range(repeats):
+                for i, n in enumerate(nets):
+                    t = time.perf_counter()
+                    n(xb)
+                    times[i].append(time.perf_counter() - t)
+            for o, n, ts in zip(out, nets, times):
+                o["latency_ms"][str(b)] = round(1000.0 * float(np.median(ts)), 3)
+                o["peak_memory_bytes"][str(b)] = peak_activation_bytes(n, xb) + 4 * o["params"]
+    return out
+
+
+def speed_profile(model: nn.Module, example: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 64),
+                  repeats: int = 30) -> dict:
+    """:func:`speed_profiles` of one model."""
+    return speed_profiles([model], example, batch_sizes, repeats)[0]

@@ -20,6 +20,7 @@ import torch.nn.utils.parametrize as P
 
 from .data import ImageData
 from .errors import LrpcError
+from .models import model_device
 from .progress import progress
 from .quantization import GroupLayout, QuantTensor
 
@@ -33,6 +34,10 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     augment: bool = True
     seed: int = 0
+    clip_grad: float | None = 5.0
+    distill: float = 1.0  # weight of the distillation loss from the uncompressed model (0 = labels only)
+    temperature: float = 4.0
+    train_bn: bool = False  # update BatchNorm statistics (only for float models; folded ones stay frozen)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -102,8 +107,70 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, config: FinetuneConfig,
+               device: torch.device, show_progress: bool = True, teacher: nn.Module | None = None,
+               train_bn: bool = False) -> None:
+    """SGD (Nesterov, one-cycle LR) on ``trainable`` with cross-entropy, plus ``config.distill`` × the
+    soft-label KL divergence to ``teacher`` (Hinton et al. 2015) when one is given. BatchNorm statistics stay
+    frozen unless ``train_bn``. Stops with an error as soon as the loss is no longer finite."""
+    opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                          nesterov=True)
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    net.train(train_bn)  # otherwise BatchNorm statistics stay frozen (folded constants, or calibrated ones)
+    if teacher is not None:
+        teacher.eval()
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(train))
+        bar = progress(train.batches(config.batch_size, order), total=math.ceil(len(train) / config.batch_size),
+                       desc=f"finetune {epoch + 1}/{config.epochs}", unit="batch", disable=not show_progress)
+        correct = seen = 0
+        for x, y in bar:
+            if config.augment and x.shape[-1] > 8:
+                x = _augment(x, gen)
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None and config.distill > 0:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x) / config.temperature, 1)
+                kd = F.kl_div(F.log_softmax(logits / config.temperature, 1), soft, reduction="batchmean")
+                loss = loss + config.distill * config.temperature ** 2 * kd
+            if not bool(torch.isfinite(loss)):
+                raise LrpcError("fine-tuning diverged (the loss is no longer finite); lower --finetune-lr")
+            loss.backward()
+            if config.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, config.clip_grad)
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%")
+
+
+def finetune_model(model: nn.Module, train: ImageData, config: FinetuneConfig, show_progress: bool = True,
+                   device: torch.device | str | None = None, teacher: nn.Module | None = None) -> nn.Module:
+    """Float recovery fine-tuning of every parameter of a copy of ``model`` (e.g. after structured pruning);
+    ``teacher`` (the model before pruning) adds distillation when ``config.distill`` > 0."""
+    if config.epochs == 0:
+        return model
+    dev = torch.device(device) if device is not None else model_device(model)
+    net = copy.deepcopy(model).to(dev)
+    trainable = [p for p in net.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    teacher = copy.deepcopy(teacher).to(dev) if teacher is not None and config.distill > 0 else None
+    train_loop(net, trainable, train, config, dev, show_progress, teacher, train_bn=config.train_bn)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
 def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Module | None = None,
-             show_progress: bool = True, device: torch.device | str | None = None):
+             show_progress: bool = True, device: torch.device | str | None = None, teacher: nn.Module | None = None):
     """Fine-tune ``compressed`` (a CompressedModel) in place of its weights; returns a new CompressedModel.
 
     Training runs on ``device`` (default CPU); the result is the same either way up to float rounding."""
@@ -122,34 +189,11 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
         p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                          nesterov=True)
-    steps = config.epochs * math.ceil(len(train) / config.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
-    gen = torch.Generator().manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     try:
         for k, qt in quant.items():
             P.register_parametrization(mods[k.rpartition(".")[0]], "weight", _STE(qt).to(dev))
-        net.eval()  # BatchNorm statistics stay frozen (they are folded constants)
-        for epoch in range(config.epochs):
-            order = rng.permutation(len(train))
-            bar = progress(train.batches(config.batch_size, order), total=math.ceil(len(train) / config.batch_size),
-                           desc=f"finetune {epoch + 1}/{config.epochs}", unit="batch", disable=not show_progress)
-            correct = seen = 0
-            for x, y in bar:
-                if config.augment and x.shape[-1] > 8:
-                    x = _augment(x, gen)
-                x, y = x.to(dev), y.to(dev)
-                opt.zero_grad(set_to_none=True)
-                logits = net(x)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-                opt.step()
-                sched.step()
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100 * correct / seen:.1f}%")
+        teacher = copy.deepcopy(teacher).to(dev) if teacher is not None and config.distill > 0 else None
+        train_loop(net, trainable, train, config, dev, show_progress, teacher)
     finally:
         for k in quant:
             mod = mods[k.rpartition(".")[0]]

@@ -46,6 +46,22 @@ def build_report(*, method: str, settings: Any, baseline_accuracy: float, accura
     return rep
 
 
+def speed_fields(dense: Mapping[str, Any], compressed: Mapping[str, Any]) -> dict[str, Any]:
+    """Report fields comparing two :func:`~lrpcompress.evaluation.speed_profile` results measured in one run."""
+    lat_d, lat_c = dense["latency_ms"], compressed["latency_ms"]
+    big = max(lat_d, key=int)
+    return {
+        "speedup": round(lat_d[big] / lat_c[big], 3),
+        "speedup_batch": int(big),
+        "latency_ms": {"dense": dict(lat_d), "compressed": dict(lat_c)},
+        "flops": {"dense": 2 * dense["macs"], "compressed": 2 * compressed["macs"]},
+        "macs": {"dense": dense["macs"], "compressed": compressed["macs"]},
+        "params": {"dense": dense["params"], "compressed": compressed["params"]},
+        "peak_memory_bytes": {"dense": dict(dense["peak_memory_bytes"]),
+                              "compressed": dict(compressed["peak_memory_bytes"])},
+    }
+
+
 def write_report(report: Mapping[str, Any], path: str | Path) -> None:
     atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
 

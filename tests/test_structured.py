@@ -1,0 +1,193 @@
+"""Structured pruning: which channels may go, exact mean compensation, physical removal, files that load back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from lrpcompress.compress import CompressConfig, QuantConfig, compress, load_compressed
+from lrpcompress.data import ImageData
+from lrpcompress.errors import LrpcError
+from lrpcompress.evaluation import count_macs, speed_profiles
+from lrpcompress.models import build_model
+from lrpcompress.recovery import FinetuneConfig, finetune_model
+from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, module_shapes, prunable_groups, prune_channels,
+                                    select_channels)
+
+
+def random_data(n: int = 32, size: int = 32, classes: int = 10, seed: int = 0) -> ImageData:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    return ImageData(x, np.arange(n) % classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple(str(i) for i in range(classes)))
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random but non-trivial BatchNorm statistics, so that folding and compensation are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_cifar_resnet_prunes_only_inner_widths():
+    model = build_model("resnet20", 10).eval()
+    groups = prunable_groups(model, torch.zeros(1, 3, 32, 32))
+    assert [g.root for g in groups] == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert all(g.consumers == [g.root.replace("conv1", "conv2")] for g in groups)
+
+
+def test_layer_scope_removes_lowest_scores_and_global_keeps_one_per_layer():
+    scores = {"a": torch.tensor([3.0, 1.0, 2.0, 0.5]), "b": torch.tensor([10.0, 20.0])}
+    sizes = {"a": 4, "b": 2}
+    assert select_channels(scores, sizes, {"a": 2, "b": 1}, "layer") == {"a": [1, 3], "b": [0]}
+    # global: normalised by the layer mean; 'b' may lose at most one channel
+    got = select_channels(scores, sizes, {"a": 1, "b": 0}, "global")
+    assert sum(len(v) for v in got.values()) == 5 - 1 - 0 or all(len(v) < sizes[k] for k, v in got.items())
+    assert all(len(v) <= sizes[k] - 1 for k, v in got.items())
+
+
+class OneByOne(nn.Module):
+    """1×1 convolutions only: removing a constant channel with mean compensation must be exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 1, 1, bias=False)  # one channel: not prunable, so only conv1's are scored
+        self.bn2 = nn.BatchNorm2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(1, 10)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(torch.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))))))
+
+
+def test_mean_compensation_is_exact_for_constant_channels():
+    torch.manual_seed(0)
+    model = trained_like(OneByOne())
+    with torch.no_grad():  # channels 2 and 5 become constants: zero filter, positive BatchNorm shift
+        model.conv1.weight[[2, 5]] = 0
+        model.bn1.bias[[2, 5]] = torch.tensor([0.7, 1.3])
+    data = random_data(16)
+    x = data.tensor(np.arange(16))
+    ref = model(x)
+    cfg = ChannelPruneConfig(0.25, criterion="l1", samples=16)
+    res = prune_channels(model, data, cfg, show_progress=False)
+    assert res.removed == {"conv1": [2, 5]}
+    assert res.shapes == {"conv1": [6, 3], "bn1": [6], "conv2": [1, 6]}
+    torch.testing.assert_close(res.model(x), ref, rtol=1e-5, atol=1e-5)
+    plain = prune_channels(model, data, ChannelPruneConfig(0.25, criterion="l1", samples=16, compensate=False),
+                           show_progress=False)
+    assert (plain.model(x) - ref).abs().max() > 1e-2  # without compensation the constant is lost
+    assert model.conv1.out_channels == 8  # the input model is untouched
+
+
+@pytest.mark.parametrize("criterion", ["lrp", "l1", "bn_scale", "taylor", "random"])
+def test_every_criterion_slims_a_cifar_resnet_that_still_runs(criterion):
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    res = prune_channels(model, data, ChannelPruneConfig(0.5, criterion=criterion, samples=24), show_progress=False)
+    assert res.model.widths == [8] * 3 + [16] * 3 + [32] * 3
+    assert abs(res.kept_fraction - 0.5) < 1e-9
+    x = data.tensor(np.arange(4))
+    assert res.model(x).shape == (4, 10)
+    assert count_macs(res.model, x[:1]) < 0.6 * count_macs(model, x[:1])
+
+
+def test_iterative_and_global_pruning():
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    res = prune_channels(model, data, ChannelPruneConfig(0.4, criterion="l1", steps=3, scope="global", samples=24),
+                         show_progress=False)
+    removed = sum(len(v) for v in res.removed.values())
+    assert removed == round(0.4 * sum([16] * 3 + [32] * 3 + [64] * 3))
+    assert all(w >= 1 for w in res.model.widths)
+    # removed indices refer to the original channels and never repeat
+    assert all(len(set(v)) == len(v) and max(v, default=0) < 64 for v in res.removed.values())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_slim_and_rebuild_from_shapes(name):
+    torch.manual_seed(0)
+    model = trained_like(getattr(torchvision.models, name)(num_classes=10))
+    data = random_data(8, size=32)
+    res = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=8), show_progress=False)
+    assert res.shapes, "something was removed"
+    x = data.tensor(np.arange(2))
+    out = res.model(x)
+    fresh = apply_shapes(getattr(torchvision.models, name)(num_classes=10), res.shapes)
+    fresh.load_state_dict(res.model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), out)
+    assert module_shapes(fresh) == module_shapes(res.model)
+
+
+def test_apply_shapes_refuses_bad_entries():
+    with pytest.raises(LrpcError, match="not a module"):
+        apply_shapes(build_model("resnet20", 10), {"layer9.conv1": [4, 4]})
+    with pytest.raises(LrpcError, match="outside"):
+        apply_shapes(build_model("resnet20", 10), {"layer1.0.conv1": [32, 16]})
+    with pytest.raises(LrpcError, match="does not fit"):
+        apply_shapes(build_model("resnet20", 10), {"layer1.0.bn1": [4, 4]})
+    with pytest.raises(LrpcError, match="list of ints"):
+        apply_shapes(build_model("resnet20", 10), {"layer1.0.conv1": ["8", 16]})
+
+
+def test_slim_model_compresses_into_a_file_that_loads_back(tmp_path):
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    slim = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24), show_progress=False).model
+    cfg = CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", bits=8), bias_correction=False)
+    res = compress(slim, data, cfg, "resnet20", show_progress=False)
+    path = tmp_path / "slim.lrpc"
+    res.compressed.save(path)
+    loaded, payload = load_compressed(path)
+    assert payload.model["widths"] == slim.widths
+    x = data.tensor(np.arange(4))
+    torch.testing.assert_close(loaded(x), res.compressed.to_module()(x))
+    assert (loaded(x) - slim(x)).abs().max() < 0.1 * slim(x).abs().max()  # 8-bit: close to the float slim model
+
+
+def test_shapes_are_stored_for_slimmed_torchvision_models(tmp_path):
+    torch.manual_seed(0)
+    model = trained_like(torchvision.models.resnet18(num_classes=10))
+    data = random_data(8)
+    slim = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=8), show_progress=False)
+    cfg = CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", bits=8), bias_correction=False)
+    res = compress(slim.model, data, cfg, "resnet18", show_progress=False)
+    assert res.compressed.model_spec["shapes"] == slim.shapes
+    path = tmp_path / "r18.lrpc"
+    res.compressed.save(path)
+    loaded, _ = load_compressed(path)
+    assert module_shapes(loaded) == module_shapes(slim.model)
+
+
+def test_recovery_finetuning_runs_on_a_slim_model():
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(32)
+    slim = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=32), show_progress=False).model
+    before = {k: v.clone() for k, v in slim.state_dict().items()}
+    ft = finetune_model(slim, data, FinetuneConfig(epochs=1, batch_size=16, train_bn=True), show_progress=False,
+                        teacher=model)
+    assert module_shapes(ft) == module_shapes(slim)
+    assert any(not torch.equal(before[k], v) for k, v in ft.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in slim.state_dict().items())  # the input is untouched
+
+
+def test_speed_profiles_report_fewer_macs_and_params_for_a_slim_model():
+    model = build_model("resnet20", 10)
+    slim = build_model("resnet20", 10, [8] * 3 + [16] * 3 + [32] * 3)
+    dense_p, slim_p = speed_profiles([model, slim], torch.zeros(1, 3, 32, 32), batch_sizes=(1, 4), repeats=3)
+    assert dense_p["macs"] == 40551040  # the known count for ResNet-20 on 32×32 (conv + linear)
+    assert slim_p["macs"] < 0.55 * dense_p["macs"] and slim_p["params"] < 0.55 * dense_p["params"]
+    assert set(dense_p["latency_ms"]) == {"1", "4"} and all(v > 0 for v in dense_p["latency_ms"].values())
+    assert dense_p["peak_memory_bytes"]["4"] > 4 * dense_p["params"]
