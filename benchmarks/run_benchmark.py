@@ -26,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.compress import CompressConfig, compress, load_compressed, method_config  # noqa: E402
+from lrpcompress.compress import (CompressConfig, compress, knob_grid, load_compressed, method_config,  # noqa: E402
+                                  with_knobs)
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
@@ -98,8 +99,9 @@ class Runner:
         limit = self.dense_bytes() / budget * 1.02
         best = None
         for knobs, cfg in candidates:
-            dry = self.run(replace(cfg, bias_correction=False)) if cfg.bias_correction else None
-            if cfg.bias_correction and (dry is None or dry.file_bytes > limit):
+            needs_dry = cfg.bias_correction and cfg.target_ratio is None  # size targets are met by construction
+            dry = self.run(replace(cfg, bias_correction=False)) if needs_dry else None
+            if needs_dry and (dry is None or dry.file_bytes > limit):
                 continue
             res = self.run(cfg)
             if res is None or res.file_bytes > limit:
@@ -131,6 +133,13 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
         c = r.cfg(method)
         return replace(c, quant=replace(c.quant, bits=bits), prune=prune or c.prune)
 
+    def optimal_candidates(method: str, budget: float, **kw) -> list:
+        out = []
+        for s, min_bits in knob_grid(budget):  # the same search `compress --target-ratio` does
+            c = with_knobs(replace(r.cfg(method), target_ratio=budget, **kw), s, min_bits)
+            out.append(({"target_ratio": budget, "sparsity": s, "min_bits": min_bits}, c))
+        return out
+
     for budget in args.model_budgets.get(arch, args.budgets):
         t0 = time.perf_counter()
         cand = {
@@ -146,8 +155,7 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
             if method in cand:
                 row = r.best_of(method, budget, cand[method])
             else:
-                res = r.run(replace(r.cfg(method), target_ratio=budget))
-                row = None if res is None else r.finish(method, budget, res, {"target_ratio": budget})
+                row = r.best_of(method, budget, optimal_candidates(method, budget))
             if row is None:
                 log(f"  {method} @ {budget}x: no setting fits")
                 continue
@@ -157,8 +165,15 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
                 f"({row['ratio']:.2f}x, sparsity {row['sparsity']:.1%}, mean bits {row['mean_bits']:.2f}) {row['knobs']}")
         log(f"  budget {budget}x took {time.perf_counter() - t0:.0f} s")
     for budget, epochs in args.finetune.get(arch, []):
-        ft = replace(r.cfg("lrp"), target_ratio=budget, finetune=FinetuneConfig(epochs=epochs, seed=args.seed))
-        row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), {"target_ratio": budget, "finetune_epochs": epochs})
+        # the knob (sparsity) is chosen on validation data without fine-tuning, then that setting is fine-tuned
+        pick = r.best_of("lrp", budget, optimal_candidates("lrp", budget))
+        if pick is None:
+            log(f"  lrp+ft{epochs} @ {budget}x: no setting fits")
+            continue
+        knobs = dict(pick["knobs"])
+        ft = next(c for k, c in optimal_candidates("lrp", budget) if k == knobs)
+        ft = replace(ft, finetune=FinetuneConfig(epochs=epochs, seed=args.seed))
+        row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), dict(knobs, finetune_epochs=epochs))
         row["drop"] = round(r.base_test - row["accuracy"], 2)
         emit(row)
         log(f"  lrp+ft{epochs} @ {budget}x: {row['accuracy']:.2f}% {row['file_bytes']} B")
@@ -262,7 +277,7 @@ def main() -> None:
     ap.add_argument("--budgets-for", action="append", default=[], metavar="ARCH:B1,B2",
                     help="budgets for one model, e.g. resnet44:4,8,12 (overrides --budgets for it)")
     ap.add_argument("--finetune", action="append", default=None, metavar="ARCH:BUDGET:EPOCHS",
-                    help="extra lrp rows with recovery fine-tuning, e.g. resnet20:16:2")
+                    help="extra lrp rows with recovery fine-tuning, e.g. resnet20:16:2 (none: no such rows)")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -277,12 +292,14 @@ def main() -> None:
         sys.exit("--device cuda asked for, but no CUDA device is available")
     args.machine = _machine(args.device)
     args.models = [] if args.report_only else (args.models or ("resnet20" if args.quick else "resnet20,resnet44")).split(",")
-    args.methods = args.methods.split(",")
+    args.methods = [m for m in args.methods.split(",") if m and m != "none"]
     args.budgets = [float(b) for b in (args.budgets or ("4,8" if args.quick else "2,4,6,8,12,16")).split(",")]
     args.model_budgets = {a.split(":")[0]: [float(b) for b in a.split(":")[1].split(",")] for a in args.budgets_for}
     ft = args.finetune if args.finetune is not None else ([] if args.quick else ["resnet20:12:1", "resnet20:16:2"])
     args.finetune = {}
     for item in ft:
+        if item == "none":
+            continue
         arch, budget, epochs = item.split(":")
         args.finetune.setdefault(arch, []).append((float(budget), int(epochs)))
     args.samples = args.samples or (128 if args.quick else 512)
@@ -294,11 +311,17 @@ def main() -> None:
     t0 = time.perf_counter()
     log = lambda s: print(s, flush=True)  # noqa: E731
     rows: list[dict] = []
-    for extra in args.merge:
-        rows += [r for r in json.loads(Path(extra).read_text()) if r["model"] not in args.models]
+    fresh_methods = set(args.methods) | {f"lrp+ft{e}" for v in args.finetune.values() for _, e in v}
+    for extra in args.merge:  # rows this run measures again are replaced; the others are kept
+        for r in json.loads(Path(extra).read_text()):
+            budgets = args.model_budgets.get(r["model"], args.budgets) + [1.0] + \
+                [b for b, _ in args.finetune.get(r["model"], [])]
+            if not (r["model"] in args.models and r["method"] in fresh_methods and r["budget"] in budgets):
+                rows.append(r)
     command = " ".join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]])
     def emit(row: dict) -> None:  # results are rewritten after every row, so a stopped run keeps what it measured
-        rows.append(dict(row, command=command))
+        key = (row["model"], row["method"], row["budget"])
+        rows[:] = [r for r in rows if (r["model"], r["method"], r["budget"]) != key] + [dict(row, command=command)]
         write_results(rows, args, Path(args.out), started, time.perf_counter() - t0)
 
     for arch in args.models:

@@ -138,3 +138,26 @@ def test_finetune_keeps_allocation_and_pruned_zeros(digits):
     net = after.compressed.to_module()
     assert accuracy(net, test, show_progress=False) >= accuracy(before.compressed.to_module(), test,
                                                               show_progress=False) - 2.0
+
+
+def test_size_target_search_picks_the_most_accurate_setting_on_held_out_data(digits):
+    from lrpcompress.compress import compress_tuned, knob_grid, with_knobs
+    from lrpcompress.data import split_train_val
+
+    model, train, _ = digits
+    fit, val = split_train_val(train, 200, 0)
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0)
+    res, knobs = compress_tuned(model, fit, val, cfg, "digits_cnn", show_progress=False)
+    assert len(knob_grid(12.0)) == 4 and knob_grid(4.0) == [(0.0, 1)]
+    assert res.file_bytes <= res.dense_bytes / 12.0 * 1.02
+    accs = {}
+    for s, b in knob_grid(12.0):
+        try:
+            r = compress(model, fit, with_knobs(cfg, s, b), "digits_cnn", show_progress=False)
+        except LrpcError:  # a floor of 3 bits cannot fit 12x without pruning: the search skips it
+            continue
+        accs[(s, b)] = accuracy(r.compressed.to_module(), val, show_progress=False)
+    assert knobs["val_accuracy"] == pytest.approx(max(accs.values()), abs=1e-6)
+    assert accs[(knobs["sparsity"], knobs["min_bits"])] == pytest.approx(knobs["val_accuracy"], abs=1e-6)
+    if knobs["min_bits"] > 1:  # the floor is respected
+        assert all(set(np.unique(b)) <= {3, 4, 5, 6, 7, 8} for b in res.bits.values())

@@ -107,13 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=0.01)
     c.add_argument("--distill", type=_nonneg_float, default=1.0,
                    help="weight of distillation from the uncompressed model during fine-tuning (0 = labels only)")
-    c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out for --max-drop")
+    c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets)")
     c.add_argument("--prune-channels", type=_fraction, default=0.0,
                    help="fraction of prunable channels (inner widths) removed physically before quantization")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
                    help="how channels are ranked for --prune-channels (lrp uses --composite)")
     c.add_argument("--channel-scope", default="layer", choices=("layer", "global"))
     c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
+    c.add_argument("--no-tune", action="store_true",
+                   help="with a size target: skip the search over sparsity and bit-width floor on held-out data")
     c.add_argument("--no-speed", action="store_true", help="skip the CPU latency/memory measurement in the report")
 
     e = sub.add_parser("evaluate", help="accuracy of a .lrpc model on the test split")
@@ -180,7 +182,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from .compress import compress, compress_max_drop, method_config
+    from .compress import compress, compress_max_drop, compress_tuned, method_config
     from .data import split_train_val
     from .evaluation import accuracy
     from .io import check_output_path
@@ -214,9 +216,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
                   target_ratio=a.target_ratio, target_bytes=a.target_bytes,
                   finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, distill=a.distill, seed=a.seed))
     extra_spec: dict = {"classes": list(classes)} if classes else {}
-    fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if a.max_drop is not None \
+    sized = a.target_ratio is not None or a.target_bytes is not None
+    tune = (sized and not a.no_tune and a.prune is None and a.sparsity is None
+            and cfg.quant.allocation == "optimal" and a.max_drop is None)
+    fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if a.max_drop is not None or tune \
         else (train, None)
-    slim, channel_info = model, None
+    slim, channel_info, knobs = model, None, None
     if a.prune_channels > 0:
         from .structured import ChannelPruneConfig, prune_channels
 
@@ -232,6 +237,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if a.max_drop is not None:
         result, chosen = compress_max_drop(slim, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec or None,
                                            reference=model)
+    elif tune:
+        result, knobs = compress_tuned(slim, fit, val, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
+        chosen = None
     else:
         result = compress(slim, train, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
         chosen = None
@@ -242,7 +250,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
              "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen,
-             "channel_pruning": channel_info}
+             "channel_pruning": channel_info, "tuned": knobs}
     if not a.no_speed:
         import numpy as np
 

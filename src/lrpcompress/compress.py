@@ -516,6 +516,66 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)
 
 
+def knob_grid(ratio: float) -> list[tuple[float, int]]:
+    """(magnitude sparsity before allocation, smallest bit-width the allocator may use) worth trying at a
+    compression ratio. Below 8× the allocator alone is best; beyond, unstructured sparsity and a floor on
+    the bit-width can beat spreading 1–2-bit codes over every channel (ResNet-44 at 12×, FINDINGS.md)."""
+    if ratio < 8:
+        return [(0.0, 1)]
+    if ratio < 12:
+        return [(0.0, 1), (0.25, 1), (0.5, 1)]
+    return [(0.0, 1), (0.5, 1), (0.25, 3), (0.5, 3)]
+
+
+def with_knobs(config: CompressConfig, sparsity: float, min_bits: int) -> CompressConfig:
+    """``config`` with magnitude pruning of ``sparsity`` and the allocator limited to ≥ ``min_bits`` bits (with a
+    floor above 1 the allocator may no longer drop whole channels either: at 12× that trade removed channels
+    to pay for wider ones and lost, see FINDINGS.md)."""
+    if sparsity:
+        config = replace(config, prune=PruneConfig("fraction", sparsity), prune_score="magnitude")
+    if min_bits > 1:
+        opts = tuple(b for b in config.quant.bit_options if b >= min_bits)
+        config = replace(config, quant=replace(config.quant, bit_options=opts))
+    return config
+
+
+def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
+                   model_spec_extra: Mapping[str, Any] | None = None, teacher: nn.Module | None = None,
+                   show_progress: bool = True) -> tuple[CompressResult, dict[str, Any]]:
+    """Compress at ``config``'s size target with the :func:`knob_grid` setting that is most accurate on
+    ``val`` (held out from the training data); fine-tuning, if any, runs only for the chosen setting."""
+    from .evaluation import accuracy
+
+    if config.target_ratio is None and config.target_bytes is None:
+        return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
+                        show_progress=show_progress), {}
+    ratio = config.target_ratio or dense_bytes(model) / config.target_bytes
+    grid = knob_grid(ratio)
+    if len(grid) == 1:
+        return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
+                        show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
+    scores: dict[str, Any] = {}
+    best = None
+    no_ft = replace(config, finetune=replace(config.finetune, epochs=0))
+    for sparsity, min_bits in grid:
+        try:
+            res = compress(model, fit, with_knobs(no_ft, sparsity, min_bits), arch, scores=scores,
+                           show_progress=False, model_spec_extra=model_spec_extra)
+        except LrpcError:
+            continue
+        acc = accuracy(res.compressed.to_module().to(model_device(model)), val, show_progress=False)
+        if best is None or acc > best[0]:
+            best = (acc, sparsity, min_bits, res)
+    if best is None:
+        raise LrpcError("cannot fit the model into the asked size with any setting; ask for a smaller ratio")
+    acc, sparsity, min_bits, res = best
+    knobs = {"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)}
+    if config.finetune.epochs > 0:
+        res = compress(model, fit, with_knobs(config, sparsity, min_bits), arch, scores=scores,
+                       show_progress=show_progress, model_spec_extra=model_spec_extra, teacher=teacher)
+    return res, knobs
+
+
 MAX_DROP_RATIOS = (24.0, 20.0, 16.0, 14.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
 
 
@@ -609,5 +669,6 @@ def _default_widths(arch: str) -> list[int] | None:
 
 
 __all__ = ["CompressConfig", "QuantConfig", "CompressedModel", "CompressResult", "Scores", "compress",
+           "compress_tuned", "knob_grid", "with_knobs", "compress_max_drop",
            "compute_scores", "method_config", "load_compressed", "module_from_payload", "canonicalize",
            "channel_importance", "METHODS", "decode", "load_payload"]
