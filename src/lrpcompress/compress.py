@@ -23,6 +23,7 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import build_model, dense_bytes, is_builtin_arch, model_device
 from .packing import Payload, decode, encode, load_payload, save_payload
+from .progress import progress
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
 from .quantization import VALID_BITS, GroupLayout, QuantTensor, quantize_tensor
@@ -556,18 +557,20 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
                         show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
     scores: dict[str, Any] = {}
     best = None
+    first_error: LrpcError | None = None
     no_ft = replace(config, finetune=replace(config.finetune, epochs=0))
-    for sparsity, min_bits in grid:
+    for sparsity, min_bits in progress(grid, desc="size search", unit="setting", disable=not show_progress):
         try:
             res = compress(model, fit, with_knobs(no_ft, sparsity, min_bits), arch, scores=scores,
                            show_progress=False, model_spec_extra=model_spec_extra)
-        except LrpcError:
+        except LrpcError as exc:
+            first_error = first_error or exc
             continue
         acc = accuracy(res.compressed.to_module().to(model_device(model)), val, show_progress=False)
         if best is None or acc > best[0]:
             best = (acc, sparsity, min_bits, res)
-    if best is None:
-        raise LrpcError("cannot fit the model into the asked size with any setting; ask for a smaller ratio")
+    if best is None:  # the plain allocation's message says how far off the budget is
+        raise first_error or LrpcError("cannot fit the model into the asked size; ask for a smaller ratio")
     acc, sparsity, min_bits, res = best
     knobs = {"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)}
     if config.finetune.epochs > 0:
