@@ -36,20 +36,6 @@ def accuracy(model: nn.Module, data: ImageData, batch_size: int = 500, show_prog
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one forward pass on ``example`` in milliseconds."""
-    model.eval()
-    for _ in range(warmup):
-        model(example)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(example)
-        times.append(time.perf_counter() - t)
-    return 1000.0 * float(np.median(times))
-
-
-@torch.inference_mode()
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example`` (conv and linear layers; per batch)."""
     total = 0
@@ -135,9 +121,3 @@ def speed_profiles(models: Sequence[nn.Module], example: torch.Tensor, batch_siz
                 o["latency_ms"][str(b)] = round(1000.0 * float(np.median(ts)), 3)
                 o["peak_memory_bytes"][str(b)] = peak_activation_bytes(n, xb) + 4 * o["params"]
     return out
-
-
-def speed_profile(model: nn.Module, example: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 64),
-                  repeats: int = 30) -> dict:
-    """:func:`speed_profiles` of one model."""
-    return speed_profiles([model], example, batch_sizes, repeats)[0]

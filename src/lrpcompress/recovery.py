@@ -120,8 +120,7 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
     gen = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     net.train(train_bn)  # otherwise BatchNorm statistics stay frozen (folded constants, or calibrated ones)
-    if teacher is not None:
-        teacher.eval()
+    teacher = copy.deepcopy(teacher).to(device).eval() if teacher is not None and config.distill > 0 else None
     for epoch in range(config.epochs):
         order = rng.permutation(len(train))
         bar = progress(train.batches(config.batch_size, order), total=math.ceil(len(train) / config.batch_size),
@@ -134,7 +133,7 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
             opt.zero_grad(set_to_none=True)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
-            if teacher is not None and config.distill > 0:
+            if teacher is not None:
                 with torch.no_grad():
                     soft = F.softmax(teacher(x) / config.temperature, 1)
                 kd = F.kl_div(F.log_softmax(logits / config.temperature, 1), soft, reduction="batchmean")
@@ -162,7 +161,6 @@ def finetune_model(model: nn.Module, train: ImageData, config: FinetuneConfig, s
     trainable = [p for p in net.parameters()]
     for p in trainable:
         p.requires_grad_(True)
-    teacher = copy.deepcopy(teacher).to(dev) if teacher is not None and config.distill > 0 else None
     train_loop(net, trainable, train, config, dev, show_progress, teacher, train_bn=config.train_bn)
     for p in net.parameters():
         p.requires_grad_(False)
@@ -192,7 +190,6 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     try:
         for k, qt in quant.items():
             P.register_parametrization(mods[k.rpartition(".")[0]], "weight", _STE(qt).to(dev))
-        teacher = copy.deepcopy(teacher).to(dev) if teacher is not None and config.distill > 0 else None
         train_loop(net, trainable, train, config, dev, show_progress, teacher)
     finally:
         for k in quant:

@@ -47,7 +47,7 @@ def build_report(*, method: str, settings: Any, baseline_accuracy: float, accura
 
 
 def speed_fields(dense: Mapping[str, Any], compressed: Mapping[str, Any]) -> dict[str, Any]:
-    """Report fields comparing two :func:`~lrpcompress.evaluation.speed_profile` results measured in one run."""
+    """Report fields comparing two results of :func:`~lrpcompress.evaluation.speed_profiles` (one run)."""
     lat_d, lat_c = dense["latency_ms"], compressed["latency_ms"]
     big = max(lat_d, key=int)
     return {

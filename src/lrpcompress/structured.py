@@ -336,7 +336,8 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
     net = copy.deepcopy(model).eval()
     example = data.tensor(np.arange(1), model_device(net))
     before = module_shapes(net)
-    groups = prunable_groups(net, example)
+    graph = _graph(net, example)  # rebuilt only after each round's surgery
+    groups = prunable_groups(net, example, graph)
     if not groups:
         raise LrpcError("the model has no channels that can be removed without touching residual additions")
     original = {g.root: g.size for g in groups}
@@ -366,17 +367,17 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         if config.compensate:
             means = _input_means(net, data, [c for g in groups for c in g.consumers], config)
             _compensate(net, groups, remove, means, example)
-        graph = _graph(net, example)
         mods = dict(net.named_modules())
         for g in groups:
             idx = remove.get(g.root) or []
             if not idx:
                 continue
+            gone = set(idx)
             removed[g.root] += [alive[g.root][i] for i in idx]
-            alive[g.root] = [a for i, a in enumerate(alive[g.root]) if i not in set(idx)]
+            alive[g.root] = [a for i, a in enumerate(alive[g.root]) if i not in gone]
             graph.get_pruning_group(mods[g.root], tp.prune_conv_out_channels, idxs=list(idx)).prune()
-        groups = prunable_groups(net, example)
-        groups = [g for g in groups if g.root in original]
+        graph = _graph(net, example)
+        groups = [g for g in prunable_groups(net, example, graph) if g.root in original]
     if hasattr(net, "widths"):
         _refresh_widths(net)
     kept = sum(len(v) for v in alive.values()) / total
