@@ -337,8 +337,30 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert code == 0 and "on 6 test images" in text
 
 
+def test_prune_streams_stores_shortcut_maps_that_load_back(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "st.lrpc", tmp_path / "st.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.5, "--prune-streams", 0.25, "--channel-criterion", "l1",
+                       "--bits", 8, "--no-speed", "--out", out, "--report", rep)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    assert report["channel_pruning"]["settings"]["stream_fraction"] == 0.25
+    from lrpcompress.compress import load_compressed
+    from lrpcompress.evaluation import count_macs
+    from lrpcompress.models import build_model
+
+    net, payload = load_compressed(out)
+    x = torch.zeros(1, 3, 32, 32)
+    assert count_macs(net, x) < 0.45 * count_macs(build_model("resnet20", 10), x)
+    assert net.conv1.out_channels == 12 and net.layer3[0].shortcut.out_planes == 48
+    assert "layer2.0.shortcut" in payload.model["shapes"]
+    code, text, _ = run(capsys, "evaluate", out, "--data", tiny_data)
+    assert code == 0 and "test images" in text
+
+
 @pytest.mark.parametrize("args,message", [
     (("--prune-channels", "1.5"), "[0, 1)"),
+    (("--prune-streams", "-0.1"), "[0, 1)"),
     (("--channel-criterion", "magic"), "invalid choice"),
     (("--device", "tpu"), "device"),
 ])

@@ -191,3 +191,105 @@ def test_speed_profiles_report_fewer_macs_and_params_for_a_slim_model():
     assert slim_p["macs"] < 0.55 * dense_p["macs"] and slim_p["params"] < 0.55 * dense_p["params"]
     assert set(dense_p["latency_ms"]) == {"1", "4"} and all(v > 0 for v in dense_p["latency_ms"].values())
     assert dense_p["peak_memory_bytes"]["4"] > 4 * dense_p["params"]
+
+
+# ------------------------------------------------------------------ residual streams
+
+def test_stream_groups_cover_every_stage_and_are_off_by_default():
+    model = build_model("resnet20", 10).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    assert not any(g.stream for g in prunable_groups(model, x))
+    streams = {g.root: g for g in prunable_groups(model, x, streams=True) if g.stream}
+    assert list(streams) == ["conv1", "layer2.0.conv2", "layer3.0.conv2"]
+    assert streams["conv1"].producers == ["conv1"] + [f"layer1.{b}.conv2" for b in range(3)]
+    assert "layer2.0.shortcut" in streams["conv1"].consumers  # the next stage's shortcut reads the stream
+    assert "layer2.0.shortcut" not in streams["layer2.0.conv2"].consumers  # ...but writes the next one uncoupled
+    assert "linear" in streams["layer3.0.conv2"].consumers
+
+
+def _zero_stream_channels(model: nn.Module, producers: list[str], channels: list[int]) -> None:
+    """Make stream channels exactly zero: zero filters and zero BatchNorm scale/shift after every producer."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for p in producers:
+            mods[p].weight[channels] = 0
+            bn = mods[p.replace("conv", "bn")]
+            bn.weight[channels] = 0
+            bn.bias[channels] = 0
+
+
+def test_cutting_streams_equals_zeroing_their_channels():
+    """Independent reference: a stream channel whose every writer is zeroed carries 0; cutting it must not
+    change the output. In stages 2 and 3 only channels the option-A shortcut pads with zeros are chosen."""
+    import torch_pruning as tp
+
+    from lrpcompress.structured import _graph
+
+    model = trained_like(build_model("resnet20", 10), seed=1)
+    x = random_data(8).tensor(np.arange(8))
+    cut = {"conv1": [1, 5, 6], "layer2.0.conv2": [0, 3, 30], "layer3.0.conv2": [2, 50, 63]}
+    ref_model = copy_model(model)
+    groups = {g.root: g for g in prunable_groups(model, x[:1], streams=True)}
+    for root, idx in cut.items():
+        _zero_stream_channels(ref_model, groups[root].producers, idx)
+    ref = ref_model(x)
+    graph = _graph(ref_model, x[:1])
+    mods = dict(ref_model.named_modules())
+    for root, idx in cut.items():
+        graph.get_pruning_group(mods[root], tp.prune_conv_out_channels, idxs=idx).prune()
+    assert ref_model.conv1.out_channels == 13 and ref_model.layer2[0].shortcut.out_planes == 29
+    assert ref_model.linear.in_features == 61
+    # 8 + 8 pads, 3 more from the cut stage-1 channels, minus the 3 cut outputs (all pads)
+    assert ref_model.layer2[0].shortcut.channel_map.count(-1) == 8 + 8 + 3 - 3
+    torch.testing.assert_close(ref_model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+@pytest.mark.parametrize("criterion", ["lrp", "l1", "taylor"])
+def test_stream_pruning_slims_and_round_trips_through_a_file(tmp_path, criterion):
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    res = prune_channels(model, data, ChannelPruneConfig(0.5, stream_fraction=0.25, criterion=criterion, samples=24),
+                         show_progress=False)
+    slim = res.model
+    assert slim.conv1.out_channels == 12 and slim.layer2[0].bn2.num_features == 24 and slim.linear.in_features == 48
+    x = data.tensor(np.arange(4))
+    assert count_macs(slim, x[:1]) < 0.4 * count_macs(model, x[:1])
+    fresh = apply_shapes(build_model("resnet20", 10), res.shapes)
+    fresh.load_state_dict(slim.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), slim(x))
+    cfg = CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", bits=8), bias_correction=False)
+    out = compress(slim, data, cfg, "resnet20", show_progress=False)
+    path = tmp_path / "streams.lrpc"
+    out.compressed.save(path)
+    loaded, _ = load_compressed(path)
+    assert module_shapes(loaded) == module_shapes(slim)
+    torch.testing.assert_close(loaded(x), out.compressed.to_module()(x))
+
+
+def test_stream_compensation_keeps_outputs_closer():
+    model = trained_like(build_model("resnet20", 10), seed=2)
+    data = random_data(32)
+    x = data.tensor(np.arange(32))
+    ref = model(x)
+    err = {}
+    for comp in (True, False):
+        res = prune_channels(model, data, ChannelPruneConfig(0.0, stream_fraction=0.25, criterion="l1", samples=32,
+                                                             compensate=comp), show_progress=False)
+        with torch.no_grad():
+            err[comp] = float((res.model(x) - ref).pow(2).mean())
+    assert err[True] < err[False]
+
+
+def test_bad_shortcut_maps_are_refused():
+    with pytest.raises(LrpcError, match="channel map"):
+        apply_shapes(build_model("resnet20", 10), {"layer2.0.shortcut": [2, 16, 0, 16]})
+    with pytest.raises(LrpcError, match="channel map"):
+        apply_shapes(build_model("resnet20", 10), {"layer2.0.shortcut": [3, 16, 0, 1]})
+    with pytest.raises(LrpcError, match="stream fraction|residual-stream"):
+        ChannelPruneConfig(0.1, stream_fraction=1.0)

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets)")
     c.add_argument("--prune-channels", type=_fraction, default=0.0,
                    help="fraction of prunable channels (inner widths) removed physically before quantization")
+    c.add_argument("--prune-streams", type=_fraction, default=0.0,
+                   help="fraction of residual-stream channels removed too (every layer on a stream is cut alike)")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
                    help="how channels are ranked for --prune-channels (lrp uses --composite)")
     c.add_argument("--channel-scope", default="layer", choices=("layer", "global"))
@@ -222,12 +224,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
     fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if a.max_drop is not None or tune \
         else (train, None)
     slim, channel_info, knobs = model, None, None
-    if a.prune_channels > 0:
+    if a.prune_channels > 0 or a.prune_streams > 0:
         from .structured import ChannelPruneConfig, prune_channels
 
         ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.composite, start=a.start,
                                   scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
-                                  batch_size=a.batch_size, seed=a.seed)
+                                  batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams)
         sres = prune_channels(model, fit, ccfg)
         slim = sres.model
         if not is_builtin_arch(a.arch):

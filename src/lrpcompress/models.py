@@ -30,17 +30,43 @@ class Add(nn.Module):
 
 
 class OptionAShortcut(nn.Module):
-    """The parameter-free shortcut of the CIFAR ResNet paper: stride-2 subsample, zero-pad channels."""
+    """The parameter-free shortcut of the CIFAR ResNet paper: stride-2 subsample, zero-pad channels.
 
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+    ``channel_map`` says, for every output channel, which input channel it carries (-1: a zero channel).
+    The paper's shortcut is the map ``[-1]*lo + [0..in-1] + [-1]*hi``; structured pruning of the residual
+    streams edits the map (see :mod:`lrpcompress.structured`), so the two stages around it are decoupled.
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, channel_map: Sequence[int] | None = None) -> None:
         super().__init__()
         self.in_planes, self.out_planes, self.stride = in_planes, out_planes, stride
+        self.set_channel_map(self.default_map(in_planes, out_planes) if channel_map is None else channel_map,
+                             in_planes)
+
+    @staticmethod
+    def default_map(in_planes: int, out_planes: int) -> list[int]:
+        extra = out_planes - in_planes
+        lo = extra // 2
+        return [-1] * lo + list(range(in_planes)) + [-1] * (extra - lo)
+
+    def set_channel_map(self, channel_map: Sequence[int], in_planes: int) -> None:
+        cmap = [int(c) for c in channel_map]
+        if not cmap or in_planes < 1 or any(c < -1 or c >= in_planes for c in cmap):
+            raise LrpcError(f"a shortcut channel map needs entries in -1..{in_planes - 1}, got {cmap}")
+        self.in_planes, self.out_planes, self.channel_map = in_planes, len(cmap), cmap
+        self._is_pad = cmap == self.default_map(in_planes, len(cmap)) and len(cmap) >= in_planes
+        # the extra zero channel appended in forward sits at index in_planes
+        idx = torch.tensor([c if c >= 0 else in_planes for c in cmap], dtype=torch.long)
+        old = getattr(self, "index", None)
+        self.register_buffer("index", idx.to(old.device) if old is not None else idx, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_planes - self.in_planes
-        lo = extra // 2
-        return F.pad(x, (0, 0, 0, 0, lo, extra - lo))
+        if self._is_pad:
+            extra = self.out_planes - self.in_planes
+            lo = extra // 2
+            return F.pad(x, (0, 0, 0, 0, lo, extra - lo))
+        return F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, self.index)
 
 
 class BasicBlock(nn.Module):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .data import ImageData, sample_indices
 from .errors import LrpcError
-from .models import model_device
+from .models import OptionAShortcut, model_device
 from .progress import progress
 
 CHANNEL_CRITERIA = ("lrp", "l1", "bn_scale", "taylor", "random")
@@ -36,7 +36,8 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 @dataclass(frozen=True)
 class ChannelPruneConfig:
-    """``fraction`` of the prunable channels removed, scored by ``criterion``.
+    """``fraction`` of the inner channels removed (and ``stream_fraction`` of the residual-stream channels),
+    scored by ``criterion``.
 
     ``scope``: ``layer`` (every prunable layer loses the same fraction) or ``global`` (scores normalised by
     their layer's mean, one threshold). ``steps`` > 1 prunes in that many rounds and rescores in between.
@@ -54,10 +55,13 @@ class ChannelPruneConfig:
     samples: int = 512
     batch_size: int = 64
     seed: int = 0
+    stream_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
             raise LrpcError(f"the channel fraction must be in [0, 1), got {self.fraction}")
+        if not 0.0 <= self.stream_fraction < 1.0:
+            raise LrpcError(f"the residual-stream channel fraction must be in [0, 1), got {self.stream_fraction}")
         if self.criterion not in CHANNEL_CRITERIA:
             raise LrpcError(f"unknown channel criterion {self.criterion!r}; choose one of {', '.join(CHANNEL_CRITERIA)}")
         if self.scope not in ("layer", "global"):
@@ -75,6 +79,12 @@ class ChannelGroup:
     root: str
     size: int
     consumers: list[str]  # layers reading these channels (their input channels shrink)
+    producers: list[str] = field(default_factory=list)  # convolutions writing them (root first)
+    stream: bool = False  # a residual stream (written by several layers through additions)
+
+    def __post_init__(self) -> None:
+        if not self.producers:
+            self.producers = [self.root]
 
 
 @dataclass
@@ -97,30 +107,78 @@ def _tp():
     return tp
 
 
+def _shortcut_pruner():
+    """Torch-Pruning handler for :class:`OptionAShortcut`: its input and output channels are *not* coupled.
+
+    Removing output channel j drops entry j of the channel map; removing input channel c turns the outputs
+    that carried c into zero channels. So the residual streams of two stages are pruned independently.
+    """
+    tp = _tp()
+
+    class ShortcutPruner(tp.pruner.function.BasePruningFunc):
+        TARGET_MODULES = (OptionAShortcut,)
+
+        def prune_out_channels(self, layer: OptionAShortcut, idxs):
+            gone = set(int(i) for i in idxs)
+            layer.set_channel_map([c for j, c in enumerate(layer.channel_map) if j not in gone], layer.in_planes)
+            return layer
+
+        def prune_in_channels(self, layer: OptionAShortcut, idxs):
+            gone = set(int(i) for i in idxs)
+            keep = [i for i in range(layer.in_planes) if i not in gone]
+            new = {old: k for k, old in enumerate(keep)}
+            layer.set_channel_map([new.get(c, -1) for c in layer.channel_map], len(keep))
+            return layer
+
+        def get_out_channels(self, layer: OptionAShortcut) -> int:
+            return layer.out_planes
+
+        def get_in_channels(self, layer: OptionAShortcut) -> int:
+            return layer.in_planes
+
+    return ShortcutPruner()
+
+
 def _graph(model: nn.Module, example: torch.Tensor):
     tp = _tp()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                     customized_pruners={OptionAShortcut: _shortcut_pruner()})
     except Exception as exc:  # tracing failures come from user models: name them in one line
         raise LrpcError(f"cannot trace the model's channel dependencies: {str(exc).splitlines()[0]}") from None
 
 
-def _is_safe(group) -> bool:
-    """True if pruning the group's channels touches no residual addition and no channel padding/slicing."""
+def _group_kind(group) -> str | None:
+    """``inner`` if pruning the group touches no residual addition, ``stream`` if it prunes a residual stream
+    (additions whose inputs are all cut alike), ``None`` if it touches anything else that mixes channels
+    (channel padding or slicing, concatenation, products, splits)."""
+    kind = "inner"
     for dep, _ in group:
         mod = dep.target.module
-        kind = type(mod).__name__
-        if kind in ("_SliceOp", "_UnbindOp", "_SplitOp", "_ExpandOp"):
-            return False
-        if kind == "_ElementWiseOp":
+        op = type(mod).__name__
+        if op == "_SliceOp" and getattr(mod, "dim", 1) >= 2:
+            kind = "stream"  # spatial subsampling (option-A shortcut): only shortcuts carry it
+            continue
+        if op in ("_SliceOp", "_UnbindOp", "_SplitOp", "_ExpandOp"):
+            return None
+        if op == "_ElementWiseOp":
             fn = str(getattr(mod, "_grad_fn", "") or mod)
-            if "Add" in fn or "Sub" in fn or "Mul" in fn or "Pad" in fn or "Cat" in fn or "Div" in fn:
-                return False
-    return True
+            if "Sub" in fn or "Mul" in fn or "Pad" in fn or "Cat" in fn or "Div" in fn:
+                return None
+            if "Add" in fn:
+                kind = "stream"
+        if isinstance(mod, OptionAShortcut):
+            kind = "stream"
+    return kind
 
 
-def prunable_groups(model: nn.Module, example: torch.Tensor, graph=None) -> list[ChannelGroup]:
-    """Channel groups that can be removed without touching residual additions, in forward order."""
+def _handler(dep) -> str:
+    return getattr(dep.handler, "__name__", "")
+
+
+def prunable_groups(model: nn.Module, example: torch.Tensor, graph=None, streams: bool = False) -> list[ChannelGroup]:
+    """Channel groups that can be removed, in forward order: the inner widths, and with ``streams`` the
+    residual streams too (every layer writing to or reading from a stream is cut alike)."""
     tp = _tp()
     graph = graph or _graph(model, example)
     names = {m: n for n, m in model.named_modules()}
@@ -130,15 +188,20 @@ def prunable_groups(model: nn.Module, example: torch.Tensor, graph=None) -> list
         if not isinstance(mod, nn.Conv2d) or id(mod) in seen:
             continue
         group = graph.get_pruning_group(mod, tp.prune_conv_out_channels, idxs=[0])
+        producers = []
         for dep, _ in group:  # convolutions whose outputs belong to this group are not roots of their own
-            if isinstance(dep.target.module, nn.Conv2d) and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+            if isinstance(dep.target.module, nn.Conv2d) and _handler(dep) == "prune_out_channels":
                 seen.add(id(dep.target.module))
-        if mod.out_channels < 2 or not _is_safe(group):
+                if dep.target.module.groups == 1 or dep.target.module is mod:
+                    producers.append(names[dep.target.module])
+        kind = _group_kind(group)
+        if mod.out_channels < 2 or kind is None or (kind == "stream" and not streams):
             continue
         consumers = [names[dep.target.module] for dep, _ in group
-                     if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and dep.target.module is not mod
-                     and getattr(dep.handler, "__name__", "") == "prune_in_channels"]
-        out.append(ChannelGroup(name, mod.out_channels, consumers))
+                     if isinstance(dep.target.module, (nn.Conv2d, nn.Linear, OptionAShortcut))
+                     and dep.target.module is not mod and _handler(dep) == "prune_in_channels"]
+        producers = [name] + sorted(set(producers) - {name}, key=list(names.values()).index)
+        out.append(ChannelGroup(name, mod.out_channels, consumers, producers, kind == "stream"))
     return out
 
 
@@ -146,33 +209,41 @@ def prunable_groups(model: nn.Module, example: torch.Tensor, graph=None) -> list
 
 def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup], config: ChannelPruneConfig,
                    show_progress: bool = True) -> dict[str, torch.Tensor]:
-    """Score of every output channel of each group's root layer (higher = more important), float64 on CPU."""
+    """Score of every channel of each group (keyed by its root; higher = more important), float64 on CPU.
+
+    A residual stream's channel is scored by the sum over every convolution that writes to it.
+    """
     from .relevance import RelevanceConfig, _find_folds, compute_relevance, taylor_scores
 
     mods = dict(model.named_modules())
-    roots = [g.root for g in groups]
     c = config
+
+    def per_producer(fn) -> dict[str, torch.Tensor]:
+        return {g.root: sum(fn(p) for p in g.producers) for g in groups}
+
     if c.criterion == "lrp":
         rel = compute_relevance(model, data, RelevanceConfig(composite=c.composite, start=c.start, samples=c.samples,
                                                              batch_size=c.batch_size, seed=c.seed), show_progress)
-        return {r: rel.channels[f"{r}.weight"].double() for r in roots}
+        return per_producer(lambda p: rel.channels[f"{p}.weight"].double())
     if c.criterion == "taylor":
         t = taylor_scores(model, data, c.samples, c.batch_size, c.seed, show_progress)
-        return {r: t[f"{r}.weight"].reshape(mods[r].out_channels, -1).sum(1).abs() for r in roots}
+        return per_producer(lambda p: t[f"{p}.weight"].reshape(mods[p].out_channels, -1).sum(1).abs())
     if c.criterion == "l1":
-        return {r: mods[r].weight.detach().abs().reshape(mods[r].out_channels, -1).sum(1).double().cpu() for r in roots}
+        return per_producer(lambda p: mods[p].weight.detach().abs().reshape(mods[p].out_channels, -1).sum(1)
+                            .double().cpu())
     if c.criterion == "bn_scale":
         example = data.tensor(np.arange(1), model_device(model))
         bn_of = {v: k for k, v in _find_folds(model, example).items()}
-        out = {}
-        for r in roots:
-            bn = bn_of.get(mods[r])
+
+        def scale(p: str) -> torch.Tensor:
+            bn = bn_of.get(mods[p])
             if bn is None or bn.weight is None:
-                raise LrpcError(f"the bn_scale criterion needs a BatchNorm with a scale right after {r}")
-            out[r] = bn.weight.detach().abs().double().cpu()
-        return out
+                raise LrpcError(f"the bn_scale criterion needs a BatchNorm with a scale right after {p}")
+            return bn.weight.detach().abs().double().cpu()
+
+        return per_producer(scale)
     g = torch.Generator().manual_seed(c.seed)
-    return {r: torch.rand(mods[r].out_channels, generator=g, dtype=torch.float64) for r in roots}
+    return {grp.root: torch.rand(grp.size, generator=g, dtype=torch.float64) for grp in groups}
 
 
 def select_channels(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int], targets: Mapping[str, int],
@@ -249,6 +320,9 @@ def _compensate(model: nn.Module, groups: list[ChannelGroup], remove: Mapping[st
             continue
         for cname in g.consumers:
             layer = mods[cname]
+            if isinstance(layer, OptionAShortcut):
+                _compensate_shortcut(model, cname, layer, idx, means[cname])
+                continue
             if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                 continue  # depthwise consumers lose the matching outputs too
             m = means[cname][idx].to(layer.weight)
@@ -261,6 +335,20 @@ def _compensate(model: nn.Module, groups: list[ChannelGroup], remove: Mapping[st
                 layer.bias += delta.to(layer.bias)
 
 
+def _compensate_shortcut(model: nn.Module, name: str, shortcut: OptionAShortcut, idx: list[int],
+                         mean: torch.Tensor) -> None:
+    """A removed stream channel stops flowing through the next stage's shortcut: add its mean to the
+    shift of the BatchNorm (``bn2``) whose output the shortcut is added to, where the block has one."""
+    block = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    bn = getattr(block, "bn2", None)
+    if not isinstance(bn, nn.BatchNorm2d) or bn.bias is None or bn.num_features != shortcut.out_planes:
+        return
+    gone = set(idx)
+    for j, c in enumerate(shortcut.channel_map):
+        if c in gone:
+            bn.bias[j] += mean[c].to(bn.bias)
+
+
 def module_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Channel shape of every conv/linear ([out, in]) and BatchNorm ([features]) module."""
     out = {}
@@ -271,6 +359,8 @@ def module_shapes(model: nn.Module) -> dict[str, list[int]]:
             out[n] = [m.out_features, m.in_features]
         elif isinstance(m, _BN):
             out[n] = [m.num_features]
+        elif isinstance(m, OptionAShortcut):
+            out[n] = [m.out_planes, m.in_planes] + list(m.channel_map)
     return out
 
 
@@ -307,6 +397,12 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, object]) -> nn.Module:
             if not (1 <= out_c <= mod.out_features and 1 <= in_c <= mod.in_features):
                 raise LrpcError(f"the file's shape {shape} for {name} is outside 1..{[mod.out_features, mod.in_features]}")
             new = nn.Linear(in_c, out_c, mod.bias is not None)
+        elif isinstance(mod, OptionAShortcut) and len(shape) >= 3:
+            out_c, in_c, cmap = shape[0], shape[1], shape[2:]
+            if not (len(cmap) == out_c and 1 <= out_c <= mod.out_planes and 1 <= in_c <= mod.in_planes
+                    and all(-1 <= c < in_c for c in cmap)):
+                raise LrpcError(f"the file's channel map for shortcut {name} is inconsistent: {shape}")
+            new = OptionAShortcut(in_c, out_c, mod.stride, cmap)
         elif isinstance(mod, _BN) and len(shape) == 1:
             if not 1 <= shape[0] <= mod.num_features:
                 raise LrpcError(f"the file's shape {shape} for {name} is outside 1..{mod.num_features}")
@@ -329,41 +425,55 @@ def _refresh_widths(model: nn.Module) -> None:
 
 def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig,
                    show_progress: bool = True) -> StructuredResult:
-    """Remove ``config.fraction`` of the prunable channels of a copy of ``model`` (left unchanged)."""
+    """Remove ``config.fraction`` of the inner channels (and ``config.stream_fraction`` of the residual-stream
+    channels) of a copy of ``model`` (left unchanged)."""
     import time
 
     tp = _tp()
     net = copy.deepcopy(model).eval()
     example = data.tensor(np.arange(1), model_device(net))
     before = module_shapes(net)
+    streams = config.stream_fraction > 0
     graph = _graph(net, example)  # rebuilt only after each round's surgery
-    groups = prunable_groups(net, example, graph)
-    if not groups:
+    groups = prunable_groups(net, example, graph, streams=streams)
+    if not any(not g.stream for g in groups) and config.fraction > 0:
         raise LrpcError("the model has no channels that can be removed without touching residual additions")
+    if streams and not any(g.stream for g in groups):
+        raise LrpcError("the model has no residual stream that can be pruned; use a stream fraction of 0")
     original = {g.root: g.size for g in groups}
-    total = sum(original.values())
+    is_stream = {g.root: g.stream for g in groups}
+    fraction = {False: config.fraction, True: config.stream_fraction}
     removed: dict[str, list[int]] = {g.root: [] for g in groups}
     alive = {g.root: list(range(g.size)) for g in groups}  # original index of each current channel
     score_s = 0.0
     scores: dict[str, torch.Tensor] = {}
     for step in progress(range(1, config.steps + 1), desc="channels", unit="step",
                          disable=not show_progress or config.steps == 1):
-        f = config.fraction * step / config.steps
         mods = dict(net.named_modules())
         sizes = {g.root: mods[g.root].out_channels for g in groups}
-        if config.scope == "layer":
-            targets = {r: max(1, original[r] - int(round(f * original[r]))) for r in sizes}
-        else:
-            keep_total = max(len(sizes), total - int(round(f * total)))
-            targets = {r: 0 for r in sizes}
-            targets[next(iter(targets))] = keep_total  # only the sum matters for global scope
+        targets = {}
+        for kind in (False, True):  # inner widths and residual streams each get their own budget
+            roots = [r for r in sizes if is_stream[r] == kind]
+            f = fraction[kind] * step / config.steps
+            if not roots:
+                continue
+            if config.scope == "layer":
+                targets.update({r: max(1, original[r] - int(round(f * original[r]))) for r in roots})
+            else:
+                total = sum(original[r] for r in roots)
+                targets.update({r: 0 for r in roots})
+                targets[roots[0]] = max(len(roots), total - int(round(f * total)))  # only the sum matters
         if sum(sizes.values()) <= sum(targets.values()):
             continue
         t0 = time.perf_counter()
         scores = channel_scores(net, data, groups, replace(config, seed=config.seed + step - 1),
                                 show_progress=show_progress)
         score_s += time.perf_counter() - t0
-        remove = select_channels(scores, sizes, targets, config.scope)
+        remove = {}
+        for kind in (False, True):
+            roots = [r for r in sizes if is_stream[r] == kind]
+            remove.update(select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
+                                          {r: targets[r] for r in roots}, config.scope))
         if config.compensate:
             means = _input_means(net, data, [c for g in groups for c in g.consumers], config)
             _compensate(net, groups, remove, means, example)
@@ -377,10 +487,10 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
             alive[g.root] = [a for i, a in enumerate(alive[g.root]) if i not in gone]
             graph.get_pruning_group(mods[g.root], tp.prune_conv_out_channels, idxs=list(idx)).prune()
         graph = _graph(net, example)
-        groups = [g for g in prunable_groups(net, example, graph) if g.root in original]
+        groups = [g for g in prunable_groups(net, example, graph, streams=streams) if g.root in original]
     if hasattr(net, "widths"):
         _refresh_widths(net)
-    kept = sum(len(v) for v in alive.values()) / total
+    kept = sum(len(v) for v in alive.values()) / sum(original.values())
     return StructuredResult(net.eval(), {k: sorted(v) for k, v in removed.items()}, changed_shapes(before, net),
                             kept, score_s, scores)
 
