@@ -1,14 +1,16 @@
 """Channel criteria × channel budgets × class subsets: structured pruning on the CIFAR ResNets of ../shared.
 
 For every setting (all 10 classes, or a class subset with the head cut to it and scores from those classes'
-training images) and every fraction of prunable channels (the inner width of every residual block), each
-criterion removes channels physically (Torch-Pruning dependency graph, mean compensation on), and the slim
-float model is evaluated on the test images of those classes, without and with 1 epoch of recovery
-fine-tuning. Speed is measured once per fraction (the slim architecture does not depend on the criterion):
-parameters, MACs, CPU latency at batch 1 and 64 and peak memory, dense model in the same run.
+training images) and every budget (a fraction of the inner width of every residual block, optionally plus a
+fraction of the residual-stream channels: ``0.5+0.25``), each criterion removes channels physically
+(Torch-Pruning dependency graph, mean compensation on), and the slim float model is evaluated on the test
+images of those classes, without and with recovery fine-tuning (1 epoch, `--epochs`). Speed is measured once per budget
+(the slim architecture does not depend on the criterion): parameters, MACs, CPU latency at batch 1 and 64 and
+peak memory, dense model in the same run.
 
     python benchmarks/bench_channels.py            # full run, writes benchmarks/results/channels.*
     python benchmarks/bench_channels.py --quick    # ResNet-20, one subset, two criteria, no fine-tuning
+    python benchmarks/bench_channels.py --budgets 0.5+0.25 --append   # add rows, keep the other committed ones
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from lrpcompress.evaluation import accuracy, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
-from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
+from lrpcompress.structured import ChannelPruneConfig, prune_channels, prune_gradually  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CRITERIA = {  # name -> ChannelPruneConfig overrides
@@ -45,24 +47,42 @@ CRITERIA = {  # name -> ChannelPruneConfig overrides
 }
 
 
-def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[float, dict]:
-    """CPU speed of the dense model and of its slim architecture at every fraction (timed in alternation).
+def parse_budget(text: str) -> tuple[float, float]:
+    """``0.5`` -> (0.5, 0.0): inner fraction only; ``0.5+0.25`` -> inner 0.5 and residual streams 0.25."""
+    inner, _, stream = text.partition("+")
+    return float(inner), float(stream or 0.0)
 
-    The slim architecture depends only on the fraction (layer scope), so it is measured once per model,
-    before any other work, on a quiet machine."""
+
+def budget_name(budget: tuple[float, float]) -> str:
+    return f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "")
+
+
+def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[tuple[float, float], dict]:
+    """CPU speed of the dense model and of its slim architecture at every budget.
+
+    The slim architecture depends only on the budget (layer scope), so it is measured once per model, before
+    any other work. All architectures are timed in one alternation (so machine load hits them alike), in
+    ``args.speed_passes`` passes; each latency is the median over passes of the per-pass medians."""
     dense = load_model(arch, Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
+    slims = []
+    for budget in args.budgets:
+        cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, samples=8, seed=args.seed,
+                                 stream_fraction=budget[1])
+        slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
+    passes = [speed_profiles([dense, *slims], example, repeats=50) for _ in range(args.speed_passes)]
+
+    def ms(i: int, b: str) -> float:
+        return round(float(np.median([p[i]["latency_ms"][b] for p in passes])), 3)
+
+    d = passes[0][0]
+    dense_row = {"params": d["params"], "macs": d["macs"], "latency_b1_ms": ms(0, "1"), "latency_b64_ms": ms(0, "64"),
+                 "peak_mem_b64_mb": round(d["peak_memory_bytes"]["64"] / 2**20, 2)}
     out = {}
-    for fraction in args.fractions:
-        cfg = ChannelPruneConfig(fraction, criterion="random", compensate=False, samples=8, seed=args.seed)
-        slim = prune_channels(dense, train, cfg, show_progress=False).model
-        d, s = speed_profiles([dense, slim], example, repeats=50)
-        out[fraction] = {"params": s["params"], "macs": s["macs"], "latency_b1_ms": s["latency_ms"]["1"],
-                         "latency_b64_ms": s["latency_ms"]["64"],
-                         "speedup_b64": round(d["latency_ms"]["64"] / s["latency_ms"]["64"], 3),
-                         "peak_mem_b64_mb": round(s["peak_memory_bytes"]["64"] / 2**20, 2),
-                         "dense": {"params": d["params"], "macs": d["macs"], "latency_b1_ms": d["latency_ms"]["1"],
-                                   "latency_b64_ms": d["latency_ms"]["64"],
-                                   "peak_mem_b64_mb": round(d["peak_memory_bytes"]["64"] / 2**20, 2)}}
+    for i, budget in enumerate(args.budgets, start=1):
+        s = passes[0][i]
+        out[budget] = {"params": s["params"], "macs": s["macs"], "latency_b1_ms": ms(i, "1"),
+                       "latency_b64_ms": ms(i, "64"), "speedup_b64": round(ms(0, "64") / ms(i, "64"), 3),
+                       "peak_mem_b64_mb": round(s["peak_memory_bytes"]["64"] / 2**20, 2), "dense": dense_row}
     return out
 
 
@@ -80,30 +100,39 @@ def run(args: argparse.Namespace, emit, log) -> None:
             test = test_all.restrict_classes(classes) if classes else test_all
             base = accuracy(dense, test, show_progress=False)
             tag = "10 classes" if classes is None else "classes " + ",".join(map(str, classes))
-            emit(dict(speed[args.fractions[0]]["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
-                      epochs=0, accuracy=round(base, 2), drop=0.0, speedup_b64=1.0))
-            for fraction in args.fractions:
+            emit(dict(speed[args.budgets[0]]["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
+                      streams=0.0, epochs=0, accuracy=round(base, 2), drop=0.0, speedup_b64=1.0))
+            for budget in args.budgets:
+                fraction, streams = budget
                 for name, kw in CRITERIA.items():
                     if name not in args.criteria:
                         continue
-                    cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed), **kw)
+                    cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed,
+                                                     stream_fraction=streams), **kw)
                     t0 = time.perf_counter()
                     res = prune_channels(dense, train, cfg, show_progress=False)
                     secs = time.perf_counter() - t0
-                    sp = {k: v for k, v in speed[fraction].items() if k != "dense"}
-                    common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction,
+                    sp = {k: v for k, v in speed[budget].items() if k != "dense"}
+                    common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction, streams=streams,
                                   prune_s=round(secs, 1))
                     acc = accuracy(res.model, test, show_progress=False)
                     emit(dict(common, epochs=0, accuracy=round(acc, 2), drop=round(base - acc, 2)))
-                    log(f"{arch} {tag} {name:9s} {fraction:.0%}: {acc:.2f}% (dense {base:.2f}%), "
-                        f"speed-up {sp['speedup_b64']:.2f}x, MACs {sp['macs'] / speed[fraction]['dense']['macs']:.0%}")
-                    if fraction in args.finetune_fractions and name in args.finetune_criteria:
-                        ft = finetune_model(res.model, train, FinetuneConfig(epochs=1, lr=args.lr, distill=1.0,
-                                                                             train_bn=True, seed=args.seed),
-                                            show_progress=False, device=args.device, teacher=dense)
+                    log(f"{arch} {tag} {name:9s} {budget_name(budget)}: {acc:.2f}% (dense {base:.2f}%), "
+                        f"speed-up {sp['speedup_b64']:.2f}x, MACs {sp['macs'] / speed[budget]['dense']['macs']:.0%}")
+                    if budget in args.finetune_budgets and name in args.finetune_criteria:
+                        fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, distill=1.0, batch_size=args.batch_size,
+                                              train_bn=True, seed=args.seed)
+                        if args.rounds > 1:  # gradual: cut and recover in rounds within the same epochs
+                            ft = prune_gradually(dense, train, cfg, fcfg, args.rounds, teacher=dense,
+                                                 show_progress=False, device=args.device).model
+                        else:
+                            ft = finetune_model(res.model, train, fcfg, show_progress=False, device=args.device,
+                                                teacher=dense)
                         acc = accuracy(ft, test, show_progress=False)
-                        emit(dict(common, epochs=1, accuracy=round(acc, 2), drop=round(base - acc, 2)))
-                        log(f"    + 1 epoch: {acc:.2f}%")
+                        emit(dict(common, epochs=args.epochs, rounds=args.rounds, accuracy=round(acc, 2),
+                                  drop=round(base - acc, 2), recipe=f"lr {args.lr:g}, batch {args.batch_size}"
+                                  + (f", {args.rounds} rounds" if args.rounds > 1 else "")))
+                        log(f"    + {args.epochs} epoch(s): {acc:.2f}%")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -117,15 +146,18 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (m, s) in zip(axes[0], panels):
         sub = [r for r in rows if r["model"] == m and r["setting"] == s]
         base = next(r["accuracy"] for r in sub if r["criterion"] == "dense")
+        dense_macs = next(r["macs"] for r in sub if r["criterion"] == "dense")
         for crit in [c for c in CRITERIA if any(r["criterion"] == c for r in sub)]:
-            for ep, style in ((0, "-o"), (1, "--s")):
-                pts = sorted((r["fraction"], r["accuracy"]) for r in sub if r["criterion"] == crit and r["epochs"] == ep)
+            for ep, rounds, style in ((0, 1, "-o"), (1, 1, "--s"), (1, 3, "-.d"), (2, 1, ":^")):
+                pts = sorted((100 * r["macs"] / dense_macs, r["accuracy"]) for r in sub
+                             if r["criterion"] == crit and r["epochs"] == ep and r.get("rounds", 1) == rounds)
                 if pts:
-                    ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], style,
-                            label=crit + (" +1 ep" if ep else ""))
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                            label=crit + (f" +{ep} ep" if ep else "") + (f", {rounds} rounds" if rounds > 1 else ""))
         ax.axhline(base, color="k", lw=0.8, ls=":", label="dense")
+        ax.invert_xaxis()
         ax.set_title(f"{m}, {s}")
-        ax.set_xlabel("prunable channels removed (%)")
+        ax.set_xlabel("MACs left (% of dense; inner widths, then residual streams cut)")
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -133,30 +165,50 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def normalise(row: dict) -> dict:
+    """Rows written before residual streams and the recipe column existed."""
+    row.setdefault("streams", 0.0)
+    row.setdefault("command", "python benchmarks/bench_channels.py` (accuracy), then "
+                              "`python benchmarks/bench_channels.py --speed-only")
+    if row["epochs"] and "recipe" not in row:
+        row["recipe"] = "lr 0.03, batch 128"
+    return row
+
+
 def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
-    cols = (("criterion", "criterion"), ("fraction", "removed"), ("epochs", "recovery epochs"),
+    cols = (("criterion", "criterion"), ("fraction", "inner removed"), ("streams", "streams removed"),
+            ("epochs", "recovery epochs"), ("recipe", "recovery"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
             ("peak_mem_b64_mb", "peak MiB b64"))
     lines = ["# Structured (channel) pruning benchmark", "",
-             f"Produced by: `{args.command}`  ",
+             "Produced by (each row's `command` in channels.json): "
+             + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", args.command) for r in rows)) + "  ",
              f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} CPU threads"
              f"{', fine-tuning on ' + args.device if args.device != 'cpu' else ''}; torch {torch.__version__}"
              + (f"; wall time {seconds / 60:.1f} min.  " if seconds else ".  "),
-             "Prunable channels: the inner width of every residual block (removing them touches no residual "
-             "addition). Scores from "
+             "Budgets: a fraction of the inner width of every residual block (removing them touches no residual "
+             "addition), and optionally of every residual stream (`streams removed`: the stem, each block's second "
+             "convolution and BatchNorm, the next blocks' inputs and the option-A shortcuts' channel maps are cut "
+             "alike). Scores from "
              f"{args.samples} training images of the setting's classes; accuracy on all test images of those classes; "
-             "mean compensation on; recovery = 1 epoch of SGD on the setting's training images (lr "
-             f"{args.lr}, one-cycle, distillation from the dense model, BatchNorm statistics updated). Latency: median of 50 CPU forward passes, "
-             "the dense and the slim architecture timed in alternation once per fraction (the slim architecture "
-             "does not depend on the criterion or the classes); `speed-up b64` divides by the dense time of the "
-             "same pairing, the dense row shows the first pairing's.", ""]
+             "mean compensation on; recovery = 1 or 2 epochs (column) of SGD (Nesterov, one-cycle) on the setting's training images "
+             "with distillation from the dense model and BatchNorm statistics updated, at the learning rate and "
+             "batch size in the `recovery` column (lr 0.01, batch 64 was chosen on 1,500 held-out training images, "
+             "see docs/FINDINGS.md; the lr 0.03, batch 128 rows are the earlier recipe). Latency: median of 50 CPU "
+             "forward passes, "
+             "the dense and every slim architecture of a model timed in one alternation, median of 3 such "
+             "passes (the slim architecture does not depend on the criterion or the classes; `--speed-only` "
+             "re-measures every row's speed this way on a quiet machine); `speed-up b64` = dense ms / slim ms "
+             "at batch 64. `rounds` > 1: the cut and the recovery epoch were split into that many rounds "
+             "(`prune_gradually`).", ""]
     for m in sorted({r["model"] for r in rows}):
         for s in sorted({r["setting"] for r in rows if r["model"] == m}):
             sub = [r for r in rows if r["model"] == m and r["setting"] == s]
-            sub.sort(key=lambda r: (r["epochs"], r["fraction"], -r["accuracy"]))
+            sub.sort(key=lambda r: (r["epochs"], r.get("rounds", 1), r["fraction"], r.get("streams", 0.0),
+                                    -r["accuracy"]))
             lines += [f"## {m}, {s}", "", markdown_table(sub, cols), ""]
     (out / "channels.md").write_text("\n".join(lines))
     plot(rows, out / "channels.png")
@@ -167,24 +219,34 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="resnet20")
     ap.add_argument("--subsets", default=None, help="';'-separated: 'all' or comma lists, e.g. 'all;0,1,8;3,4,5'")
-    ap.add_argument("--fractions", default=None)
+    ap.add_argument("--budgets", default=None,
+                    help="comma list of inner fractions, each optionally +stream fraction, e.g. 0.3,0.5+0.25")
     ap.add_argument("--criteria", default=",".join(CRITERIA))
-    ap.add_argument("--finetune-fractions", default=None)
+    ap.add_argument("--finetune-budgets", default=None)
     ap.add_argument("--finetune-criteria", default="l1,taylor,lrp_zplus")
-    ap.add_argument("--lr", type=float, default=0.03)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=1, help="recovery epochs of the fine-tuned rows")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="fine-tuned rows: cut and recover in this many rounds within the same epochs (gradual)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the committed rows of channels.json, replacing only the ones this run re-measures")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device for recovery fine-tuning (latency is always CPU)")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--speed-passes", type=int, default=3, help="timing passes (median taken)")
     ap.add_argument("--speed-only", action="store_true", help="re-measure only the speed columns of channels.json")
     args = ap.parse_args()
     args.command = " ".join(["python", "benchmarks/bench_channels.py", *sys.argv[1:]])
     args.models = args.models.split(",")
     args.subsets = (args.subsets or ("0,1,8" if args.quick else "all;0,1,8;3,4,5")).split(";")
-    args.fractions = [float(f) for f in (args.fractions or ("0.3" if args.quick else "0.2,0.3,0.5")).split(",")]
+    args.budgets = [parse_budget(b) for b in
+                    (args.budgets or ("0.3" if args.quick else "0.2,0.3,0.5,0.5+0.125,0.5+0.25")).split(",")]
     args.criteria = args.criteria.split(",") if not args.quick else ["l1", "lrp_zplus"]
-    args.finetune_fractions = [float(f) for f in (args.finetune_fractions or ("" if args.quick else "0.5")).split(",") if f]
+    args.finetune_budgets = [parse_budget(b) for b in
+                             (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",") if b]
     args.finetune_criteria = args.finetune_criteria.split(",")
     unknown = set(args.criteria) - set(CRITERIA)
     if unknown:
@@ -195,24 +257,33 @@ def main() -> None:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
     rows: list[dict] = []
+    kept: list[dict] = []
+    if args.append or args.speed_only:
+        kept = [normalise(r) for r in json.loads((Path(args.out) / "channels.json").read_text())]
+
+    def key(r: dict) -> tuple:
+        return r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r["epochs"], r.get("rounds", 1)
 
     def emit(row: dict) -> None:
-        rows.append(row)
-        write(rows, args, Path(args.out), started, time.perf_counter() - t0)
+        rows.append(dict(row, command=args.command))
+        new = {key(r) for r in rows}
+        everything = [r for r in kept if key(r) not in new] + rows
+        write(everything, args, Path(args.out), started, 0.0 if args.append else time.perf_counter() - t0)
 
     if args.speed_only:  # re-measure the speed columns of the committed rows (e.g. after a run on a busy machine)
-        old = json.loads((Path(args.out) / "channels.json").read_text())
-        args.fractions = sorted({r["fraction"] for r in old if r["criterion"] != "dense"})
+        old = kept
+        args.budgets = sorted({(r["fraction"], r["streams"]) for r in old if r["criterion"] != "dense"})
         train = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
         example = train.tensor(np.arange(1))
         for arch in sorted({r["model"] for r in old}):
             speed = measure_speed(arch, args, train, example)
             for r in old:
                 if r["model"] == arch:
-                    r.update(speed[args.fractions[0]]["dense"] if r["criterion"] == "dense"
-                             else {k: v for k, v in speed[r["fraction"]].items() if k != "dense"})
-        args.command = ("python benchmarks/bench_channels.py` (accuracy columns), then "
-                        "`python benchmarks/bench_channels.py --speed-only` (speed columns, on a quiet machine)")
+                    r.update(speed[args.budgets[0]]["dense"] if r["criterion"] == "dense"
+                             else {k: v for k, v in speed[(r["fraction"], r["streams"])].items() if k != "dense"})
+        for r in old:
+            if "--speed-only" not in r["command"]:
+                r["command"] += "`, speed re-measured by `python benchmarks/bench_channels.py --speed-only"
         rows.extend(old)
         write(rows, args, Path(args.out), started, 0.0)
         print(f"re-measured speed in {args.out}/channels.md")

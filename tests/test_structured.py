@@ -242,6 +242,18 @@ def test_cutting_streams_equals_zeroing_their_channels():
     # 8 + 8 pads, 3 more from the cut stage-1 channels, minus the 3 cut outputs (all pads)
     assert ref_model.layer2[0].shortcut.channel_map.count(-1) == 8 + 8 + 3 - 3
     torch.testing.assert_close(ref_model(x), ref, rtol=1e-5, atol=1e-5)
+    # a second cut on the already cut model (shortcuts now gather by their maps): original stage-1 channel 9
+    # is index 6 now; original stage-2 channel 29 (a pad) is index 27
+    twice = copy_model(model)
+    for root, idx in {"conv1": [1, 5, 6, 9], "layer2.0.conv2": [0, 3, 29, 30], "layer3.0.conv2": [2, 50, 63]}.items():
+        _zero_stream_channels(twice, groups[root].producers, idx)
+    graph = _graph(ref_model, x[:1])
+    mods = dict(ref_model.named_modules())
+    graph.get_pruning_group(mods["conv1"], tp.prune_conv_out_channels, idxs=[6]).prune()
+    graph = _graph(ref_model, x[:1])
+    graph.get_pruning_group(mods["layer2.0.conv2"], tp.prune_conv_out_channels, idxs=[27]).prune()
+    assert ref_model.conv1.out_channels == 12 and ref_model.layer2[0].shortcut.out_planes == 28
+    torch.testing.assert_close(ref_model(x), twice.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -293,3 +305,26 @@ def test_bad_shortcut_maps_are_refused():
         apply_shapes(build_model("resnet20", 10), {"layer2.0.shortcut": [3, 16, 0, 1]})
     with pytest.raises(LrpcError, match="stream fraction|residual-stream"):
         ChannelPruneConfig(0.1, stream_fraction=1.0)
+
+
+def test_gradual_pruning_reaches_the_one_shot_shapes_within_the_same_training_budget():
+    from lrpcompress.structured import prune_gradually
+
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(32)
+    cfg = ChannelPruneConfig(0.5, criterion="l1", samples=16, stream_fraction=0.25)
+    one_shot = prune_channels(model, data, cfg, show_progress=False)
+    ft = FinetuneConfig(epochs=1, batch_size=8, train_bn=True)
+    res = prune_gradually(model, data, cfg, ft, rounds=3, show_progress=False)
+
+    def counts(shapes):  # a shortcut's channel map depends on which channels were chosen; its sizes do not
+        return {k: v[:2] for k, v in shapes.items()}
+
+    assert counts(module_shapes(res.model)) == counts(module_shapes(one_shot.model))
+    assert counts(res.shapes) == counts(one_shot.shapes)
+    assert res.kept_fraction == pytest.approx(one_shot.kept_fraction)
+    assert all(len(set(v)) == len(v) for v in res.removed.values())
+    assert {k: len(v) for k, v in res.removed.items()} == {k: len(v) for k, v in one_shot.removed.items()}
+    assert model.conv1.out_channels == 16  # the input model is untouched
+    with pytest.raises(LrpcError, match="rounds"):
+        prune_gradually(model, data, cfg, ft, rounds=0, show_progress=False)

@@ -55,10 +55,14 @@ class OptionAShortcut(nn.Module):
             raise LrpcError(f"a shortcut channel map needs entries in -1..{in_planes - 1}, got {cmap}")
         self.in_planes, self.out_planes, self.channel_map = in_planes, len(cmap), cmap
         self._is_pad = cmap == self.default_map(in_planes, len(cmap)) and len(cmap) >= in_planes
-        # the extra zero channel appended in forward sits at index in_planes
-        idx = torch.tensor([c if c >= 0 else in_planes for c in cmap], dtype=torch.long)
+        # gather, then zero the padded outputs; no channel padding or concatenation, which dependency
+        # tracers (Torch-Pruning) would read as channel-mixing ops inside the shortcut
+        idx = torch.tensor([max(c, 0) for c in cmap], dtype=torch.long)
+        mask = torch.tensor([float(c >= 0) for c in cmap]).reshape(1, -1, 1, 1)
         old = getattr(self, "index", None)
-        self.register_buffer("index", idx.to(old.device) if old is not None else idx, persistent=False)
+        dev = old.device if old is not None else None
+        self.register_buffer("index", idx.to(dev), persistent=False)
+        self.register_buffer("mask", mask.to(dev), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
@@ -66,7 +70,7 @@ class OptionAShortcut(nn.Module):
             extra = self.out_planes - self.in_planes
             lo = extra // 2
             return F.pad(x, (0, 0, 0, 0, lo, extra - lo))
-        return F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, self.index)
+        return x.index_select(1, self.index) * self.mask.to(x.dtype)
 
 
 class BasicBlock(nn.Module):
@@ -300,10 +304,9 @@ def count_params(model: nn.Module) -> int:
 
 
 def dense_bytes(model: nn.Module) -> int:
-    """float32 bytes of all parameters and floating buffers."""
-    n = sum(p.numel() for p in model.parameters())
-    n += sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    return 4 * n
+    """float32 bytes of the model's float checkpoint: every floating tensor of its state_dict (parameters and
+    persistent buffers such as BatchNorm statistics; not derived ones like a shortcut's channel mask)."""
+    return 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
 __all__ = [

@@ -141,11 +141,18 @@ def _shortcut_pruner():
 
 def _graph(model: nn.Module, example: torch.Tensor):
     tp = _tp()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:  # tracing follows autograd: a frozen model would have no graph
+        p.requires_grad_(True)
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                     customized_pruners={OptionAShortcut: _shortcut_pruner()})
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                         customized_pruners={OptionAShortcut: _shortcut_pruner()})
     except Exception as exc:  # tracing failures come from user models: name them in one line
         raise LrpcError(f"cannot trace the model's channel dependencies: {str(exc).splitlines()[0]}") from None
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _group_kind(group) -> str | None:
@@ -424,9 +431,12 @@ def _refresh_widths(model: nn.Module) -> None:
 
 
 def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig,
-                   show_progress: bool = True) -> StructuredResult:
+                   show_progress: bool = True, reference: Mapping[str, int] | None = None) -> StructuredResult:
     """Remove ``config.fraction`` of the inner channels (and ``config.stream_fraction`` of the residual-stream
-    channels) of a copy of ``model`` (left unchanged)."""
+    channels) of a copy of ``model`` (left unchanged).
+
+    ``reference`` gives the channel count of each group (by root) that the fractions refer to, for a model
+    that was pruned before (default: its current counts)."""
     import time
 
     tp = _tp()
@@ -441,10 +451,12 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
     if streams and not any(g.stream for g in groups):
         raise LrpcError("the model has no residual stream that can be pruned; use a stream fraction of 0")
     original = {g.root: g.size for g in groups}
+    if reference is not None:
+        original = {r: max(int(reference.get(r, n)), n) for r, n in original.items()}
     is_stream = {g.root: g.stream for g in groups}
     fraction = {False: config.fraction, True: config.stream_fraction}
     removed: dict[str, list[int]] = {g.root: [] for g in groups}
-    alive = {g.root: list(range(g.size)) for g in groups}  # original index of each current channel
+    alive = {g.root: list(range(g.size)) for g in groups}  # index (in the input model) of each current channel
     score_s = 0.0
     scores: dict[str, torch.Tensor] = {}
     for step in progress(range(1, config.steps + 1), desc="channels", unit="step",
@@ -490,10 +502,50 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         groups = [g for g in prunable_groups(net, example, graph, streams=streams) if g.root in original]
     if hasattr(net, "widths"):
         _refresh_widths(net)
-    kept = sum(len(v) for v in alive.values()) / sum(original.values())
+    kept = sum(len(v) for v in alive.values()) / sum(original.values())  # of the reference counts
     return StructuredResult(net.eval(), {k: sorted(v) for k, v in removed.items()}, changed_shapes(before, net),
                             kept, score_s, scores)
 
 
+def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfig, finetune, rounds: int,
+                    teacher: nn.Module | None = None, show_progress: bool = True,
+                    device: torch.device | str | None = None) -> StructuredResult:
+    """Gradual pruning inside a fixed training budget: ``rounds`` times, cut to the next ``r/rounds`` of the
+    target fractions (rescoring the current model) and fine-tune (``finetune``, a FinetuneConfig) on the
+    next ``1/rounds`` of the training images, so recovery as a whole sees every image ``finetune.epochs``
+    times, as one cut followed by ``finetune.epochs`` epochs would. ``teacher`` defaults to ``model``."""
+    from .recovery import finetune_model
+
+    if rounds < 1:
+        raise LrpcError(f"rounds must be at least 1, got {rounds}")
+    if len(data) < rounds:
+        raise LrpcError(f"{len(data)} training images cannot be split into {rounds} rounds")
+    teacher = model if teacher is None else teacher
+    chunks = np.array_split(np.random.default_rng(finetune.seed).permutation(len(data)), rounds)
+    net, reference, alive, shapes0 = model, None, None, module_shapes(model)
+    res = None
+    score_s = 0.0
+    for r in progress(range(1, rounds + 1), desc="prune+recover", unit="round", disable=not show_progress):
+        step_cfg = replace(config, fraction=config.fraction * r / rounds,
+                           stream_fraction=config.stream_fraction * r / rounds, seed=config.seed + 1000 * (r - 1))
+        res = prune_channels(net, data, step_cfg, show_progress=False, reference=reference)
+        score_s += res.seconds_scoring
+        if reference is None:  # the first round's groups are the dense model's
+            example = data.tensor(np.arange(1), model_device(model))
+            groups = prunable_groups(model, example, streams=config.stream_fraction > 0)
+            reference = {g.root: g.size for g in groups}
+            alive = {root: list(range(n)) for root, n in reference.items()}
+        for root, idx in res.removed.items():
+            gone = set(idx)
+            alive[root] = [a for i, a in enumerate(alive[root]) if i not in gone]
+        net = finetune_model(res.model, data.subset(np.sort(chunks[r - 1])),
+                             replace(finetune, seed=finetune.seed + r - 1), show_progress=show_progress,
+                             device=device, teacher=teacher)
+    net = net.to(model_device(model)).eval()
+    kept = sum(len(v) for v in alive.values()) / sum(reference.values())
+    removed = {root: sorted(set(range(reference[root])) - set(v)) for root, v in alive.items()}
+    return StructuredResult(net, removed, changed_shapes(shapes0, net), kept, score_s, res.scores)
+
+
 __all__ = ["ChannelPruneConfig", "ChannelGroup", "StructuredResult", "CHANNEL_CRITERIA", "prunable_groups",
-           "channel_scores", "select_channels", "prune_channels", "module_shapes", "changed_shapes", "apply_shapes"]
+           "channel_scores", "select_channels", "prune_channels", "prune_gradually", "module_shapes", "changed_shapes", "apply_shapes"]
