@@ -152,7 +152,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 pts = sorted((100 * r["macs"] / dense_macs, r["accuracy"]) for r in sub
                              if r["criterion"] == crit and r["epochs"] == ep and r.get("rounds", 1) == rounds)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{list(CRITERIA).index(crit)}",
                             label=crit + (f" +{ep} ep" if ep else "") + (f", {rounds} rounds" if rounds > 1 else ""))
         ax.axhline(base, color="k", lw=0.8, ls=":", label="dense")
         ax.invert_xaxis()
@@ -236,6 +236,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="device for recovery fine-tuning (latency is always CPU)")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--report-only", action="store_true", help="only rewrite channels.md/png from channels.json")
     ap.add_argument("--speed-passes", type=int, default=3, help="timing passes (median taken)")
     ap.add_argument("--speed-only", action="store_true", help="re-measure only the speed columns of channels.json")
     args = ap.parse_args()
@@ -258,7 +259,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows: list[dict] = []
     kept: list[dict] = []
-    if args.append or args.speed_only:
+    if args.append or args.speed_only or args.report_only:
         kept = [normalise(r) for r in json.loads((Path(args.out) / "channels.json").read_text())]
 
     def key(r: dict) -> tuple:
@@ -270,6 +271,12 @@ def main() -> None:
         everything = [r for r in kept if key(r) not in new] + rows
         write(everything, args, Path(args.out), started, 0.0 if args.append else time.perf_counter() - t0)
 
+    if args.report_only:  # rewrite channels.md/png from the committed channels.json
+        old_md = (Path(args.out) / "channels.md").read_text().splitlines()
+        started = next((ln[len("Date: "):].split(";")[0] for ln in old_md if ln.startswith("Date: ")), started)
+        write(kept, args, Path(args.out), started, 0.0)
+        print(f"rewrote {args.out}/channels.md and channels.png")
+        return
     if args.speed_only:  # re-measure the speed columns of the committed rows (e.g. after a run on a busy machine)
         old = kept
         args.budgets = sorted({(r["fraction"], r["streams"]) for r in old if r["criterion"] != "dense"})
