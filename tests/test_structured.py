@@ -116,12 +116,18 @@ def test_iterative_and_global_pruning():
     assert all(len(set(v)) == len(v) and max(v, default=0) < 64 for v in res.removed.values())
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_torchvision_models_slim_and_rebuild_from_shapes(name):
+@pytest.mark.parametrize("name,streams", [("resnet18", 0.0), ("mobilenet_v2", 0.0), ("resnet18", 0.25),
+                                          ("mobilenet_v2", 0.25)])
+def test_torchvision_models_slim_and_rebuild_from_shapes(name, streams):
     torch.manual_seed(0)
     model = trained_like(getattr(torchvision.models, name)(num_classes=10))
     data = random_data(8, size=32)
-    res = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=8), show_progress=False)
+    res = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=8, stream_fraction=streams),
+                         show_progress=False)
+    if streams:  # residual streams (option-B downsample convolutions, inverted-residual additions) shrink too
+        x1 = data.tensor(np.arange(1))
+        assert count_macs(res.model, x1) < count_macs(prune_channels(model, data, ChannelPruneConfig(
+            0.3, criterion="l1", samples=8), show_progress=False).model, x1)
     assert res.shapes, "something was removed"
     x = data.tensor(np.arange(2))
     out = res.model(x)
