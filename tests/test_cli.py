@@ -358,6 +358,19 @@ def test_prune_streams_stores_shortcut_maps_that_load_back(tmp_path, tiny_data, 
     assert code == 0 and "test images" in text
 
 
+def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "r.lrpc", tmp_path / "r.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.5, "--recover-epochs", 1, "--bits", 8, "--no-speed",
+                       "--out", out, "--report", rep)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["channel_pruning"]["recover_epochs"] == 1
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--recover-epochs", 1, "--out", tmp_path / "x.lrpc")
+    assert_one_line_error(code, err, "--prune-channels")
+    assert not (tmp_path / "x.lrpc").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (("--prune-channels", "1.5"), "[0, 1)"),
     (("--prune-streams", "-0.1"), "[0, 1)"),

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of prunable channels (inner widths) removed physically before quantization")
     c.add_argument("--prune-streams", type=_fraction, default=0.0,
                    help="fraction of residual-stream channels removed too (every layer on a stream is cut alike)")
+    c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
+                   help="float fine-tuning epochs right after channel pruning, before quantization (distillation "
+                        "from the unpruned model, BatchNorm statistics updated, lr 0.01, batch 64)")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
                    help="how channels are ranked for --prune-channels (lrp uses --composite)")
     c.add_argument("--channel-scope", default="layer", choices=("layer", "global"))
@@ -234,8 +237,16 @@ def cmd_compress(a: argparse.Namespace) -> int:
         slim = sres.model
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = sres.shapes
+        if a.recover_epochs > 0:
+            from .recovery import FinetuneConfig, finetune_model
+
+            rcfg = FinetuneConfig(epochs=a.recover_epochs, lr=0.01, batch_size=64, distill=a.distill, train_bn=True,
+                                  seed=a.seed)
+            slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
-                        "removed": {k: len(v) for k, v in sres.removed.items()}}
+                        "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs}
+    elif a.recover_epochs > 0:
+        raise LrpcError("--recover-epochs recovers from channel pruning: add --prune-channels or --prune-streams")
     if a.max_drop is not None:
         result, chosen = compress_max_drop(slim, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec or None,
                                            reference=model)
