@@ -54,7 +54,7 @@ class OptionAShortcut(nn.Module):
         if not cmap or in_planes < 1 or any(c < -1 or c >= in_planes for c in cmap):
             raise LrpcError(f"a shortcut channel map needs entries in -1..{in_planes - 1}, got {cmap}")
         self.in_planes, self.out_planes, self.channel_map = in_planes, len(cmap), cmap
-        self._is_pad = cmap == self.default_map(in_planes, len(cmap)) and len(cmap) >= in_planes
+        self._is_pad = cmap == self.default_map(in_planes, len(cmap))
         # gather, then zero the padded outputs; no channel padding or concatenation, which dependency
         # tracers (Torch-Pruning) would read as channel-mixing ops inside the shortcut
         idx = torch.tensor([max(c, 0) for c in cmap], dtype=torch.long)
@@ -306,7 +306,8 @@ def count_params(model: nn.Module) -> int:
 def dense_bytes(model: nn.Module) -> int:
     """float32 bytes of the model's float checkpoint: every floating tensor of its state_dict (parameters and
     persistent buffers such as BatchNorm statistics; not derived ones like a shortcut's channel mask)."""
-    return 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    tensors = {t.data_ptr(): t.numel() for t in model.state_dict().values() if t.is_floating_point()}  # tied once
+    return 4 * sum(tensors.values())
 
 
 __all__ = [

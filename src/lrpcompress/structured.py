@@ -174,8 +174,6 @@ def _group_kind(group) -> str | None:
                 return None
             if "Add" in fn:
                 kind = "stream"
-        if isinstance(mod, OptionAShortcut):
-            kind = "stream"
     return kind
 
 
@@ -530,10 +528,9 @@ def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfi
                            stream_fraction=config.stream_fraction * r / rounds, seed=config.seed + 1000 * (r - 1))
         res = prune_channels(net, data, step_cfg, show_progress=False, reference=reference)
         score_s += res.seconds_scoring
-        if reference is None:  # the first round's groups are the dense model's
-            example = data.tensor(np.arange(1), model_device(model))
-            groups = prunable_groups(model, example, streams=config.stream_fraction > 0)
-            reference = {g.root: g.size for g in groups}
+        if reference is None:  # the first round's groups are the dense model's: kept + removed channels
+            mods = dict(res.model.named_modules())
+            reference = {root: mods[root].out_channels + len(idx) for root, idx in res.removed.items()}
             alive = {root: list(range(n)) for root, n in reference.items()}
         for root, idx in res.removed.items():
             gone = set(idx)
