@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, emit, log) -> None:
                     secs = time.perf_counter() - t0
                     sp = {k: v for k, v in speed[budget].items() if k != "dense"}
                     common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction, streams=streams,
-                                  prune_s=round(secs, 1))
+                                  prune_s=round(secs, 1), samples=args.samples, seed=args.seed)
                     acc = accuracy(res.model, test, show_progress=False)
                     emit(dict(common, epochs=0, accuracy=round(acc, 2), drop=round(base - acc, 2)))
                     log(f"{arch} {tag} {name:9s} {budget_name(budget)}: {acc:.2f}% (dense {base:.2f}%), "
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace, emit, log) -> None:
                         acc = accuracy(ft, test, show_progress=False)
                         emit(dict(common, epochs=args.epochs, rounds=args.rounds, accuracy=round(acc, 2),
                                   drop=round(base - acc, 2), recipe=f"lr {args.lr:g}, batch {args.batch_size}"
-                                  + (f", {args.rounds} rounds" if args.rounds > 1 else "")))
+                                  + (f", {args.rounds} rounds" if args.rounds > 1 else "")
+                                  + (f", on {args.device}" if args.device != "cpu" else "")))
                         log(f"    + {args.epochs} epoch(s): {acc:.2f}%")
 
 
@@ -144,7 +145,8 @@ def plot(rows: list[dict], path: Path) -> None:
     panels = sorted({(r["model"], r["setting"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (m, s) in zip(axes[0], panels):
-        sub = [r for r in rows if r["model"] == m and r["setting"] == s]
+        sub = [r for r in rows if r["model"] == m and r["setting"] == s  # the main runs; other seeds: table only
+               and r.get("samples", 512) == 512 and r.get("seed", 0) == 0]
         base = next(r["accuracy"] for r in sub if r["criterion"] == "dense")
         dense_macs = next(r["macs"] for r in sub if r["criterion"] == "dense")
         for crit in [c for c in CRITERIA if any(r["criterion"] == c for r in sub)]:
@@ -168,6 +170,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def normalise(row: dict) -> dict:
     """Rows written before residual streams and the recipe column existed."""
     row.setdefault("streams", 0.0)
+    row.setdefault("samples", 512)
+    row.setdefault("seed", 0)
     row.setdefault("command", "python benchmarks/bench_channels.py` (accuracy), then "
                               "`python benchmarks/bench_channels.py --speed-only")
     if row["epochs"] and "recipe" not in row:
@@ -179,15 +183,15 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = (("criterion", "criterion"), ("fraction", "inner removed"), ("streams", "streams removed"),
-            ("epochs", "recovery epochs"), ("recipe", "recovery"),
+            ("epochs", "recovery epochs"), ("recipe", "recovery"), ("samples", "scored images"), ("seed", "seed"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
             ("peak_mem_b64_mb", "peak MiB b64"))
     lines = ["# Structured (channel) pruning benchmark", "",
              "Produced by (each row's `command` in channels.json): "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", args.command) for r in rows)) + "  ",
-             f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} CPU threads"
-             f"{', fine-tuning on ' + args.device if args.device != 'cpu' else ''}; torch {torch.__version__}"
+             f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} CPU threads; "
+             f"torch {torch.__version__} (recovery on the CPU unless the `recovery` column names a GPU)"
              + (f"; wall time {seconds / 60:.1f} min.  " if seconds else ".  "),
              "Budgets: a fraction of the inner width of every residual block (removing them touches no residual "
              "addition), and optionally of every residual stream (`streams removed`: the stem, each block's second "
@@ -208,7 +212,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
         for s in sorted({r["setting"] for r in rows if r["model"] == m}):
             sub = [r for r in rows if r["model"] == m and r["setting"] == s]
             sub.sort(key=lambda r: (r["epochs"], r.get("rounds", 1), r["fraction"], r.get("streams", 0.0),
-                                    -r["accuracy"]))
+                                    r.get("samples", 512), r.get("seed", 0), -r["accuracy"]))
             lines += [f"## {m}, {s}", "", markdown_table(sub, cols), ""]
     (out / "channels.md").write_text("\n".join(lines))
     plot(rows, out / "channels.png")
@@ -263,7 +267,8 @@ def main() -> None:
         kept = [normalise(r) for r in json.loads((Path(args.out) / "channels.json").read_text())]
 
     def key(r: dict) -> tuple:
-        return r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r["epochs"], r.get("rounds", 1)
+        return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r["epochs"], r.get("rounds", 1),
+                r.get("samples", 512), r.get("seed", 0))
 
     def emit(row: dict) -> None:
         rows.append(dict(row, command=args.command))

@@ -100,10 +100,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     dx = torch.randint(0, 9, (n,), generator=gen)
     dy = torch.randint(0, 9, (n,), generator=gen)
     flip = torch.rand(n, generator=gen) < 0.5
-    out = torch.empty_like(x)
-    for i in range(n):
-        crop = pad[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
+    rows = dy[:, None] + torch.arange(h)
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(-1), cols)
+    out = pad[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
     return out
 
 
