@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lrpcompress.data import load_data  # noqa: E402
 from lrpcompress.evaluation import accuracy, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
-from lrpcompress.recovery import FinetuneConfig, finetune_model  # noqa: E402
+from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig, prune_channels, prune_gradually  # noqa: E402
 
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace, emit, log) -> None:
                     log(f"{arch} {tag} {name:9s} {budget_name(budget)}: {acc:.2f}% (dense {base:.2f}%), "
                         f"speed-up {sp['speedup_b64']:.2f}x, MACs {sp['macs'] / speed[budget]['dense']['macs']:.0%}")
                     if budget in args.finetune_budgets and name in args.finetune_criteria:
-                        fcfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, distill=1.0, batch_size=args.batch_size,
-                                              train_bn=True, seed=args.seed)
+                        fcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                       seed=args.seed)
                         if args.rounds > 1:  # gradual: cut and recover in rounds within the same epochs
                             ft = prune_gradually(dense, train, cfg, fcfg, args.rounds, teacher=dense,
                                                  show_progress=False, device=args.device).model
@@ -228,8 +228,8 @@ def main() -> None:
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--finetune-budgets", default=None)
     ap.add_argument("--finetune-criteria", default="l1,taylor,lrp_zplus")
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=RECOVERY_RECIPE.lr)
+    ap.add_argument("--batch-size", type=int, default=RECOVERY_RECIPE.batch_size)
     ap.add_argument("--epochs", type=int, default=1, help="recovery epochs of the fine-tuned rows")
     ap.add_argument("--rounds", type=int, default=1,
                     help="fine-tuned rows: cut and recover in this many rounds within the same epochs (gradual)")

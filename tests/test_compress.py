@@ -140,18 +140,43 @@ def test_finetune_keeps_allocation_and_pruned_zeros(digits):
                                                               show_progress=False) - 2.0
 
 
+def test_fitted_sparsity_is_the_smallest_that_fits_the_floor(digits):
+    from lrpcompress.compress import fit_sparsity, with_knobs
+
+    model, train, _ = digits
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0)
+    s = fit_sparsity(model, train, cfg, 3, "digits_cnn")
+    assert 0.0 < s < 0.95 and abs(s / 0.005 - round(s / 0.005)) < 1e-6
+    uniform3 = replace(cfg, target_ratio=None, quant=replace(cfg.quant, allocation="uniform", bits=3, importance="none"),
+                       bias_correction=False)
+    limit = compress(model, train, cfg, "digits_cnn", show_progress=False).dense_bytes / 12.0
+    fits = compress(model, train, with_knobs(uniform3, s, 1), "digits_cnn", show_progress=False).file_bytes
+    over = compress(model, train, with_knobs(uniform3, s - 0.005, 1), "digits_cnn", show_progress=False).file_bytes
+    assert fits <= limit < over
+    # and the allocator, floored at 3 bits at that sparsity, meets the target on the real file
+    res = compress(model, train, with_knobs(cfg, s, 3), "digits_cnn", show_progress=False)
+    assert res.file_bytes <= limit and all(set(np.unique(b)) <= set(range(3, 9)) for b in res.bits.values())
+    # a method without a size target of its own (uniform bits) is fitted to an explicit byte count alike
+    plain = replace(method_config("magnitude"), relevance=cfg.relevance)
+    assert fit_sparsity(model, train, plain, 3, "digits_cnn", target_bytes=int(limit)) == s
+    with pytest.raises(LrpcError, match="size target"):
+        fit_sparsity(model, train, replace(cfg, target_ratio=None), 3, "digits_cnn")
+
+
 def test_size_target_search_picks_the_most_accurate_setting_on_held_out_data(digits):
-    from lrpcompress.compress import compress_tuned, knob_grid, with_knobs
+    from lrpcompress.compress import compress_tuned, knob_grid, resolve_knobs, with_knobs
     from lrpcompress.data import split_train_val
 
     model, train, _ = digits
     fit, val = split_train_val(train, 200, 0)
     cfg = replace(_small(method_config("lrp")), target_ratio=12.0)
     res, knobs = compress_tuned(model, fit, val, cfg, "digits_cnn", show_progress=False)
-    assert len(knob_grid(12.0)) == 4 and knob_grid(4.0) == [(0.0, 1)]
-    assert res.file_bytes <= res.dense_bytes / 12.0 * 1.02
+    assert (None, 3) in knob_grid(12.0) and knob_grid(4.0) == [(0.0, 1)]
+    assert res.file_bytes <= res.dense_bytes / 12.0
+    grid = resolve_knobs(model, fit, cfg, knob_grid(12.0), "digits_cnn")
+    assert all(s is not None for s, _ in grid) and len(grid) == 3
     accs = {}
-    for s, b in knob_grid(12.0):
+    for s, b in grid:
         try:
             r = compress(model, fit, with_knobs(cfg, s, b), "digits_cnn", show_progress=False)
         except LrpcError:  # a floor of 3 bits cannot fit 12x without pruning: the search skips it

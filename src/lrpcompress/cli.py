@@ -238,10 +238,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = sres.shapes
         if a.recover_epochs > 0:
-            from .recovery import FinetuneConfig, finetune_model
+            from .recovery import RECOVERY_RECIPE, finetune_model
 
-            rcfg = FinetuneConfig(epochs=a.recover_epochs, lr=0.01, batch_size=64, distill=a.distill, train_bn=True,
-                                  seed=a.seed)
+            rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
                         "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs}

@@ -425,7 +425,9 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     scores = scores if scores is not None else {}
     needed = {config.quant.importance} - {"none"}
     prune_src = {"relevance": "lrp", "abs_relevance": "lrp"}.get(config.prune_score, config.prune_score)
-    if config.prune.criterion != "none" and not (config.prune.criterion == "fraction" and config.prune.sparsity == 0):
+    pruning = config.prune.criterion != "none" and not (config.prune.criterion == "fraction"
+                                                        and config.prune.sparsity == 0)
+    if pruning:
         needed.add(prune_src)
     if config.quant.allocation == "tiers" and config.quant.importance == "none":
         raise LrpcError("tiered allocation needs an importance score (lrp, taylor or random)")
@@ -435,8 +437,13 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             scores[score_key(src, config)] = compute_scores(src, model, train, config, show_progress)
             score_seconds += scores[score_key(src, config)].seconds
 
+    q = config.quant
+    r = config.relevance
+    if q.activation_aware and q.allocation != "uniform" and score_key("stats", config) not in scores:
+        scores[score_key("stats", config)] = activation_stats(model, train, r.samples, r.batch_size, r.seed)
+
     # pruning
-    if prune_src in needed:
+    if pruning:
         pscore = scores[score_key(prune_src, config)].weights
         if config.prune_score == "abs_relevance":
             pscore = {k: v.abs() for k, v in pscore.items()}
@@ -445,7 +452,6 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         masks = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in canon.weights.items()}
 
     # bit allocation
-    q = config.quant
     fixed = {k: b for k in canon.weights for pat, b in q.overrides.items() if fnmatch.fnmatch(k, pat)}
     free = [k for k in canon.weights if k not in fixed]
     layouts = {k: _layout(w, q.group_size) for k, w in canon.weights.items()}
@@ -481,12 +487,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             correct_biases_(cm, model, canon, train, sample_indices(len(train), r.samples, r.seed, train.y))
         return cm
 
-    stats = None
-    if q.activation_aware and q.allocation != "uniform":
-        if score_key("stats", config) not in scores:
-            r = config.relevance
-            scores[score_key("stats", config)] = activation_stats(model, train, r.samples, r.batch_size, r.seed)
-        stats = scores[score_key("stats", config)]
+    stats = scores[score_key("stats", config)] if q.activation_aware and q.allocation != "uniform" else None
     if q.allocation == "uniform":
         bits.update({k: np.full(layouts[k].n_groups, q.bits, np.int64) for k in free})
     elif q.allocation == "tiers":
@@ -517,15 +518,66 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)
 
 
-def knob_grid(ratio: float) -> list[tuple[float, int]]:
+def knob_grid(ratio: float) -> list[tuple[float | None, int]]:
     """(magnitude sparsity before allocation, smallest bit-width the allocator may use) worth trying at a
     compression ratio. Below 8× the allocator alone is best; beyond, unstructured sparsity and a floor on
-    the bit-width can beat spreading 1–2-bit codes over every channel (ResNet-44 at 12×, FINDINGS.md)."""
+    the bit-width can beat spreading 1–2-bit codes over every channel. Sparsity ``None`` means "fitted": the
+    smallest sparsity at which the floor fits the size target (:func:`fit_sparsity`); on ResNet-44 at 12×
+    accuracy falls steeply with every point of sparsity past that (FINDINGS.md), so no slack is left."""
     if ratio < 8:
         return [(0.0, 1)]
     if ratio < 12:
         return [(0.0, 1), (0.25, 1), (0.5, 1)]
-    return [(0.0, 1), (0.5, 1), (0.25, 3), (0.5, 3)]
+    return [(0.0, 1), (0.5, 1), (None, 3)]
+
+
+def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min_bits: int, arch: str,
+                 step: float = 0.005, model_spec_extra: Mapping[str, Any] | None = None,
+                 target_bytes: int | None = None) -> float:
+    """The smallest magnitude sparsity (a multiple of ``step``) at which every weight at ``min_bits`` bits fits
+    ``target_bytes`` (default: ``config``'s size target), measured on the real file (no bias correction or
+    clip search: neither changes the size). Unstructured masks cost the same at any sparsity in the bitmap
+    range, so the size is linear in the sparsity there: two probes place it, a few more confirm it."""
+    if target_bytes is None and config.target_ratio is None and config.target_bytes is None:
+        raise LrpcError("fitting a sparsity needs a size target (--target-ratio or --target-bytes)")
+    target = target_bytes or config.target_bytes or int(dense_bytes(model) / config.target_ratio)
+    probe = replace(config, target_ratio=None, target_bytes=None, bias_correction=False,
+                    finetune=replace(config.finetune, epochs=0),
+                    quant=replace(config.quant, allocation="uniform", bits=min_bits, importance="none",
+                                                search_clip=False))
+
+    def size(s: float) -> int:
+        return compress(model, train, with_knobs(probe, s, 1), arch, show_progress=False,
+                        model_spec_extra=model_spec_extra).file_bytes
+
+    if size(0.0) <= target:
+        return 0.0
+    lo, hi = 0.5, 0.6
+    s_lo, s_hi = size(lo), size(hi)
+    guess = lo + (s_lo - target) / max(s_lo - s_hi, 1) * (hi - lo)
+    s = min(max(np.ceil(guess / step - 1e-9) * step, step), 0.95)
+    while size(s) > target:  # the estimate is a line through two probes: step up until the file fits
+        s = round(s + step, 6)
+        if s >= 0.95:
+            raise LrpcError(f"even 95% sparsity does not fit {min_bits}-bit codes into {target} bytes")
+    while s - step >= step and size(round(s - step, 6)) <= target:  # and down while it still fits
+        s = round(s - step, 6)
+    return float(round(s, 6))
+
+
+def resolve_knobs(model: nn.Module, train: ImageData, config: CompressConfig, grid: list[tuple[float | None, int]],
+                  arch: str, model_spec_extra: Mapping[str, Any] | None = None) -> list[tuple[float, int]]:
+    """:func:`knob_grid` with fitted sparsities computed; settings that cannot fit at all are dropped."""
+    out = []
+    for sparsity, min_bits in grid:
+        if sparsity is None:
+            try:
+                sparsity = fit_sparsity(model, train, config, min_bits, arch, model_spec_extra=model_spec_extra)
+            except LrpcError:
+                continue
+        if (sparsity, min_bits) not in out:
+            out.append((sparsity, min_bits))
+    return out
 
 
 def with_knobs(config: CompressConfig, sparsity: float, min_bits: int) -> CompressConfig:
@@ -551,7 +603,7 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
         return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
                         show_progress=show_progress), {}
     ratio = config.target_ratio or dense_bytes(model) / config.target_bytes
-    grid = knob_grid(ratio)
+    grid = resolve_knobs(model, fit, config, knob_grid(ratio), arch, model_spec_extra)
     if len(grid) == 1:
         return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
                         show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
@@ -644,7 +696,19 @@ def _fit_budget(tables, fixed_bits: Mapping[str, np.ndarray], build, target: int
     overhead = size - est_bits / 8.0
     budget = (target - overhead) * 8.0
     best = None
+    floor = {t.name: np.asarray(t.options)[t.costs.argmin(1)].astype(np.int64) for t in tables}
+    floor_bits = sum(float(t.costs.min(1).sum()) for t in tables)
     for _ in range(8):
+        if budget < floor_bits:
+            # the overhead estimate (from a 4-bit probe) can be off by the bytes that round each tensor's
+            # codes; the real file decides whether the cheapest allocation fits
+            if best is None:
+                floor_size = len(build({**fixed_bits, **floor}).to_bytes())
+                if floor_size > target:
+                    raise LrpcError(f"the byte budget is unreachable: the file needs at least {floor_size} bytes "
+                                    f"at the smallest bit-widths, {target} were asked for; ask for a larger file")
+                best = floor
+            break
         alloc = allocate_optimal(tables, budget)
         size = len(build({**fixed_bits, **alloc}).to_bytes())
         if size <= target:
@@ -672,6 +736,6 @@ def _default_widths(arch: str) -> list[int] | None:
 
 
 __all__ = ["CompressConfig", "QuantConfig", "CompressedModel", "CompressResult", "Scores", "compress",
-           "compress_tuned", "knob_grid", "with_knobs", "compress_max_drop",
+           "compress_tuned", "knob_grid", "fit_sparsity", "resolve_knobs", "with_knobs", "compress_max_drop",
            "compute_scores", "method_config", "load_compressed", "module_from_payload", "canonicalize",
            "channel_importance", "METHODS", "decode", "load_payload"]

@@ -46,6 +46,11 @@ class FinetuneConfig:
             raise LrpcError(f"finetune learning rate must be > 0, got {self.lr}")
 
 
+# Float recovery after channel pruning: distillation from the unpruned model, BatchNorm statistics updated.
+# lr 0.01 / batch 64 were chosen among 12 recipes on held-out training images (docs/FINDINGS.md §5).
+RECOVERY_RECIPE = FinetuneConfig(epochs=1, lr=0.01, batch_size=64, distill=1.0, train_bn=True)
+
+
 def fake_quantize(w: torch.Tensor, layout: GroupLayout, bits: torch.Tensor, scales: torch.Tensor,
                   keep: torch.Tensor) -> torch.Tensor:
     """Quantized values of ``w`` at fixed per-group bits and scales (the decoder's arithmetic, float32)."""
