@@ -150,8 +150,9 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
     def magnitude_candidates(budget: float) -> list:
         """Magnitude pruning × uniform bits: a fixed sparsity grid, plus for every bit-width the smallest
         sparsity that fits the budget (so the baseline is not left just over the cap)."""
+        grid = (0.0, 0.25, 0.5, 0.75)
         out = [({"sparsity": s, "bits": b}, with_quant("magnitude", b, PruneConfig("fraction", s)))
-               for b in bits_grid for s in (0.0, 0.25, 0.5, 0.75)]
+               for b in bits_grid for s in grid]
         for b in bits_grid:
             key = ("magnitude", budget, b)
             if key not in fitted:
@@ -161,7 +162,7 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
                 except LrpcError:
                     fitted[key] = None
             s = fitted[key]
-            if s is not None and s not in (0.0, 0.25, 0.5, 0.75):
+            if s is not None and s not in grid:
                 out.append(({"sparsity": s, "bits": b}, with_quant("magnitude", b, PruneConfig("fraction", s))))
         return out
 

@@ -425,9 +425,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     scores = scores if scores is not None else {}
     needed = {config.quant.importance} - {"none"}
     prune_src = {"relevance": "lrp", "abs_relevance": "lrp"}.get(config.prune_score, config.prune_score)
-    pruning = config.prune.criterion != "none" and not (config.prune.criterion == "fraction"
-                                                        and config.prune.sparsity == 0)
-    if pruning:
+    if config.prune.criterion != "none" and not (config.prune.criterion == "fraction" and config.prune.sparsity == 0):
         needed.add(prune_src)
     if config.quant.allocation == "tiers" and config.quant.importance == "none":
         raise LrpcError("tiered allocation needs an importance score (lrp, taylor or random)")
@@ -437,13 +435,8 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             scores[score_key(src, config)] = compute_scores(src, model, train, config, show_progress)
             score_seconds += scores[score_key(src, config)].seconds
 
-    q = config.quant
-    r = config.relevance
-    if q.activation_aware and q.allocation != "uniform" and score_key("stats", config) not in scores:
-        scores[score_key("stats", config)] = activation_stats(model, train, r.samples, r.batch_size, r.seed)
-
     # pruning
-    if pruning:
+    if prune_src in needed:
         pscore = scores[score_key(prune_src, config)].weights
         if config.prune_score == "abs_relevance":
             pscore = {k: v.abs() for k, v in pscore.items()}
@@ -452,6 +445,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         masks = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in canon.weights.items()}
 
     # bit allocation
+    q = config.quant
     fixed = {k: b for k in canon.weights for pat, b in q.overrides.items() if fnmatch.fnmatch(k, pat)}
     free = [k for k in canon.weights if k not in fixed]
     layouts = {k: _layout(w, q.group_size) for k, w in canon.weights.items()}
@@ -487,7 +481,12 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             correct_biases_(cm, model, canon, train, sample_indices(len(train), r.samples, r.seed, train.y))
         return cm
 
-    stats = scores[score_key("stats", config)] if q.activation_aware and q.allocation != "uniform" else None
+    stats = None
+    if q.activation_aware and q.allocation != "uniform":
+        if score_key("stats", config) not in scores:
+            r = config.relevance
+            scores[score_key("stats", config)] = activation_stats(model, train, r.samples, r.batch_size, r.seed)
+        stats = scores[score_key("stats", config)]
     if q.allocation == "uniform":
         bits.update({k: np.full(layouts[k].n_groups, q.bits, np.int64) for k in free})
     elif q.allocation == "tiers":

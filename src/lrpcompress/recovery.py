@@ -108,9 +108,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     rows = dy[:, None] + torch.arange(h)
     cols = dx[:, None] + torch.arange(w)
     cols = torch.where(flip[:, None], cols.flip(-1), cols)
-    out = pad[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-              rows[:, None, :, None], cols[:, None, None, :]]
-    return out
+    return pad[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, config: FinetuneConfig,
