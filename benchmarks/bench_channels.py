@@ -47,14 +47,16 @@ CRITERIA = {  # name -> ChannelPruneConfig overrides
 }
 
 
-def parse_budget(text: str) -> tuple[float, float]:
-    """``0.5`` -> (0.5, 0.0): inner fraction only; ``0.5+0.25`` -> inner 0.5 and residual streams 0.25."""
+def parse_budget(text: str) -> tuple[float, float, int]:
+    """``0.5`` -> (0.5, 0.0, 1): inner fraction only; ``0.5+0.25`` -> inner 0.5 and residual streams 0.25;
+    ``0.3@8`` -> inner 0.3 with every layer's kept channels rounded to a multiple of 8."""
+    text, _, multiple = text.partition("@")
     inner, _, stream = text.partition("+")
-    return float(inner), float(stream or 0.0)
+    return float(inner), float(stream or 0.0), int(multiple or 1)
 
 
-def budget_name(budget: tuple[float, float]) -> str:
-    return f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "")
+def budget_name(budget: tuple[float, float, int]) -> str:
+    return f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "") + (f"@{budget[2]}" if budget[2] > 1 else "")
 
 
 def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[tuple[float, float], dict]:
@@ -67,7 +69,7 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[t
     slims = []
     for budget in args.budgets:
         cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, samples=8, seed=args.seed,
-                                 stream_fraction=budget[1])
+                                 stream_fraction=budget[1], round_to=budget[2])
         slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
     passes = [speed_profiles([dense, *slims], example, repeats=50) for _ in range(args.speed_passes)]
 
@@ -103,18 +105,19 @@ def run(args: argparse.Namespace, emit, log) -> None:
             emit(dict(speed[args.budgets[0]]["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
                       streams=0.0, epochs=0, accuracy=round(base, 2), drop=0.0, speedup_b64=1.0))
             for budget in args.budgets:
-                fraction, streams = budget
+                fraction, streams, round_to = budget
                 for name, kw in CRITERIA.items():
                     if name not in args.criteria:
                         continue
                     cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed,
-                                                     stream_fraction=streams), **kw)
+                                                     stream_fraction=streams, round_to=round_to), **kw)
                     t0 = time.perf_counter()
                     res = prune_channels(dense, train, cfg, show_progress=False)
                     secs = time.perf_counter() - t0
                     sp = {k: v for k, v in speed[budget].items() if k != "dense"}
                     common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction, streams=streams,
-                                  prune_s=round(secs, 1), samples=args.samples, seed=args.seed)
+                                  round_to=round_to, kept=round(res.kept_fraction, 4), prune_s=round(secs, 1),
+                                  samples=args.samples, seed=args.seed)
                     acc = accuracy(res.model, test, show_progress=False)
                     emit(dict(common, epochs=0, accuracy=round(acc, 2), drop=round(base - acc, 2)))
                     log(f"{arch} {tag} {name:9s} {budget_name(budget)}: {acc:.2f}% (dense {base:.2f}%), "
@@ -146,7 +149,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (m, s) in zip(axes[0], panels):
         sub = [r for r in rows if r["model"] == m and r["setting"] == s  # the main runs; other seeds: table only
-               and r.get("samples", 512) == 512 and r.get("seed", 0) == 0]
+               and r.get("samples", 512) == 512 and r.get("seed", 0) == 0 and r.get("round_to", 1) == 1]
         base = next(r["accuracy"] for r in sub if r["criterion"] == "dense")
         dense_macs = next(r["macs"] for r in sub if r["criterion"] == "dense")
         for crit in [c for c in CRITERIA if any(r["criterion"] == c for r in sub)]:
@@ -172,6 +175,7 @@ def normalise(row: dict) -> dict:
     row.setdefault("streams", 0.0)
     row.setdefault("samples", 512)
     row.setdefault("seed", 0)
+    row.setdefault("round_to", 1)
     row.setdefault("command", "python benchmarks/bench_channels.py` (accuracy), then "
                               "`python benchmarks/bench_channels.py --speed-only")
     if row["epochs"] and "recipe" not in row:
@@ -183,6 +187,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = (("criterion", "criterion"), ("fraction", "inner removed"), ("streams", "streams removed"),
+            ("round_to", "kept rounded to"), ("kept", "channels kept"),
             ("epochs", "recovery epochs"), ("recipe", "recovery"), ("samples", "scored images"), ("seed", "seed"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
@@ -212,7 +217,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
         for s in sorted({r["setting"] for r in rows if r["model"] == m}):
             sub = [r for r in rows if r["model"] == m and r["setting"] == s]
             sub.sort(key=lambda r: (r["epochs"], r.get("rounds", 1), r["fraction"], r.get("streams", 0.0),
-                                    r.get("samples", 512), r.get("seed", 0), -r["accuracy"]))
+                                    r.get("round_to", 1), r.get("samples", 512), r.get("seed", 0), -r["accuracy"]))
             lines += [f"## {m}, {s}", "", markdown_table(sub, cols), ""]
     (out / "channels.md").write_text("\n".join(lines))
     plot(rows, out / "channels.png")
@@ -224,9 +229,10 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20")
     ap.add_argument("--subsets", default=None, help="';'-separated: 'all' or comma lists, e.g. 'all;0,1,8;3,4,5'")
     ap.add_argument("--budgets", default=None,
-                    help="comma list of inner fractions, each optionally +stream fraction, e.g. 0.3,0.5+0.25")
+                    help="comma list of inner fractions, each optionally +stream fraction and @multiple to round kept "
+                         "channels to, e.g. 0.3,0.5+0.25,0.3@8")
     ap.add_argument("--criteria", default=",".join(CRITERIA))
-    ap.add_argument("--finetune-budgets", default=None)
+    ap.add_argument("--finetune-budgets", default=None, help="budgets that also get recovery rows (none: no such rows)")
     ap.add_argument("--finetune-criteria", default="l1,taylor,lrp_zplus")
     ap.add_argument("--lr", type=float, default=RECOVERY_RECIPE.lr)
     ap.add_argument("--batch-size", type=int, default=RECOVERY_RECIPE.batch_size)
@@ -251,7 +257,8 @@ def main() -> None:
                     (args.budgets or ("0.3" if args.quick else "0.2,0.3,0.5,0.5+0.125,0.5+0.25")).split(",")]
     args.criteria = args.criteria.split(",") if not args.quick else ["l1", "lrp_zplus"]
     args.finetune_budgets = [parse_budget(b) for b in
-                             (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",") if b]
+                             (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",")
+                             if b and b != "none"]
     args.finetune_criteria = args.finetune_criteria.split(",")
     unknown = set(args.criteria) - set(CRITERIA)
     if unknown:
@@ -267,8 +274,8 @@ def main() -> None:
         kept = [normalise(r) for r in json.loads((Path(args.out) / "channels.json").read_text())]
 
     def key(r: dict) -> tuple:
-        return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r["epochs"], r.get("rounds", 1),
-                r.get("samples", 512), r.get("seed", 0))
+        return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r.get("round_to", 1),
+                r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0))
 
     def emit(row: dict) -> None:
         rows.append(dict(row, command=args.command))
@@ -284,7 +291,8 @@ def main() -> None:
         return
     if args.speed_only:  # re-measure the speed columns of the committed rows (e.g. after a run on a busy machine)
         old = kept
-        args.budgets = sorted({(r["fraction"], r["streams"]) for r in old if r["criterion"] != "dense"})
+        args.budgets = sorted({(r["fraction"], r["streams"], r.get("round_to", 1)) for r in old
+                               if r["criterion"] != "dense"})
         train = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
         example = train.tensor(np.arange(1))
         for arch in sorted({r["model"] for r in old}):
@@ -292,7 +300,8 @@ def main() -> None:
             for r in old:
                 if r["model"] == arch:
                     r.update(speed[args.budgets[0]]["dense"] if r["criterion"] == "dense"
-                             else {k: v for k, v in speed[(r["fraction"], r["streams"])].items() if k != "dense"})
+                             else {k: v for k, v in speed[(r["fraction"], r["streams"], r.get("round_to", 1))].items()
+                                   if k != "dense"})
         for r in old:
             if "--speed-only" not in r["command"]:
                 r["command"] += "`, speed re-measured by `python benchmarks/bench_channels.py --speed-only"

@@ -358,6 +358,19 @@ def test_prune_streams_stores_shortcut_maps_that_load_back(tmp_path, tiny_data, 
     assert code == 0 and "test images" in text
 
 
+def test_channel_round_to_gives_widths_in_multiples(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "r8.lrpc", tmp_path / "r8.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.3, "--channel-round-to", 8, "--channel-criterion", "l1",
+                       "--bits", 8, "--no-speed", "--out", out, "--report", rep)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["channel_pruning"]["settings"]["round_to"] == 8
+    from lrpcompress.compress import load_compressed
+
+    net, _ = load_compressed(out)
+    assert net.widths == [8] * 3 + [24] * 3 + [48] * 3
+
+
 def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_data, resnet20_weights, capsys):
     out, rep = tmp_path / "r.lrpc", tmp_path / "r.json"
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
@@ -375,6 +388,7 @@ def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_
     (("--prune-channels", "1.5"), "[0, 1)"),
     (("--prune-streams", "-0.1"), "[0, 1)"),
     (("--channel-criterion", "magic"), "invalid choice"),
+    (("--prune-channels", "0.3", "--channel-round-to", "0"), "--channel-round-to"),
     (("--device", "tpu"), "device"),
 ])
 def test_bad_channel_and_device_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):

@@ -203,6 +203,17 @@ def test_start_points_differ(cnn_and_data):
     assert res["predicted"].start_total == pytest.approx(float(logits[torch.arange(5), pred].sum()))
 
 
+def test_contrast_start_is_the_log_probability_gradient(cnn_and_data):
+    """``contrast`` starts from d log p_y / d logits: relevance at the output is z_y - sum_k p_k z_k."""
+    model, x, y = cnn_and_data
+    res = relevance_batches(model, iter([(x, y)]), RelevanceConfig(start="contrast", samples=5), show_progress=False)
+    logits = model(x).detach().double()
+    want = (logits[torch.arange(5), y] - (logits.softmax(1) * logits).sum(1)).sum()
+    assert res.start_total == pytest.approx(float(want), rel=1e-5)
+    ref = relevance_batches(model, iter([(x, y)]), RelevanceConfig(start="true", samples=5), show_progress=False)
+    assert not torch.allclose(res.channels["fc.weight"], ref.channels["fc.weight"])
+
+
 def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
     with pytest.raises(LrpcError, match=r"'1' of type GELU"):

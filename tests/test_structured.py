@@ -15,6 +15,7 @@ from lrpcompress.evaluation import count_macs, speed_profiles
 from lrpcompress.models import build_model
 from lrpcompress.recovery import FinetuneConfig, finetune_model
 from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, module_shapes, prunable_groups, prune_channels,
+                                   round_kept,
                                     select_channels)
 
 
@@ -114,6 +115,50 @@ def test_iterative_and_global_pruning():
     assert all(w >= 1 for w in res.model.widths)
     # removed indices refer to the original channels and never repeat
     assert all(len(set(v)) == len(v) and max(v, default=0) < 64 for v in res.removed.values())
+
+
+def test_round_kept_goes_to_the_nearest_multiple_within_the_layer():
+    assert [round_kept(k, 16, 8) for k in (1, 3, 4, 11, 12, 16)] == [8, 8, 8, 8, 16, 16]
+    assert round_kept(45, 64, 8) == 48 and round_kept(22, 32, 8) == 24
+    assert round_kept(3, 4, 8) == 3  # a layer smaller than the multiple is left alone
+    assert round_kept(5, 16, 1) == 5
+    with pytest.raises(LrpcError, match="round_to"):
+        ChannelPruneConfig(0.3, round_to=0)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_rounded_widths_are_multiples_and_keep_the_best_channels(scope):
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    res = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24, round_to=8, scope=scope),
+                         show_progress=False)
+    assert all(w % 8 == 0 for w in res.model.widths)
+    if scope == "layer":
+        assert res.model.widths == [8] * 3 + [24] * 3 + [48] * 3
+    mods = dict(model.named_modules())
+    for root, idx in res.removed.items():  # the lowest-L1 filters of each layer went
+        l1 = mods[root].weight.detach().abs().flatten(1).sum(1)
+        kept = sorted(set(range(len(l1))) - set(idx))
+        if idx:
+            assert float(l1[idx].max()) <= float(l1[kept].min())
+    x = data.tensor(np.arange(4))
+    assert res.model(x).shape == (4, 10)
+
+
+def test_rounds_of_a_static_criterion_equal_one_cut():
+    """Inner widths only: the L1 norms of the kept filters do not change when others are cut, so pruning in
+    rounds must remove the same channels and (compensating with the input model's means in every round)
+    give the same model. (With streams cut too, the writers' norms change as their inputs shrink.)"""
+    streams = 0.0
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    x = data.tensor(np.arange(8))
+    one = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24, stream_fraction=streams),
+                         show_progress=False)
+    three = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24, steps=3,
+                                                           stream_fraction=streams), show_progress=False)
+    assert one.removed == three.removed
+    torch.testing.assert_close(three.model(x), one.model(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,streams", [("resnet18", 0.0), ("mobilenet_v2", 0.0), ("resnet18", 0.25),

@@ -63,7 +63,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=_positive_int, default=512, help="reference training images for scores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--composite", default="epsilon_plus", help="LRP composite (see `lrpcompress rules`)")
-    p.add_argument("--start", default="true", help="where relevance starts: true | predicted | all")
+    p.add_argument("--start", default="true", help="where relevance starts: true | predicted | all | contrast (log-probability gradient)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--classes", default=None, help="restrict to a subset of classes: indices or names, e.g. 0,1,8")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how channels are ranked for --prune-channels (lrp uses --composite)")
     c.add_argument("--channel-scope", default="layer", choices=("layer", "global"))
     c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
+    c.add_argument("--channel-round-to", type=_positive_int, default=1,
+                   help="round each pruned layer's kept channels to a multiple of this (e.g. 8; 1 = exact fraction)")
     c.add_argument("--no-tune", action="store_true",
                    help="with a size target: skip the search over sparsity and bit-width floor on held-out data")
     c.add_argument("--no-speed", action="store_true", help="skip the CPU latency/memory measurement in the report")
@@ -232,7 +234,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
         ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.composite, start=a.start,
                                   scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
-                                  batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams)
+                                  batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams,
+                                  round_to=a.channel_round_to)
         sres = prune_channels(model, fit, ccfg)
         slim = sres.model
         if not is_builtin_arch(a.arch):

@@ -32,7 +32,7 @@ from .models import model_device
 from .rules import COMPOSITES, IDENTITY, NEGATIVE, POSITIVE, WEIGHTED, ZERO, Composite, Rule, get_composite
 from .progress import progress
 
-START_POINTS = ("true", "predicted", "all")
+START_POINTS = ("true", "predicted", "all", "contrast")
 
 # Modules between rule layers that autograd propagates correctly under the gradient-ratio scheme:
 # linear maps without bias (pooling, flatten, padding, shortcuts) and ReLU / max selections.
@@ -283,8 +283,13 @@ def lrp_pass(model: nn.Module, composite: Composite, example: torch.Tensor) -> I
 
 
 def _start_grad(logits: torch.Tensor, y: torch.Tensor, start: str) -> torch.Tensor:
+    """Relevance at the output is ``logits * g``; ``g`` per start point."""
     if start == "all":
         return torch.ones_like(logits)
+    if start == "contrast":
+        # d log p_y / d logits: the true class against the competitors the model finds probable, so evidence
+        # shared by every class cancels (contrastive LRP in the spirit of Gu et al. 2018 / Iwana et al. 2019).
+        return (F.one_hot(y, logits.shape[1]).to(logits.dtype) - logits.detach().softmax(1))
     target = y if start == "true" else logits.argmax(1)
     return F.one_hot(target, logits.shape[1]).to(logits.dtype)
 

@@ -42,7 +42,9 @@ class ChannelPruneConfig:
     ``scope``: ``layer`` (every prunable layer loses the same fraction) or ``global`` (scores normalised by
     their layer's mean, one threshold). ``steps`` > 1 prunes in that many rounds and rescores in between.
     ``composite``/``start`` configure LRP; ``samples`` reference training images feed every data-driven
-    criterion and the mean compensation.
+    criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
+    the nearest multiple of it (at least one multiple; layers smaller than it are left alone), as vectorised
+    CPU kernels (oneDNN) and GPU tensor cores prefer; the fraction removed then deviates from ``fraction``.
     """
 
     fraction: float
@@ -56,6 +58,7 @@ class ChannelPruneConfig:
     batch_size: int = 64
     seed: int = 0
     stream_fraction: float = 0.0
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
@@ -70,6 +73,8 @@ class ChannelPruneConfig:
             raise LrpcError(f"steps must be at least 1, got {self.steps}")
         if self.samples < 1 or self.batch_size < 1:
             raise LrpcError("samples and batch_size must be positive")
+        if self.round_to < 1:
+            raise LrpcError(f"round_to must be at least 1 (1 = no rounding), got {self.round_to}")
 
 
 @dataclass
@@ -280,6 +285,14 @@ def select_channels(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int]
     return {r: sorted(v) for r, v in remove.items()}
 
 
+def round_kept(kept: int, size: int, multiple: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``multiple`` (halves up), between one multiple and
+    ``size``; a layer of fewer than ``multiple`` channels keeps ``kept``."""
+    if multiple <= 1 or size < multiple:
+        return kept
+    return min(size, max(multiple, (kept + multiple // 2) // multiple * multiple))
+
+
 # ------------------------------------------------------------------ surgery
 
 @torch.no_grad()
@@ -457,6 +470,10 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
     alive = {g.root: list(range(g.size)) for g in groups}  # index (in the input model) of each current channel
     score_s = 0.0
     scores: dict[str, torch.Tensor] = {}
+    # Compensation uses the input model's means in every round: means re-measured on the partly pruned
+    # model (whose activations have drifted) compensate worse (docs/FINDINGS.md §5, iterative rescoring).
+    means0 = (_input_means(net, data, [c for g in groups for c in g.consumers], config)
+              if config.compensate else {})
     for step in progress(range(1, config.steps + 1), desc="channels", unit="step",
                          disable=not show_progress or config.steps == 1):
         mods = dict(net.named_modules())
@@ -482,10 +499,15 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         remove = {}
         for kind in (False, True):
             roots = [r for r in sizes if is_stream[r] == kind]
-            remove.update(select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
-                                          {r: targets[r] for r in roots}, config.scope))
+            picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
+                                     {r: targets[r] for r in roots}, config.scope)
+            if config.round_to > 1:  # the scope chose how many each layer keeps; round that, then pick again
+                kept = {r: round_kept(sizes[r] - len(picked[r]), original[r], config.round_to) for r in roots}
+                picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
+                                         {r: min(kept[r], sizes[r]) for r in roots}, "layer")
+            remove.update(picked)
         if config.compensate:
-            means = _input_means(net, data, [c for g in groups for c in g.consumers], config)
+            means = {c: means0[c][alive[g.root]] for g in groups for c in g.consumers}
             _compensate(net, groups, remove, means, example)
         mods = dict(net.named_modules())
         for g in groups:
@@ -545,4 +567,4 @@ def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfi
 
 
 __all__ = ["ChannelPruneConfig", "ChannelGroup", "StructuredResult", "CHANNEL_CRITERIA", "prunable_groups",
-           "channel_scores", "select_channels", "prune_channels", "prune_gradually", "module_shapes", "changed_shapes", "apply_shapes"]
+           "channel_scores", "select_channels", "round_kept", "prune_channels", "prune_gradually", "module_shapes", "changed_shapes", "apply_shapes"]
