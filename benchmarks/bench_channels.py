@@ -212,7 +212,9 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
              "passes (the slim architecture does not depend on the criterion or the classes; `--speed-only` "
              "re-measures every row's speed this way on a quiet machine); `speed-up b64` = dense ms / slim ms "
              "at batch 64. `rounds` > 1: the cut and the recovery epoch were split into that many rounds "
-             "(`prune_gradually`).", ""]
+             "(`prune_gradually`). `kept rounded to` 8: every layer's kept channel count rounded to the nearest "
+             "multiple of 8 (budget `0.3@8`, `--channel-round-to 8`); `channels kept`: share of the prunable "
+             "channels kept (rows before that column: the budget's fraction exactly).", ""]
     for m in sorted({r["model"] for r in rows}):
         for s in sorted({r["setting"] for r in rows if r["model"] == m}):
             sub = [r for r in rows if r["model"] == m and r["setting"] == s]

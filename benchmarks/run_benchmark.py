@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.compress import (CompressConfig, compress, fit_sparsity, knob_grid, load_compressed,  # noqa: E402
+from lrpcompress.compress import (CompressConfig, compress, edge_overrides, fit_sparsity, knob_grid, load_compressed,  # noqa: E402
                                   method_config, resolve_knobs, with_knobs)
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
@@ -130,9 +130,12 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
           "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}, "machine": args.machine})
     bits_grid = (8, 6, 5, 4, 3, 2)
 
-    def with_quant(method: str, bits: int, prune: PruneConfig | None = None) -> CompressConfig:
+    edges = edge_overrides(r.model, 8)
+
+    def with_quant(method: str, bits: int, prune: PruneConfig | None = None, keep_edges: bool = False) -> CompressConfig:
         c = r.cfg(method)
-        return replace(c, quant=replace(c.quant, bits=bits), prune=prune or c.prune)
+        q = replace(c.quant, bits=bits, overrides=edges if keep_edges else c.quant.overrides)
+        return replace(c, quant=q, prune=prune or c.prune)
 
     fitted: dict = {}
 
@@ -148,28 +151,33 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
         return out
 
     def magnitude_candidates(budget: float) -> list:
-        """Magnitude pruning × uniform bits: a fixed sparsity grid, plus for every bit-width the smallest
-        sparsity that fits the budget (so the baseline is not left just over the cap)."""
-        grid = (0.0, 0.25, 0.5, 0.75)
-        out = [({"sparsity": s, "bits": b}, with_quant("magnitude", b, PruneConfig("fraction", s)))
-               for b in bits_grid for s in grid]
-        for b in bits_grid:
-            key = ("magnitude", budget, b)
-            if key not in fitted:
-                try:
-                    fitted[key] = fit_sparsity(r.model, r.fit, r.cfg("magnitude"), b, arch,
-                                               target_bytes=int(r.dense_bytes() / budget))
-                except LrpcError:
-                    fitted[key] = None
-            s = fitted[key]
-            if s is not None and s not in grid:
-                out.append(({"sparsity": s, "bits": b}, with_quant("magnitude", b, PruneConfig("fraction", s))))
+        """Magnitude pruning × uniform bits: for every bit-width the smallest magnitude sparsity at which the
+        file fits the cap (0 where the dense file fits), with and without the first and last layer kept at
+        8 bits (the usual practice; `edges` in the knobs). Sparser settings at the same bits are not tried:
+        pruning past the smallest sparsity that fits only loses accuracy (FINDINGS.md §3)."""
+        out = []
+        for keep in (False, True):
+            for b in bits_grid:
+                if keep and b == 8:
+                    continue
+                key = ("magnitude", budget, b, keep)
+                if key not in fitted:
+                    try:
+                        fitted[key] = fit_sparsity(r.model, r.fit, with_quant("magnitude", b, keep_edges=keep), b,
+                                                   arch, target_bytes=int(r.dense_bytes() / budget))
+                    except LrpcError:
+                        fitted[key] = None
+                s = fitted[key]
+                if s is not None:
+                    out.append(({"sparsity": s, "bits": b, **({"edges": 8} if keep else {})},
+                                with_quant("magnitude", b, PruneConfig("fraction", s), keep_edges=keep)))
         return out
 
     for budget in args.model_budgets.get(arch, args.budgets):
         t0 = time.perf_counter()
         cand = {
-            "uniform": [({"bits": b}, with_quant("uniform", b)) for b in bits_grid],
+            "uniform": [({"bits": b}, with_quant("uniform", b)) for b in bits_grid]
+            + [({"bits": b, "edges": 8}, with_quant("uniform", b, keep_edges=True)) for b in bits_grid if b < 8],
             "magnitude": magnitude_candidates(budget) if "magnitude" in args.methods else [],
             "paper": [({"bits": b}, with_quant("paper", b)) for b in (7, 6, 5, 4, 3, 2)],
             "deeplift": [({"bits": b, "filter_prune": p},

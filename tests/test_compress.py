@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lrpcompress.compress import (CompressConfig, QuantConfig, canonicalize, compress, load_compressed,
-                                  method_config)
+from lrpcompress.compress import (CompressConfig, QuantConfig, canonicalize, compress, edge_overrides,
+                                  load_compressed, method_config)
 from lrpcompress.data import load_digits_data
 from lrpcompress.demo import train_digits_cnn
 from lrpcompress.errors import LrpcError
@@ -104,6 +104,19 @@ def test_overrides_fix_layer_bits(digits):
     cfg = _small(replace(method_config("lrp"), quant=replace(QuantConfig(), overrides={"fc2.weight": 8})))
     res = compress(model, train, cfg, "digits_cnn")
     assert set(res.bits["fc2.weight"].tolist()) == {8}
+
+
+def test_edge_overrides_keep_the_first_and_last_layer_at_high_precision(digits):
+    model, train, _ = digits
+    edges = edge_overrides(model, 8)
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert edges == {f"{names[0]}.weight": 8, f"{names[-1]}.weight": 8}
+    cfg = _small(replace(method_config("uniform"), quant=replace(method_config("uniform").quant, bits=3,
+                                                                 overrides=edges)))
+    res = compress(model, train, cfg, "digits_cnn")
+    assert {k: set(v.tolist()) for k, v in res.bits.items()} == {k: ({8} if k in edges else {3}) for k in res.bits}
+    with pytest.raises(LrpcError, match="no convolution or linear"):
+        edge_overrides(torch.nn.Sequential(torch.nn.ReLU()))
 
 
 def test_larger_budget_gives_no_worse_accuracy_on_average(digits):

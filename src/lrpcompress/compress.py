@@ -591,6 +591,20 @@ def with_knobs(config: CompressConfig, sparsity: float, min_bits: int) -> Compre
     return config
 
 
+def edge_overrides(model: nn.Module, bits: int = 8) -> dict[str, int]:
+    """``QuantConfig.overrides`` that fix the first and the last layer with weights (registration order: the
+    stem and the classifier of common vision models) at ``bits`` — the usual practice for uniform
+    quantization baselines, where those small layers cost few bytes and most accuracy (FINDINGS.md §3)."""
+    import glob
+
+    from .relevance import layer_names
+
+    names = layer_names(model)
+    if not names:
+        raise LrpcError("the model has no convolution or linear layer to keep at high precision")
+    return {glob.escape(f"{n}.weight"): bits for n in (names[0], names[-1])}
+
+
 def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
                    model_spec_extra: Mapping[str, Any] | None = None, teacher: nn.Module | None = None,
                    show_progress: bool = True) -> tuple[CompressResult, dict[str, Any]]:
@@ -735,6 +749,6 @@ def _default_widths(arch: str) -> list[int] | None:
 
 
 __all__ = ["CompressConfig", "QuantConfig", "CompressedModel", "CompressResult", "Scores", "compress",
-           "compress_tuned", "knob_grid", "fit_sparsity", "resolve_knobs", "with_knobs", "compress_max_drop",
+           "compress_tuned", "knob_grid", "fit_sparsity", "resolve_knobs", "with_knobs", "edge_overrides", "compress_max_drop",
            "compute_scores", "method_config", "load_compressed", "module_from_payload", "canonicalize",
            "channel_importance", "METHODS", "decode", "load_payload"]
