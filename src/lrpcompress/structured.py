@@ -43,8 +43,9 @@ class ChannelPruneConfig:
     their layer's mean, one threshold). ``steps`` > 1 prunes in that many rounds and rescores in between.
     ``composite``/``start`` configure LRP; ``samples`` reference training images feed every data-driven
     criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
-    the nearest multiple of it (at least one multiple; layers smaller than it are left alone), as vectorised
-    CPU kernels (oneDNN) and GPU tensor cores prefer; the fraction removed then deviates from ``fraction``.
+    the nearest multiple of it (at least one multiple; layers smaller than it are left alone), for hardware
+    that wants aligned widths (tensor cores, NPUs; on a 2-core x86 CPU it gained nothing beyond the MACs);
+    the fraction removed then deviates from ``fraction``.
     """
 
     fraction: float
