@@ -59,7 +59,7 @@ def budget_name(budget: tuple[float, float, int]) -> str:
     return f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "") + (f"@{budget[2]}" if budget[2] > 1 else "")
 
 
-def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[tuple[float, float], dict]:
+def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[tuple[float, float, int], dict]:
     """CPU speed of the dense model and of its slim architecture at every budget.
 
     The slim architecture depends only on the budget (layer scope), so it is measured once per model, before

@@ -289,7 +289,7 @@ def _start_grad(logits: torch.Tensor, y: torch.Tensor, start: str) -> torch.Tens
     if start == "contrast":
         # d log p_y / d logits: the true class against the competitors the model finds probable, so evidence
         # shared by every class cancels (contrastive LRP in the spirit of Gu et al. 2018 / Iwana et al. 2019).
-        return (F.one_hot(y, logits.shape[1]).to(logits.dtype) - logits.detach().softmax(1))
+        return F.one_hot(y, logits.shape[1]).to(logits.dtype) - logits.detach().softmax(1)
     target = y if start == "true" else logits.argmax(1)
     return F.one_hot(target, logits.shape[1]).to(logits.dtype)
 
