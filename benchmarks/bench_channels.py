@@ -11,6 +11,7 @@ peak memory, dense model in the same run.
     python benchmarks/bench_channels.py            # full run, writes benchmarks/results/channels.*
     python benchmarks/bench_channels.py --quick    # ResNet-20, one subset, two criteria, no fine-tuning
     python benchmarks/bench_channels.py --budgets 0.5+0.25 --append   # add rows, keep the other committed ones
+    python benchmarks/bench_channels.py --budgets 0.3g,0.3m --append  # global / MAC-aware scope (per-row speed)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lrpcompress.evaluation import accuracy, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
-from lrpcompress.structured import ChannelPruneConfig, prune_channels, prune_gradually  # noqa: E402
+from lrpcompress.structured import ChannelPruneConfig, apply_shapes, prune_channels, prune_gradually  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 CRITERIA = {  # name -> ChannelPruneConfig overrides
@@ -47,30 +48,49 @@ CRITERIA = {  # name -> ChannelPruneConfig overrides
 }
 
 
-def parse_budget(text: str) -> tuple[float, float, int]:
-    """``0.5`` -> (0.5, 0.0, 1): inner fraction only; ``0.5+0.25`` -> inner 0.5 and residual streams 0.25;
-    ``0.3@8`` -> inner 0.3 with every layer's kept channels rounded to a multiple of 8."""
+Budget = tuple[float, float, int, str]  # inner fraction, stream fraction, rounding multiple, scope
+SUFFIX_SCOPE = {"g": "global", "m": "macs"}
+
+
+def parse_budget(text: str) -> Budget:
+    """``0.5`` -> (0.5, 0.0, 1, 'layer'): inner fraction only; ``0.5+0.25`` -> inner 0.5 and residual streams
+    0.25; ``0.3@8`` -> inner 0.3 with every layer's kept channels rounded to a multiple of 8; ``0.3g`` -> 30% of
+    the channels under one threshold over all layers (``scope='global'``); ``0.3m`` -> the MACs that 0.3 removes
+    in layer scope, spread by score per MAC (``scope='macs'``)."""
     text, _, multiple = text.partition("@")
-    inner, _, stream = text.partition("+")
-    return float(inner), float(stream or 0.0), int(multiple or 1)
+    scope = SUFFIX_SCOPE.get(text[-1:], "layer")
+    inner, _, stream = text.rstrip("".join(SUFFIX_SCOPE)).partition("+")
+    return float(inner), float(stream or 0.0), int(multiple or 1), scope
 
 
-def budget_name(budget: tuple[float, float, int]) -> str:
-    return f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "") + (f"@{budget[2]}" if budget[2] > 1 else "")
+def budget_of(row: dict) -> Budget:
+    return row["fraction"], row["streams"], row.get("round_to", 1), row.get("scope", "layer")
 
 
-def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[tuple[float, float, int], dict]:
-    """CPU speed of the dense model and of its slim architecture at every budget.
+def budget_name(budget: Budget) -> str:
+    suffix = {v: k for k, v in SUFFIX_SCOPE.items()}.get(budget[3], "")
+    return (f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "") + suffix
+            + (f"@{budget[2]}" if budget[2] > 1 else ""))
 
-    The slim architecture depends only on the budget (layer scope), so it is measured once per model, before
+
+def measure_speed(arch: str, args: argparse.Namespace, train, example,
+                  shapes: dict[str, dict] | None = None) -> dict[Budget | str, dict]:
+    """CPU speed of the dense model and of its slim architecture at every layer-scope budget (and of every
+    architecture in ``shapes``, keyed like it: MAC-aware budgets give each criterion and class subset its own).
+
+    A layer-scope slim architecture depends only on the budget, so it is measured once per model, before
     any other work. All architectures are timed in one alternation (so machine load hits them alike), in
     ``args.speed_passes`` passes; each latency is the median over passes of the per-pass medians."""
     dense = load_model(arch, Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
+    keys: list[Budget | str] = [b for b in args.budgets if b[3] == "layer"]
     slims = []
-    for budget in args.budgets:
+    for budget in keys:
         cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, samples=8, seed=args.seed,
                                  stream_fraction=budget[1], round_to=budget[2])
         slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
+    for k, shape in (shapes or {}).items():
+        keys.append(k)
+        slims.append(apply_shapes(load_model(arch, Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt"), shape))
     passes = [speed_profiles([dense, *slims], example, repeats=50) for _ in range(args.speed_passes)]
 
     def ms(i: int, b: str) -> float:
@@ -79,13 +99,17 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example) -> dict[t
     d = passes[0][0]
     dense_row = {"params": d["params"], "macs": d["macs"], "latency_b1_ms": ms(0, "1"), "latency_b64_ms": ms(0, "64"),
                  "peak_mem_b64_mb": round(d["peak_memory_bytes"]["64"] / 2**20, 2)}
-    out = {}
-    for i, budget in enumerate(args.budgets, start=1):
+    out: dict[Budget | str, dict] = {"dense": dense_row}
+    for i, budget in enumerate(keys, start=1):
         s = passes[0][i]
         out[budget] = {"params": s["params"], "macs": s["macs"], "latency_b1_ms": ms(i, "1"),
                        "latency_b64_ms": ms(i, "64"), "speedup_b64": round(ms(0, "64") / ms(i, "64"), 3),
                        "peak_mem_b64_mb": round(s["peak_memory_bytes"]["64"] / 2**20, 2), "dense": dense_row}
     return out
+
+
+def replace_budgets(args: argparse.Namespace, budgets: list[Budget]) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "budgets": budgets})
 
 
 def run(args: argparse.Namespace, emit, log) -> None:
@@ -102,26 +126,32 @@ def run(args: argparse.Namespace, emit, log) -> None:
             test = test_all.restrict_classes(classes) if classes else test_all
             base = accuracy(dense, test, show_progress=False)
             tag = "10 classes" if classes is None else "classes " + ",".join(map(str, classes))
-            emit(dict(speed[args.budgets[0]]["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
+            emit(dict(speed["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
                       streams=0.0, epochs=0, accuracy=round(base, 2), drop=0.0, speedup_b64=1.0))
             for budget in args.budgets:
-                fraction, streams, round_to = budget
+                fraction, streams, round_to, scope = budget
                 for name, kw in CRITERIA.items():
                     if name not in args.criteria:
                         continue
-                    cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed,
+                    cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed, scope=scope,
                                                      stream_fraction=streams, round_to=round_to), **kw)
                     t0 = time.perf_counter()
                     res = prune_channels(dense, train, cfg, show_progress=False)
                     secs = time.perf_counter() - t0
-                    sp = {k: v for k, v in speed[budget].items() if k != "dense"}
+                    extra: dict = {"scope": scope}
+                    if scope == "layer":
+                        sp = {k: v for k, v in speed[budget].items() if k != "dense"}
+                    else:  # this criterion's own architecture: timed against the dense model now
+                        extra["shapes"] = res.shapes
+                        sp = {k: v for k, v in measure_speed(arch, replace_budgets(args, []), train, example,
+                                                             {"slim": res.shapes})["slim"].items() if k != "dense"}
                     common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction, streams=streams,
                                   round_to=round_to, kept=round(res.kept_fraction, 4), prune_s=round(secs, 1),
-                                  samples=args.samples, seed=args.seed)
+                                  samples=args.samples, seed=args.seed, **extra)
                     acc = accuracy(res.model, test, show_progress=False)
                     emit(dict(common, epochs=0, accuracy=round(acc, 2), drop=round(base - acc, 2)))
                     log(f"{arch} {tag} {name:9s} {budget_name(budget)}: {acc:.2f}% (dense {base:.2f}%), "
-                        f"speed-up {sp['speedup_b64']:.2f}x, MACs {sp['macs'] / speed[budget]['dense']['macs']:.0%}")
+                        f"speed-up {sp['speedup_b64']:.2f}x, MACs {sp['macs'] / speed['dense']['macs']:.0%}")
                     if budget in args.finetune_budgets and name in args.finetune_criteria:
                         fcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                        seed=args.seed)
@@ -153,12 +183,16 @@ def plot(rows: list[dict], path: Path) -> None:
         base = next(r["accuracy"] for r in sub if r["criterion"] == "dense")
         dense_macs = next(r["macs"] for r in sub if r["criterion"] == "dense")
         for crit in [c for c in CRITERIA if any(r["criterion"] == c for r in sub)]:
-            for ep, rounds, style in ((0, 1, "-o"), (1, 1, "--s"), (1, 3, "-.d"), (2, 1, ":^")):
+            for ep, rounds, scope, style in ((0, 1, "layer", "-o"), (1, 1, "layer", "--s"), (1, 3, "layer", "-.d"),
+                                             (2, 1, "layer", ":^"), (0, 1, "global", "x"), (0, 1, "macs", "+")):
                 pts = sorted((100 * r["macs"] / dense_macs, r["accuracy"]) for r in sub
-                             if r["criterion"] == crit and r["epochs"] == ep and r.get("rounds", 1) == rounds)
+                             if r["criterion"] == crit and r["epochs"] == ep and r.get("rounds", 1) == rounds
+                             and r.get("scope", "layer") == scope)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{list(CRITERIA).index(crit)}",
-                            label=crit + (f" +{ep} ep" if ep else "") + (f", {rounds} rounds" if rounds > 1 else ""))
+                            ms=9 if scope != "layer" else 6,
+                            label=crit + (f" +{ep} ep" if ep else "") + (f", {rounds} rounds" if rounds > 1 else "")
+                            + (f", {scope} scope" if scope != "layer" else ""))
         ax.axhline(base, color="k", lw=0.8, ls=":", label="dense")
         ax.invert_xaxis()
         ax.set_title(f"{m}, {s}")
@@ -176,6 +210,7 @@ def normalise(row: dict) -> dict:
     row.setdefault("samples", 512)
     row.setdefault("seed", 0)
     row.setdefault("round_to", 1)
+    row.setdefault("scope", "layer")
     row.setdefault("command", "python benchmarks/bench_channels.py` (accuracy), then "
                               "`python benchmarks/bench_channels.py --speed-only")
     if row["epochs"] and "recipe" not in row:
@@ -187,7 +222,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = (("criterion", "criterion"), ("fraction", "inner removed"), ("streams", "streams removed"),
-            ("round_to", "kept rounded to"), ("kept", "channels kept"),
+            ("scope", "scope"), ("round_to", "kept rounded to"), ("kept", "channels kept"),
             ("epochs", "recovery epochs"), ("recipe", "recovery"), ("samples", "scored images"), ("seed", "seed"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
@@ -214,12 +249,18 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
              "at batch 64. `rounds` > 1: the cut and the recovery epoch were split into that many rounds "
              "(`prune_gradually`). `kept rounded to` 8: every layer's kept channel count rounded to the nearest "
              "multiple of 8 (budget `0.3@8`, `--channel-round-to 8`); `channels kept`: share of the prunable "
-             "channels kept (rows before that column: the budget's fraction exactly).", ""]
+             "channels kept (rows before that column: the budget's fraction exactly). `scope` global (budget "
+             "`0.3g`, `--channel-scope global`): the fraction of all prunable channels under one threshold on "
+             "scores divided by their layer's mean; macs (budget `0.3m`, `--channel-scope macs`): the MACs that the "
+             "fraction removes in layer scope, taken from the channels with the lowest such score per MAC. In both, "
+             "each criterion and class subset gets its own architecture, timed against the dense model in its own "
+             "alternation.", ""]
     for m in sorted({r["model"] for r in rows}):
         for s in sorted({r["setting"] for r in rows if r["model"] == m}):
             sub = [r for r in rows if r["model"] == m and r["setting"] == s]
             sub.sort(key=lambda r: (r["epochs"], r.get("rounds", 1), r["fraction"], r.get("streams", 0.0),
-                                    r.get("round_to", 1), r.get("samples", 512), r.get("seed", 0), -r["accuracy"]))
+                                    r.get("round_to", 1), r.get("scope", "layer"), r.get("samples", 512),
+                                    r.get("seed", 0), -r["accuracy"]))
             lines += [f"## {m}, {s}", "", markdown_table(sub, cols), ""]
     (out / "channels.md").write_text("\n".join(lines))
     plot(rows, out / "channels.png")
@@ -277,7 +318,7 @@ def main() -> None:
 
     def key(r: dict) -> tuple:
         return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r.get("round_to", 1),
-                r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0))
+                r.get("scope", "layer"), r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0))
 
     def emit(row: dict) -> None:
         rows.append(dict(row, command=args.command))
@@ -293,17 +334,16 @@ def main() -> None:
         return
     if args.speed_only:  # re-measure the speed columns of the committed rows (e.g. after a run on a busy machine)
         old = kept
-        args.budgets = sorted({(r["fraction"], r["streams"], r.get("round_to", 1)) for r in old
-                               if r["criterion"] != "dense"})
+        args.budgets = sorted({budget_of(r) for r in old if r["criterion"] != "dense"})
         train = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
         example = train.tensor(np.arange(1))
         for arch in sorted({r["model"] for r in old}):
-            speed = measure_speed(arch, args, train, example)
-            for r in old:
-                if r["model"] == arch:
-                    r.update(speed[args.budgets[0]]["dense"] if r["criterion"] == "dense"
-                             else {k: v for k, v in speed[(r["fraction"], r["streams"], r.get("round_to", 1))].items()
-                                   if k != "dense"})
+            mine = [r for r in old if r["model"] == arch]
+            shapes = {str(i): r["shapes"] for i, r in enumerate(mine) if r.get("scope", "layer") != "layer"}
+            speed = measure_speed(arch, args, train, example, shapes)
+            for i, r in enumerate(mine):
+                sp = speed["dense"] if r["criterion"] == "dense" else speed[str(i) if str(i) in shapes else budget_of(r)]
+                r.update({k: v for k, v in sp.items() if k != "dense"})
         for r in old:
             if "--speed-only" not in r["command"]:
                 r["command"] += "`, speed re-measured by `python benchmarks/bench_channels.py --speed-only"

@@ -371,6 +371,25 @@ def test_channel_round_to_gives_widths_in_multiples(tmp_path, tiny_data, resnet2
     assert net.widths == [8] * 3 + [24] * 3 + [48] * 3
 
 
+def test_channel_scope_macs_removes_the_fraction_of_prunable_macs(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "m.lrpc", tmp_path / "m.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.3, "--channel-scope", "macs", "--channel-criterion", "l1",
+                       "--bits", 8, "--no-speed", "--out", out, "--report", rep)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["channel_pruning"]["settings"]["scope"] == "macs"
+    from lrpcompress.compress import load_compressed
+    from lrpcompress.evaluation import count_macs
+    from lrpcompress.models import build_model
+
+    net, _ = load_compressed(out)
+    x = torch.zeros(1, 3, 32, 32)
+    dense = build_model("resnet20", 10)
+    prunable = sum(16 * 294912 for _ in range(3)) + 32 * (110592 + 2 * 147456) + 64 * (55296 + 2 * 73728)
+    assert abs((count_macs(dense, x) - count_macs(net, x)) - 0.3 * prunable) <= 294912 / 2
+    assert len(set(net.widths)) > 3  # not the per-layer split (16/32/64 each cut by 30%)
+
+
 def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_data, resnet20_weights, capsys):
     out, rep = tmp_path / "r.lrpc", tmp_path / "r.json"
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,

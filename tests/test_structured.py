@@ -14,9 +14,8 @@ from lrpcompress.errors import LrpcError
 from lrpcompress.evaluation import count_macs, speed_profiles
 from lrpcompress.models import build_model
 from lrpcompress.recovery import FinetuneConfig, finetune_model
-from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, module_shapes, prunable_groups, prune_channels,
-                                   round_kept,
-                                    select_channels)
+from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, channel_costs, module_shapes, prunable_groups,
+                                   prune_channels, round_kept, select_by_cost, select_channels)
 
 
 def random_data(n: int = 32, size: int = 32, classes: int = 10, seed: int = 0) -> ImageData:
@@ -115,6 +114,78 @@ def test_iterative_and_global_pruning():
     assert all(w >= 1 for w in res.model.widths)
     # removed indices refer to the original channels and never repeat
     assert all(len(set(v)) == len(v) and max(v, default=0) < 64 for v in res.removed.values())
+
+
+def test_global_ranking_can_compare_raw_scores():
+    scores = {"a": torch.tensor([3.0, 1.0, 2.0, 0.5]), "b": torch.tensor([2.0, 20.0])}
+    sizes = {"a": 4, "b": 2}
+    # normalised by the layer means (1.625, 11): a 1.85, 0.62, 1.23, 0.31; b 0.18, 1.82
+    assert select_channels(scores, sizes, {"a": 3, "b": 1}, "global") == {"a": [3], "b": [0]}
+    # raw: the two smallest values are both in a
+    assert select_channels(scores, sizes, {"a": 3, "b": 1}, "global", normalise=False) == {"a": [1, 3], "b": []}
+
+
+def test_cost_selection_removes_cheapest_score_per_cost_within_the_budget():
+    scores = {"a": torch.tensor([4.0, 1.0, 3.0]), "b": torch.tensor([2.0, 2.5, 9.0])}
+    sizes, costs = {"a": 3, "b": 3}, {"a": 4.0, "b": 1.0}
+    # score per cost, raw: a 1.0, 0.25, 0.75; b 2.0, 2.5, 9.0 -> a1, a2, a0 ... but a keeps one channel
+    assert select_by_cost(scores, sizes, costs, 8.0, normalise=False) == {"a": [1, 2], "b": []}
+    got = select_by_cost(scores, sizes, costs, 9.0, normalise=False)  # a0 would overshoot by 3 > 1 left: b0 fits
+    assert got == {"a": [1, 2], "b": [0]}
+    assert select_by_cost(scores, sizes, costs, 0.0) == {"a": [], "b": []}
+    with pytest.raises(LrpcError, match="cost"):
+        select_by_cost(scores, sizes, {"a": 0.0, "b": 1.0}, 1.0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18"])
+def test_channel_costs_are_the_macs_one_channel_carries(name):
+    """Independent reference: count_macs before and after physically removing one channel of each group."""
+    if name == "resnet20":
+        model, x = trained_like(build_model("resnet20", 10)), torch.zeros(1, 3, 32, 32)
+    else:
+        model, x = trained_like(torchvision.models.resnet18(num_classes=10)), torch.zeros(1, 3, 64, 64)
+    groups = prunable_groups(model, x)
+    costs = channel_costs(model, groups, x)
+    base = count_macs(model, x)
+    for g in groups[:4] + groups[-2:]:
+        slim = apply_shapes(copy_model(model), {**{p: [model.get_submodule(p).out_channels - 1,
+                                                        model.get_submodule(p).in_channels] for p in g.producers},
+                                               **{c: [model.get_submodule(c).out_channels,
+                                                      model.get_submodule(c).in_channels - 1] for c in g.consumers},
+                                               **{n: [m.num_features - 1] for n, m in model.named_modules()
+                                                  if isinstance(m, nn.BatchNorm2d) and n == g.root.replace("conv", "bn")}})
+        assert base - count_macs(slim, x) == costs[g.root], g.root
+
+
+def test_mac_scope_removes_the_macs_of_the_layer_scope_and_spreads_them_by_score_per_mac():
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    x = data.tensor(np.arange(1))
+    groups = prunable_groups(model, x)
+    costs = channel_costs(model, groups, x)
+    prunable = sum(g.size * costs[g.root] for g in groups)
+    base = count_macs(model, x)
+    res = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24, scope="macs"),
+                         show_progress=False)
+    removed = base - count_macs(res.model, x)
+    assert abs(removed - 0.3 * prunable) <= max(costs.values()) / 2
+    assert res.model(data.tensor(np.arange(4))).shape == (4, 10)
+    # the cut is a threshold on normalised L1 per MAC: every removed channel ranks at or below every kept one
+    mods = dict(model.named_modules())
+    ratio = {}
+    for g in groups:
+        l1 = mods[g.root].weight.detach().abs().flatten(1).sum(1).double()
+        ratio[g.root] = l1 / l1.mean() / costs[g.root]
+    gone = [(float(ratio[r][i]), costs[r]) for r, idx in res.removed.items() for i in idx]
+    kept = [(float(v), costs[r]) for r in ratio for i, v in enumerate(ratio[r]) if i not in set(res.removed[r])]
+    top = max(v for v, _ in gone)
+    # a kept channel ranked below a removed one was skipped at the end for overshooting the budget
+    assert all(c > min(c for _, c in gone) for v, c in kept if v < top)
+    assert len({len(v) for v in res.removed.values()}) > 1  # not the same count everywhere
+    with pytest.raises(LrpcError, match="scope"):
+        ChannelPruneConfig(0.3, scope="flops")
+    with pytest.raises(LrpcError, match="normalise"):
+        ChannelPruneConfig(0.3, normalise=False)
 
 
 def test_round_kept_goes_to_the_nearest_multiple_within_the_layer():

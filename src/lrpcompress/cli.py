@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the unpruned model, BatchNorm statistics updated, lr 0.01, batch 64)")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
                    help="how channels are ranked for --prune-channels (lrp uses --composite)")
-    c.add_argument("--channel-scope", default="layer", choices=("layer", "global"))
+    c.add_argument("--channel-scope", default="layer", choices=("layer", "global", "macs"),
+                   help="layer: every layer loses the fraction; global: one threshold over all layers; macs: remove "
+                        "that fraction of the prunable MACs, lowest score per MAC first")
     c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
     c.add_argument("--channel-round-to", type=_positive_int, default=1,
                    help="round each pruned layer's kept channels to a multiple of this (e.g. 8; 1 = exact fraction)")

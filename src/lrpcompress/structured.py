@@ -18,6 +18,7 @@ freshly built architecture, which is how a `.lrpc` file stores a slimmer model w
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -31,6 +32,7 @@ from .models import OptionAShortcut, model_device
 from .progress import progress
 
 CHANNEL_CRITERIA = ("lrp", "l1", "bn_scale", "taylor", "random")
+CHANNEL_SCOPES = ("layer", "global", "macs")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -39,8 +41,12 @@ class ChannelPruneConfig:
     """``fraction`` of the inner channels removed (and ``stream_fraction`` of the residual-stream channels),
     scored by ``criterion``.
 
-    ``scope``: ``layer`` (every prunable layer loses the same fraction) or ``global`` (scores normalised by
-    their layer's mean, one threshold). ``steps`` > 1 prunes in that many rounds and rescores in between.
+    ``scope``: ``layer`` (every prunable layer loses the same fraction), ``global`` (one threshold over all
+    layers; the fraction counts channels) or ``macs`` (one ranking of score per multiply-accumulate a channel
+    costs; the fraction counts the prunable groups' MACs, so it removes the MACs that ``layer`` scope removes
+    at the same fraction, spread where the scores say). ``normalise`` divides each layer's scores by their
+    mean before a global or macs ranking; LRP relevance is conserved from layer to layer, so its raw values
+    are comparable without it. ``steps`` > 1 prunes in that many rounds and rescores in between.
     ``composite``/``start`` configure LRP; ``samples`` reference training images feed every data-driven
     criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
     the nearest multiple of it (at least one multiple; layers smaller than it are left alone), for hardware
@@ -60,6 +66,7 @@ class ChannelPruneConfig:
     seed: int = 0
     stream_fraction: float = 0.0
     round_to: int = 1
+    normalise: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
@@ -68,8 +75,10 @@ class ChannelPruneConfig:
             raise LrpcError(f"the residual-stream channel fraction must be in [0, 1), got {self.stream_fraction}")
         if self.criterion not in CHANNEL_CRITERIA:
             raise LrpcError(f"unknown channel criterion {self.criterion!r}; choose one of {', '.join(CHANNEL_CRITERIA)}")
-        if self.scope not in ("layer", "global"):
-            raise LrpcError(f"channel scope must be layer or global, got {self.scope!r}")
+        if self.scope not in CHANNEL_SCOPES:
+            raise LrpcError(f"channel scope must be one of {', '.join(CHANNEL_SCOPES)}, got {self.scope!r}")
+        if not self.normalise and self.scope == "layer":
+            raise LrpcError("normalise=False only changes a global or macs ranking; set scope='global' or 'macs'")
         if self.steps < 1:
             raise LrpcError(f"steps must be at least 1, got {self.steps}")
         if self.samples < 1 or self.batch_size < 1:
@@ -257,10 +266,15 @@ def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup]
     return {grp.root: torch.rand(grp.size, generator=g, dtype=torch.float64) for grp in groups}
 
 
+def _normalised(s: torch.Tensor, normalise: bool) -> torch.Tensor:
+    return s / s.abs().mean().clamp(min=1e-30) if normalise else s
+
+
 def select_channels(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int], targets: Mapping[str, int],
-                    scope: str) -> dict[str, list[int]]:
+                    scope: str, normalise: bool = True) -> dict[str, list[int]]:
     """Indices (into the current layers) to remove so that each layer keeps ``targets[layer]`` channels
-    (``layer`` scope) or the total kept equals ``sum(targets)`` (``global``); every layer keeps at least one."""
+    (``layer`` scope) or the total kept equals ``sum(targets)`` (``global``; scores divided by their layer's
+    mean when ``normalise``); every layer keeps at least one."""
     remove: dict[str, list[int]] = {}
     if scope == "layer":
         for r, s in scores.items():
@@ -270,8 +284,7 @@ def select_channels(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int]
         return remove
     pool = []
     for r, s in scores.items():
-        norm = s / s.abs().mean().clamp(min=1e-30)
-        pool += [(float(v), r, i) for i, v in enumerate(norm)]
+        pool += [(float(v), r, i) for i, v in enumerate(_normalised(s, normalise))]
     pool.sort(key=lambda t: (t[0], t[1], t[2]))
     budget = sum(sizes.values()) - sum(targets.values())
     left = dict(sizes)
@@ -284,6 +297,73 @@ def select_channels(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int]
             left[r] -= 1
             budget -= 1
     return {r: sorted(v) for r, v in remove.items()}
+
+
+def select_by_cost(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int], costs: Mapping[str, float],
+                   remove_cost: float, normalise: bool = True) -> dict[str, list[int]]:
+    """Indices to remove, cheapest score per unit of cost first, until the removed channels' cost reaches
+    ``remove_cost`` (stopping before the channel that would overshoot by more than it leaves short); every
+    layer keeps at least one. Ties go to the earlier layer and the lower index, so the choice is deterministic."""
+    pool = []
+    for r, s in scores.items():
+        c = float(costs[r])
+        if c <= 0:
+            raise LrpcError(f"channel cost of {r} must be positive, got {c}")
+        pool += [(float(v) / c, r, i) for i, v in enumerate(_normalised(s, normalise))]
+    order = {r: k for k, r in enumerate(scores)}
+    pool.sort(key=lambda t: (t[0], order[t[1]], t[2]))
+    left, done = dict(sizes), 0.0
+    remove: dict[str, list[int]] = {r: [] for r in scores}
+    for _, r, i in pool:
+        if remove_cost - done <= 0:
+            break
+        c = float(costs[r])
+        if left[r] <= 1 or done + c - remove_cost > remove_cost - done:
+            continue  # a cheaper channel further down may still fit
+        remove[r].append(i)
+        left[r] -= 1
+        done += c
+    return {r: sorted(v) for r, v in remove.items()}
+
+
+@torch.no_grad()
+def channel_costs(model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor) -> dict[str, float]:
+    """Multiply-accumulates per image that one channel of each group carries: its share of every producer's
+    output and of every consumer's input (convolutions and linear layers; BatchNorm and additions, one
+    operation per element, are left out as in the MAC counts the benchmark reports)."""
+    mods = dict(model.named_modules())
+    wanted = {n for g in groups for n in g.producers + g.consumers}
+    spatial: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_m, _inp, out):
+            spatial[name] = int(out[0, 0].numel()) if out.dim() > 2 else 1
+        return fn
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in wanted if isinstance(mods[n], (nn.Conv2d, nn.Linear))]
+    was = model.training
+    model.eval()
+    try:
+        model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+    def per_out(m: nn.Module, n: str) -> float:
+        if isinstance(m, nn.Linear):
+            return float(m.in_features)
+        return m.in_channels // m.groups * math.prod(m.kernel_size) * spatial[n]
+
+    def per_in(m: nn.Module, n: str) -> float:
+        if isinstance(m, nn.Linear):
+            return float(m.out_features)
+        if isinstance(m, nn.Conv2d):
+            return (m.out_channels // m.groups if m.groups == 1 else 1) * math.prod(m.kernel_size) * spatial[n]
+        return 0.0  # a shortcut only moves channels
+
+    return {g.root: sum(per_out(mods[p], p) for p in g.producers if p in spatial)
+            + sum(per_in(mods[c], c) for c in g.consumers if c in spatial) for g in groups}
 
 
 def round_kept(kept: int, size: int, multiple: int) -> int:
@@ -485,23 +565,34 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
             f = fraction[kind] * step / config.steps
             if not roots:
                 continue
-            if config.scope == "layer":
+            if config.scope == "macs":
+                targets.update({r: 0 for r in roots})  # unused: the MAC budget decides
+            elif config.scope == "layer":
                 targets.update({r: max(1, original[r] - int(round(f * original[r]))) for r in roots})
             else:
                 total = sum(original[r] for r in roots)
                 targets.update({r: 0 for r in roots})
                 targets[roots[0]] = max(len(roots), total - int(round(f * total)))  # only the sum matters
-        if sum(sizes.values()) <= sum(targets.values()):
+        if (sum(sizes.values()) <= sum(targets.values())) if config.scope != "macs" else not any(fraction.values()):
             continue
         t0 = time.perf_counter()
         scores = channel_scores(net, data, groups, replace(config, seed=config.seed + step - 1),
                                 show_progress=show_progress)
         score_s += time.perf_counter() - t0
         remove = {}
+        costs = channel_costs(net, groups, example) if config.scope == "macs" else {}
         for kind in (False, True):
             roots = [r for r in sizes if is_stream[r] == kind]
-            picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
-                                     {r: targets[r] for r in roots}, config.scope)
+            if not roots:
+                continue
+            f = fraction[kind] * step / config.steps
+            if config.scope == "macs":
+                gone = sum((original[r] - sizes[r]) * costs[r] for r in roots)
+                picked = select_by_cost({r: scores[r] for r in roots}, {r: sizes[r] for r in roots}, costs,
+                                        f * sum(original[r] * costs[r] for r in roots) - gone, config.normalise)
+            else:
+                picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
+                                         {r: targets[r] for r in roots}, config.scope, config.normalise)
             if config.round_to > 1:  # the scope chose how many each layer keeps; round that, then pick again
                 kept = {r: round_kept(sizes[r] - len(picked[r]), original[r], config.round_to) for r in roots}
                 picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
@@ -568,4 +659,4 @@ def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfi
 
 
 __all__ = ["ChannelPruneConfig", "ChannelGroup", "StructuredResult", "CHANNEL_CRITERIA", "prunable_groups",
-           "channel_scores", "select_channels", "round_kept", "prune_channels", "prune_gradually", "module_shapes", "changed_shapes", "apply_shapes"]
+           "channel_scores", "select_channels", "select_by_cost", "channel_costs", "CHANNEL_SCOPES", "round_kept", "prune_channels", "prune_gradually", "module_shapes", "changed_shapes", "apply_shapes"]
