@@ -31,12 +31,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.data import load_data  # noqa: E402
+from lrpcompress.data import load_data, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
-from lrpcompress.structured import ChannelPruneConfig, apply_shapes, prune_channels, prune_gradually  # noqa: E402
+from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, prune_channels, prune_channels_auto,  # noqa: E402
+                                   prune_gradually)
 
 SHARED = ROOT.parent / "shared"
 CRITERIA = {  # name -> ChannelPruneConfig overrides
@@ -49,14 +50,15 @@ CRITERIA = {  # name -> ChannelPruneConfig overrides
 
 
 Budget = tuple[float, float, int, str]  # inner fraction, stream fraction, rounding multiple, scope
-SUFFIX_SCOPE = {"g": "global", "m": "macs"}
+SUFFIX_SCOPE = {"g": "global", "m": "macs", "a": "auto"}
 
 
 def parse_budget(text: str) -> Budget:
     """``0.5`` -> (0.5, 0.0, 1, 'layer'): inner fraction only; ``0.5+0.25`` -> inner 0.5 and residual streams
     0.25; ``0.3@8`` -> inner 0.3 with every layer's kept channels rounded to a multiple of 8; ``0.3g`` -> 30% of
     the channels under one threshold over all layers (``scope='global'``); ``0.3m`` -> the MACs that 0.3 removes
-    in layer scope, spread by score per MAC (``scope='macs'``)."""
+    in layer scope, spread by score per MAC (``scope='macs'``); ``0.3a`` -> the most accurate of the three on
+    ``--val-size`` held-out training images, at no more MACs than layer (``prune_channels_auto``)."""
     text, _, multiple = text.partition("@")
     scope = SUFFIX_SCOPE.get(text[-1:], "layer")
     inner, _, stream = text.rstrip("".join(SUFFIX_SCOPE)).partition("+")
@@ -108,8 +110,13 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
     return out
 
 
-def replace_budgets(args: argparse.Namespace, budgets: list[Budget]) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(args), "budgets": budgets})
+def paired_speed(arch: str, args: argparse.Namespace, train, example, budget: Budget, shapes: dict) -> dict:
+    """Speed of one non-layer cut, timed in one alternation with the dense model and the layer-scope cut of the
+    same budget (``speedup_b64_layer``), so the two architectures are compared under the same machine load."""
+    layer = (budget[0], budget[1], budget[2], "layer")
+    sp = measure_speed(arch, argparse.Namespace(**{**vars(args), "budgets": [layer]}), train, example,
+                       {"slim": shapes})
+    return dict({k: v for k, v in sp["slim"].items() if k != "dense"}, speedup_b64_layer=sp[layer]["speedup_b64"])
 
 
 def run(args: argparse.Namespace, emit, log) -> None:
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace, emit, log) -> None:
             test = test_all.restrict_classes(classes) if classes else test_all
             base = accuracy(dense, test, show_progress=False)
             tag = "10 classes" if classes is None else "classes " + ",".join(map(str, classes))
+            fit, val = split_train_val(train, args.val_size, args.seed)
             emit(dict(speed["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
                       streams=0.0, epochs=0, accuracy=round(base, 2), drop=0.0, speedup_b64=1.0))
             for budget in args.budgets:
@@ -136,15 +144,18 @@ def run(args: argparse.Namespace, emit, log) -> None:
                     cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed, scope=scope,
                                                      stream_fraction=streams, round_to=round_to), **kw)
                     t0 = time.perf_counter()
-                    res = prune_channels(dense, train, cfg, show_progress=False)
-                    secs = time.perf_counter() - t0
                     extra: dict = {"scope": scope}
+                    if scope == "auto":  # scored on the rest, chosen on held-out training images
+                        res, chosen, trials = prune_channels_auto(dense, fit, val, cfg, show_progress=False)
+                        extra.update(chosen_scope=chosen, trials=trials)
+                    else:
+                        res = prune_channels(dense, train, cfg, show_progress=False)
+                    secs = time.perf_counter() - t0
                     if scope == "layer":
                         sp = {k: v for k, v in speed[budget].items() if k != "dense"}
-                    else:  # this criterion's own architecture: timed against the dense model now
+                    else:  # this criterion's own architecture: timed now, paired with the layer cut
                         extra["shapes"] = res.shapes
-                        sp = {k: v for k, v in measure_speed(arch, replace_budgets(args, []), train, example,
-                                                             {"slim": res.shapes})["slim"].items() if k != "dense"}
+                        sp = paired_speed(arch, args, train, example, budget, res.shapes)
                     common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction, streams=streams,
                                   round_to=round_to, kept=round(res.kept_fraction, 4), prune_s=round(secs, 1),
                                   samples=args.samples, seed=args.seed, **extra)
@@ -184,7 +195,8 @@ def plot(rows: list[dict], path: Path) -> None:
         dense_macs = next(r["macs"] for r in sub if r["criterion"] == "dense")
         for crit in [c for c in CRITERIA if any(r["criterion"] == c for r in sub)]:
             for ep, rounds, scope, style in ((0, 1, "layer", "-o"), (1, 1, "layer", "--s"), (1, 3, "layer", "-.d"),
-                                             (2, 1, "layer", ":^"), (0, 1, "global", "x"), (0, 1, "macs", "+")):
+                                             (2, 1, "layer", ":^"), (0, 1, "global", "x"), (0, 1, "macs", "+"),
+                                             (0, 1, "auto", "*")):
                 pts = sorted((100 * r["macs"] / dense_macs, r["accuracy"]) for r in sub
                              if r["criterion"] == crit and r["epochs"] == ep and r.get("rounds", 1) == rounds
                              and r.get("scope", "layer") == scope)
@@ -222,10 +234,11 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = (("criterion", "criterion"), ("fraction", "inner removed"), ("streams", "streams removed"),
-            ("scope", "scope"), ("round_to", "kept rounded to"), ("kept", "channels kept"),
+            ("scope", "scope"), ("chosen_scope", "chosen"), ("round_to", "kept rounded to"), ("kept", "channels kept"),
             ("epochs", "recovery epochs"), ("recipe", "recovery"), ("samples", "scored images"), ("seed", "seed"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
+            ("speedup_b64_layer", "layer cut's speed-up, same run"),
             ("peak_mem_b64_mb", "peak MiB b64"))
     lines = ["# Structured (channel) pruning benchmark", "",
              "Produced by (each row's `command` in channels.json): "
@@ -252,9 +265,12 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
              "channels kept (rows before that column: the budget's fraction exactly). `scope` global (budget "
              "`0.3g`, `--channel-scope global`): the fraction of all prunable channels under one threshold on "
              "scores divided by their layer's mean; macs (budget `0.3m`, `--channel-scope macs`): the MACs that the "
-             "fraction removes in layer scope, taken from the channels with the lowest such score per MAC. In both, "
-             "each criterion and class subset gets its own architecture, timed against the dense model in its own "
-             "alternation.", ""]
+             "fraction removes in layer scope, taken from the channels with the lowest such score per MAC; auto (budget "
+             "`0.3a`, `--channel-scope auto`): scored on the training images less 1,500 held out, the three cut "
+             "and the most accurate on the held-out images kept among those leaving no more MACs than layer "
+             "(`chosen`; per-scope held-out accuracy in channels.json). In all three, each criterion and class "
+             "subset gets its own architecture, timed in one alternation with the dense model and with the layer cut "
+             "of the same budget (`layer cut's speed-up, same run`).", ""]
     for m in sorted({r["model"] for r in rows}):
         for s in sorted({r["setting"] for r in rows if r["model"] == m}):
             sub = [r for r in rows if r["model"] == m and r["setting"] == s]
@@ -285,6 +301,7 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="keep the committed rows of channels.json, replacing only the ones this run re-measures")
     ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--val-size", type=int, default=1500, help="held-out training images for auto-scope budgets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device for recovery fine-tuning (latency is always CPU)")
     ap.add_argument("--shared", default=str(SHARED))
@@ -292,6 +309,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="only rewrite channels.md/png from channels.json")
     ap.add_argument("--speed-passes", type=int, default=3, help="timing passes (median taken)")
     ap.add_argument("--speed-only", action="store_true", help="re-measure only the speed columns of channels.json")
+    ap.add_argument("--pair-speed", action="store_true",
+                    help="with --speed-only: re-measure only the global/macs/auto rows, each timed with the layer cut "
+                         "of its budget in one alternation (the other rows keep their speed)")
     args = ap.parse_args()
     args.command = " ".join(["python", "benchmarks/bench_channels.py", *sys.argv[1:]])
     args.models = args.models.split(",")
@@ -334,7 +354,8 @@ def main() -> None:
         return
     if args.speed_only:  # re-measure the speed columns of the committed rows (e.g. after a run on a busy machine)
         old = kept
-        args.budgets = sorted({budget_of(r) for r in old if r["criterion"] != "dense"})
+        args.budgets = sorted({budget_of(r)[:3] + ("layer",) for r in old if r["criterion"] != "dense"
+                               and (not args.pair_speed or r.get("scope", "layer") != "layer")})
         train = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
         example = train.tensor(np.arange(1))
         for arch in sorted({r["model"] for r in old}):
@@ -342,11 +363,15 @@ def main() -> None:
             shapes = {str(i): r["shapes"] for i, r in enumerate(mine) if r.get("scope", "layer") != "layer"}
             speed = measure_speed(arch, args, train, example, shapes)
             for i, r in enumerate(mine):
+                if args.pair_speed and str(i) not in shapes:
+                    continue  # only the non-layer rows, each paired with its layer cut
                 sp = speed["dense"] if r["criterion"] == "dense" else speed[str(i) if str(i) in shapes else budget_of(r)]
                 r.update({k: v for k, v in sp.items() if k != "dense"})
+                if str(i) in shapes:  # the layer cut of the same budget, timed in the same alternation
+                    r["speedup_b64_layer"] = speed[budget_of(r)[:3] + ("layer",)]["speedup_b64"]
         for r in old:
-            if "--speed-only" not in r["command"]:
-                r["command"] += "`, speed re-measured by `python benchmarks/bench_channels.py --speed-only"
+            if "--speed-only" not in r["command"] and (not args.pair_speed or r.get("scope", "layer") != "layer"):
+                r["command"] += "`, speed re-measured by `" + args.command
         rows.extend(old)
         write(rows, args, Path(args.out), started, 0.0)
         print(f"re-measured speed in {args.out}/channels.md")

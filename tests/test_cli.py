@@ -385,9 +385,23 @@ def test_channel_scope_macs_removes_the_fraction_of_prunable_macs(tmp_path, tiny
     net, _ = load_compressed(out)
     x = torch.zeros(1, 3, 32, 32)
     dense = build_model("resnet20", 10)
-    prunable = sum(16 * 294912 for _ in range(3)) + 32 * (110592 + 2 * 147456) + 64 * (55296 + 2 * 73728)
-    assert abs((count_macs(dense, x) - count_macs(net, x)) - 0.3 * prunable) <= 294912 / 2
+    # MACs one channel carries per stage (its conv1 output and conv2 input); layer scope cuts 5, 10, 19 per block
+    layer_cut = 3 * 5 * 294912 + 10 * (110592 + 2 * 147456) + 19 * (55296 + 2 * 73728)
+    assert abs((count_macs(dense, x) - count_macs(net, x)) - layer_cut) <= 294912 / 2
     assert len(set(net.widths)) > 3  # not the per-layer split (16/32/64 each cut by 30%)
+
+
+def test_channel_scope_auto_reports_the_held_out_trials(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "a.lrpc", tmp_path / "a.json"
+    code, printed, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                             tiny_data, "--samples", 8, "--val-size", 20, "--prune-channels", 0.3, "--channel-scope",
+                             "auto", "--channel-criterion", "l1", "--bits", 8, "--no-speed", "--out", out,
+                             "--report", rep)
+    assert code == 0, err
+    info = json.loads(rep.read_text())["channel_pruning"]
+    assert set(info["scope_trials"]) == {"layer", "global", "macs"}
+    assert info["settings"]["scope"] in info["scope_trials"] and info["scope_trials"][info["settings"]["scope"]]["eligible"]
+    assert "channel scope: " + info["settings"]["scope"] in printed
 
 
 def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_data, resnet20_weights, capsys):

@@ -15,7 +15,8 @@ from lrpcompress.evaluation import count_macs, speed_profiles
 from lrpcompress.models import build_model
 from lrpcompress.recovery import FinetuneConfig, finetune_model
 from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, channel_costs, module_shapes, prunable_groups,
-                                   prune_channels, round_kept, select_by_cost, select_channels)
+                                   prune_channels, prune_channels_auto, round_kept, select_by_cost,
+                                   select_channels)
 
 
 def random_data(n: int = 32, size: int = 32, classes: int = 10, seed: int = 0) -> ImageData:
@@ -168,7 +169,8 @@ def test_mac_scope_removes_the_macs_of_the_layer_scope_and_spreads_them_by_score
     res = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24, scope="macs"),
                          show_progress=False)
     removed = base - count_macs(res.model, x)
-    assert abs(removed - 0.3 * prunable) <= max(costs.values()) / 2
+    layer_cut = sum(round(0.3 * g.size) * costs[g.root] for g in groups)  # what layer scope removes
+    assert abs(removed - layer_cut) <= max(costs.values()) / 2 and abs(layer_cut - 0.3 * prunable) < 0.03 * prunable
     assert res.model(data.tensor(np.arange(4))).shape == (4, 10)
     # the cut is a threshold on normalised L1 per MAC: every removed channel ranks at or below every kept one
     mods = dict(model.named_modules())
@@ -186,6 +188,41 @@ def test_mac_scope_removes_the_macs_of_the_layer_scope_and_spreads_them_by_score
         ChannelPruneConfig(0.3, scope="flops")
     with pytest.raises(LrpcError, match="normalise"):
         ChannelPruneConfig(0.3, normalise=False)
+
+
+def test_auto_scope_keeps_the_held_out_best_cut_that_is_not_slower():
+    model = trained_like(build_model("resnet20", 10))
+    fit, val = random_data(24, seed=0), random_data(40, seed=1)
+    cfg = ChannelPruneConfig(0.3, criterion="lrp", samples=24, scope="auto")
+    res, chosen, trials = prune_channels_auto(model, fit, val, cfg, show_progress=False)
+    assert set(trials) == {"layer", "global", "macs"} and trials["layer"]["eligible"]
+    eligible = {k: v for k, v in trials.items() if v["eligible"]}
+    assert chosen in eligible and trials[chosen]["val_accuracy"] == max(v["val_accuracy"] for v in eligible.values())
+    assert all(v["macs"] <= trials["layer"]["macs"] + 0.005 * count_macs(model, fit.tensor(np.arange(1)))
+               for v in eligible.values())
+    # the chosen cut is the one that scope gives on its own (scores reused, not recomputed differently)
+    alone = prune_channels(model, fit, ChannelPruneConfig(0.3, criterion="lrp", samples=24, scope=chosen),
+                           show_progress=False)
+    assert alone.removed == res.removed
+    with pytest.raises(LrpcError, match="prune_channels_auto"):
+        prune_channels(model, fit, cfg, show_progress=False)
+
+
+def test_precomputed_scores_must_match_the_model():
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    first = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24), show_progress=False)
+    again = prune_channels(model, data, ChannelPruneConfig(0.3, criterion="random", samples=24), show_progress=False,
+                           scores=first.scores)  # the given scores win over the criterion
+    assert again.removed == first.removed
+    bad = dict(first.scores)
+    bad["layer1.0.conv1"] = bad["layer1.0.conv1"][:-1]
+    with pytest.raises(LrpcError, match="do not match"):
+        prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24), show_progress=False,
+                       scores=bad)
+    with pytest.raises(LrpcError, match="one-step"):
+        prune_channels(model, data, ChannelPruneConfig(0.3, criterion="l1", samples=24, steps=2), show_progress=False,
+                       scores=first.scores)
 
 
 def test_round_kept_goes_to_the_nearest_multiple_within_the_layer():

@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the unpruned model, BatchNorm statistics updated, lr 0.01, batch 64)")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
                    help="how channels are ranked for --prune-channels (lrp uses --composite)")
-    c.add_argument("--channel-scope", default="layer", choices=("layer", "global", "macs"),
+    c.add_argument("--channel-scope", default="layer", choices=("layer", "global", "macs", "auto"),
                    help="layer: every layer loses the fraction; global: one threshold over all layers; macs: remove "
-                        "that fraction of the prunable MACs, lowest score per MAC first")
+                        "that fraction of the prunable MACs, lowest score per MAC first; auto: the most accurate of "
+                        "the three on --val-size held-out training images, at no more MACs than layer")
     c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
     c.add_argument("--channel-round-to", type=_positive_int, default=1,
                    help="round each pruned layer's kept channels to a multiple of this (e.g. 8; 1 = exact fraction)")
@@ -228,17 +229,25 @@ def cmd_compress(a: argparse.Namespace) -> int:
     sized = a.target_ratio is not None or a.target_bytes is not None
     tune = (sized and not a.no_tune and a.prune is None and a.sparsity is None
             and cfg.quant.allocation == "optimal" and a.max_drop is None)
-    fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if a.max_drop is not None or tune \
-        else (train, None)
+    held_out = a.max_drop is not None or tune or (a.channel_scope == "auto" and a.prune_channels + a.prune_streams > 0)
+    fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if held_out else (train, None)
     slim, channel_info, knobs = model, None, None
     if a.prune_channels > 0 or a.prune_streams > 0:
-        from .structured import ChannelPruneConfig, prune_channels
+        from .structured import ChannelPruneConfig, prune_channels, prune_channels_auto
 
         ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.composite, start=a.start,
                                   scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
                                   batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams,
                                   round_to=a.channel_round_to)
-        sres = prune_channels(model, fit, ccfg)
+        trials = None
+        if ccfg.scope == "auto":
+            sres, chosen_scope, trials = prune_channels_auto(model, fit, val, ccfg)
+            ccfg = replace(ccfg, scope=chosen_scope)
+            print(f"channel scope: {chosen_scope} ("
+                  + ", ".join(f"{k} {v['val_accuracy']:.2f}%" + ("" if v["eligible"] else " over the MACs")
+                              for k, v in trials.items()) + " on held-out training images)")
+        else:
+            sres = prune_channels(model, fit, ccfg)
         slim = sres.model
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = sres.shapes
@@ -248,7 +257,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
             rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
-                        "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs}
+                        "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs,
+                        "scope_trials": trials}
     elif a.recover_epochs > 0:
         raise LrpcError("--recover-epochs recovers from channel pruning: add --prune-channels or --prune-streams")
     if a.max_drop is not None:

@@ -32,7 +32,7 @@ from .models import OptionAShortcut, model_device
 from .progress import progress
 
 CHANNEL_CRITERIA = ("lrp", "l1", "bn_scale", "taylor", "random")
-CHANNEL_SCOPES = ("layer", "global", "macs")
+CHANNEL_SCOPES = ("layer", "global", "macs")  # "auto" (a config value) tries these on held-out images
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -43,10 +43,10 @@ class ChannelPruneConfig:
 
     ``scope``: ``layer`` (every prunable layer loses the same fraction), ``global`` (one threshold over all
     layers; the fraction counts channels) or ``macs`` (one ranking of score per multiply-accumulate a channel
-    costs; the fraction counts the prunable groups' MACs, so it removes the MACs that ``layer`` scope removes
-    at the same fraction, spread where the scores say). ``normalise`` divides each layer's scores by their
+    costs; it removes the MACs that ``layer`` scope removes at the same fraction, spread where the scores
+    say). ``normalise`` divides each layer's scores by their
     mean before a global or macs ranking; LRP relevance is conserved from layer to layer, so its raw values
-    are comparable without it. ``steps`` > 1 prunes in that many rounds and rescores in between.
+    are comparable without it. ``auto`` tries the three on held-out images (``prune_channels_auto``). ``steps`` > 1 prunes in that many rounds and rescores in between.
     ``composite``/``start`` configure LRP; ``samples`` reference training images feed every data-driven
     criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
     the nearest multiple of it (at least one multiple; layers smaller than it are left alone), for hardware
@@ -75,8 +75,8 @@ class ChannelPruneConfig:
             raise LrpcError(f"the residual-stream channel fraction must be in [0, 1), got {self.stream_fraction}")
         if self.criterion not in CHANNEL_CRITERIA:
             raise LrpcError(f"unknown channel criterion {self.criterion!r}; choose one of {', '.join(CHANNEL_CRITERIA)}")
-        if self.scope not in CHANNEL_SCOPES:
-            raise LrpcError(f"channel scope must be one of {', '.join(CHANNEL_SCOPES)}, got {self.scope!r}")
+        if self.scope not in CHANNEL_SCOPES + ("auto",):
+            raise LrpcError(f"channel scope must be one of {', '.join(CHANNEL_SCOPES)} or auto, got {self.scope!r}")
         if not self.normalise and self.scope == "layer":
             raise LrpcError("normalise=False only changes a global or macs ranking; set scope='global' or 'macs'")
         if self.steps < 1:
@@ -523,13 +523,22 @@ def _refresh_widths(model: nn.Module) -> None:
 
 
 def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig,
-                   show_progress: bool = True, reference: Mapping[str, int] | None = None) -> StructuredResult:
+                   show_progress: bool = True, reference: Mapping[str, int] | None = None,
+                   scores: Mapping[str, torch.Tensor] | None = None) -> StructuredResult:
     """Remove ``config.fraction`` of the inner channels (and ``config.stream_fraction`` of the residual-stream
     channels) of a copy of ``model`` (left unchanged).
 
     ``reference`` gives the channel count of each group (by root) that the fractions refer to, for a model
-    that was pruned before (default: its current counts)."""
+    that was pruned before (default: its current counts). ``scores``: this model's channel scores from an
+    earlier result (``StructuredResult.scores`` of a one-step cut), to cut again in another scope without
+    scoring again (one step only)."""
     import time
+
+    if config.scope == "auto":
+        raise LrpcError("scope 'auto' chooses on held-out images: call prune_channels_auto(model, fit, val, config)")
+    if scores is not None and config.steps != 1:
+        raise LrpcError("precomputed scores serve a one-step cut only; use steps=1 or let each round rescore")
+    given = None if scores is None else {r: v.double().cpu() for r, v in scores.items()}
 
     tp = _tp()
     net = copy.deepcopy(model).eval()
@@ -576,8 +585,13 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         if (sum(sizes.values()) <= sum(targets.values())) if config.scope != "macs" else not any(fraction.values()):
             continue
         t0 = time.perf_counter()
-        scores = channel_scores(net, data, groups, replace(config, seed=config.seed + step - 1),
-                                show_progress=show_progress)
+        if given is not None:
+            if {r: len(v) for r, v in given.items()} != sizes:
+                raise LrpcError("the given channel scores do not match this model's prunable channels")
+            scores = dict(given)
+        else:
+            scores = channel_scores(net, data, groups, replace(config, seed=config.seed + step - 1),
+                                    show_progress=show_progress)
         score_s += time.perf_counter() - t0
         remove = {}
         costs = channel_costs(net, groups, example) if config.scope == "macs" else {}
@@ -588,8 +602,9 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
             f = fraction[kind] * step / config.steps
             if config.scope == "macs":
                 gone = sum((original[r] - sizes[r]) * costs[r] for r in roots)
+                layer_cut = sum(min(original[r] - 1, int(round(f * original[r]))) * costs[r] for r in roots)
                 picked = select_by_cost({r: scores[r] for r in roots}, {r: sizes[r] for r in roots}, costs,
-                                        f * sum(original[r] * costs[r] for r in roots) - gone, config.normalise)
+                                        layer_cut - gone, config.normalise)
             else:
                 picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
                                          {r: targets[r] for r in roots}, config.scope, config.normalise)
@@ -617,6 +632,39 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
     kept = sum(len(v) for v in alive.values()) / sum(original.values())  # of the reference counts
     return StructuredResult(net.eval(), {k: sorted(v) for k, v in removed.items()}, changed_shapes(before, net),
                             kept, score_s, scores)
+
+
+def prune_channels_auto(model: nn.Module, fit: ImageData, val: ImageData, config: ChannelPruneConfig,
+                        scopes: tuple[str, ...] = CHANNEL_SCOPES, show_progress: bool = True
+                        ) -> tuple[StructuredResult, str, dict[str, dict]]:
+    """Cut ``model`` in every scope of ``scopes`` (scored once on ``fit`` when ``config.steps`` is 1) and keep
+    the cut most accurate on ``val`` (training images held out from scoring; never the test split) among
+    those that leave no more MACs than the per-layer cut, plus 0.5% of the dense model's (``global`` counts
+    channels, so it can remove fewer MACs). Returns the result, the chosen scope, and per scope the held-out
+    accuracy, MACs and eligibility."""
+    from .evaluation import accuracy, count_macs
+
+    if not scopes or any(sc not in CHANNEL_SCOPES for sc in scopes):
+        raise LrpcError(f"scopes to try must come from {', '.join(CHANNEL_SCOPES)}, got {scopes!r}")
+    example = fit.tensor(np.arange(1), model_device(model))
+    dense_macs = count_macs(model, example)
+    trials: dict[str, dict] = {}
+    results: dict[str, StructuredResult] = {}
+    scores = None
+    for sc in ("layer",) + tuple(x for x in scopes if x != "layer"):
+        res = prune_channels(model, fit, replace(config, scope=sc), show_progress=show_progress,
+                             scores=scores if config.steps == 1 else None)
+        if config.steps == 1 and scores is None:
+            scores = res.scores
+        results[sc] = res
+        trials[sc] = {"val_accuracy": round(accuracy(res.model, val, show_progress=False), 2),
+                      "macs": count_macs(res.model, example)}
+    limit = trials["layer"]["macs"] + 0.005 * dense_macs
+    for sc, t in trials.items():
+        t["eligible"] = sc in scopes and t["macs"] <= limit
+    best = max((sc for sc in trials if trials[sc]["eligible"]), key=lambda sc: trials[sc]["val_accuracy"],
+               default="layer")
+    return results[best], best, trials
 
 
 def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfig, finetune, rounds: int,
@@ -658,5 +706,7 @@ def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfi
     return StructuredResult(net, removed, changed_shapes(shapes0, net), kept, score_s, res.scores)
 
 
-__all__ = ["ChannelPruneConfig", "ChannelGroup", "StructuredResult", "CHANNEL_CRITERIA", "prunable_groups",
-           "channel_scores", "select_channels", "select_by_cost", "channel_costs", "CHANNEL_SCOPES", "round_kept", "prune_channels", "prune_gradually", "module_shapes", "changed_shapes", "apply_shapes"]
+__all__ = ["ChannelPruneConfig", "ChannelGroup", "StructuredResult", "CHANNEL_CRITERIA", "CHANNEL_SCOPES",
+           "prunable_groups", "channel_scores", "channel_costs", "select_channels", "select_by_cost", "round_kept",
+           "prune_channels", "prune_channels_auto", "prune_gradually", "module_shapes", "changed_shapes",
+           "apply_shapes"]
