@@ -42,11 +42,12 @@ class ChannelPruneConfig:
     scored by ``criterion``.
 
     ``scope``: ``layer`` (every prunable layer loses the same fraction), ``global`` (one threshold over all
-    layers; the fraction counts channels) or ``macs`` (one ranking of score per multiply-accumulate a channel
-    costs; it removes the MACs that ``layer`` scope removes at the same fraction, spread where the scores
-    say). ``normalise`` divides each layer's scores by their
-    mean before a global or macs ranking; LRP relevance is conserved from layer to layer, so its raw values
-    are comparable without it. ``auto`` tries the three on held-out images (``prune_channels_auto``). ``steps`` > 1 prunes in that many rounds and rescores in between.
+    layers; the fraction counts channels), ``macs`` (one ranking of score per multiply-accumulate a channel
+    carries; it removes the MACs that ``layer`` scope removes at the same fraction, spread where the scores
+    say) or ``auto`` (the three tried on held-out images by ``prune_channels_auto``). ``normalise`` divides
+    each layer's scores by their mean before a global or macs ranking (LRP relevance is conserved from layer
+    to layer, so its raw values looked comparable without it; measured worse, docs/FINDINGS.md §5).
+    ``steps`` > 1 prunes in that many rounds and rescores in between.
     ``composite``/``start`` configure LRP; ``samples`` reference training images feed every data-driven
     criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
     the nearest multiple of it (at least one multiple; layers smaller than it are left alone), for hardware
