@@ -281,7 +281,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
              "method's file at dense/R bytes (rows measured before 2026-11-26 let the fixed-grid baselines "
              "run up to 2% over it; the `ratio` column shows each file's real ratio). `edges=8` in a "
              "baseline's setting: the first and last layer kept at 8 bits (a candidate of `magnitude` and "
-             "`uniform` in rows measured from 2026-11-26 on: every ResNet-20 budget, ResNet-44 at 8× and 12×).", ""]
+             "`uniform` in rows measured from 2026-11-26 on: every budget of both models).", ""]
     cols = (("method", "method"), ("budget", "budget"), ("file_bytes", "file bytes"), ("ratio", "ratio"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("sparsity", "sparsity"), ("mean_bits", "mean bits"),
             ("seconds", "compress s"), ("knobs", "chosen setting"), ("machine", "machine"))
