@@ -133,7 +133,8 @@ def run(args: argparse.Namespace, emit, log) -> None:
             test = test_all.restrict_classes(classes) if classes else test_all
             base = accuracy(dense, test, show_progress=False)
             tag = "10 classes" if classes is None else "classes " + ",".join(map(str, classes))
-            fit, val = split_train_val(train, args.val_size, args.seed)
+            fit, val = (split_train_val(train, args.val_size, args.seed) if any(b[3] == "auto" for b in args.budgets)
+                        else (train, None))
             emit(dict(speed["dense"], model=arch, setting=tag, criterion="dense", fraction=0.0,
                       streams=0.0, epochs=0, accuracy=round(base, 2), drop=0.0, speedup_b64=1.0))
             for budget in args.budgets:
@@ -266,7 +267,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
              "`0.3g`, `--channel-scope global`): the fraction of all prunable channels under one threshold on "
              "scores divided by their layer's mean; macs (budget `0.3m`, `--channel-scope macs`): the MACs that the "
              "fraction removes in layer scope, taken from the channels with the lowest such score per MAC; auto (budget "
-             "`0.3a`, `--channel-scope auto`): scored on the training images less 1,500 held out, the three cut "
+             f"`0.3a`, `--channel-scope auto`): scored on the training images less {args.val_size:,} held out, the three cut "
              "and the most accurate on the held-out images kept among those leaving no more MACs than layer "
              "(`chosen`; per-scope held-out accuracy in channels.json). In all three, each criterion and class "
              "subset gets its own architecture, timed in one alternation with the dense model and with the layer cut "
