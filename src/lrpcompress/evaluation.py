@@ -36,19 +36,22 @@ def accuracy(model: nn.Module, data: ImageData, batch_size: int = 500, show_prog
 
 
 @torch.inference_mode()
-def count_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example`` (conv and linear layers; per batch)."""
-    total = 0
+def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates of every conv and linear layer (by module name) in one forward pass on
+    ``example`` (per batch)."""
+    macs: dict[str, int] = {}
 
-    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(mod, nn.Conv2d):
-            k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
-            total += out.numel() * k
-        else:
-            total += out.numel() * mod.in_features
+    def hook(name: str):
+        def fn(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+            if isinstance(mod, nn.Conv2d):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+            else:
+                k = mod.in_features
+            macs[name] = macs.get(name, 0) + int(out.numel()) * k
+        return fn
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
     was = model.training
     model.eval()
     try:
@@ -57,7 +60,12 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         for h in handles:
             h.remove()
         model.train(was)
-    return int(total)
+    return macs
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example`` (conv and linear layers; per batch)."""
+    return int(sum(layer_macs(model, example).values()))
 
 
 @contextlib.contextmanager

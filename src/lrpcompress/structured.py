@@ -18,7 +18,6 @@ freshly built architecture, which is how a `.lrpc` file stores a slimmer model w
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -327,44 +326,23 @@ def select_by_cost(scores: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
     return {r: sorted(v) for r, v in remove.items()}
 
 
-@torch.no_grad()
 def channel_costs(model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor) -> dict[str, float]:
     """Multiply-accumulates per image that one channel of each group carries: its share of every producer's
-    output and of every consumer's input (convolutions and linear layers; BatchNorm and additions, one
-    operation per element, are left out as in the MAC counts the benchmark reports)."""
+    output and of every consumer's input (a layer's MACs are linear in each of its channel counts; BatchNorm
+    and additions, one operation per element, are left out as in ``count_macs``)."""
+    from .evaluation import layer_macs
+
     mods = dict(model.named_modules())
-    wanted = {n for g in groups for n in g.producers + g.consumers}
-    spatial: dict[str, int] = {}
+    macs = layer_macs(model, example[:1])
 
-    def hook(name):
-        def fn(_m, _inp, out):
-            spatial[name] = int(out[0, 0].numel()) if out.dim() > 2 else 1
-        return fn
+    def share(name: str, attr: str) -> float:
+        return macs[name] / getattr(mods[name], attr) if name in macs else 0.0  # a shortcut only moves channels
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in wanted if isinstance(mods[n], (nn.Conv2d, nn.Linear))]
-    was = model.training
-    model.eval()
-    try:
-        model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    def channels(m: nn.Module, side: str) -> str:
+        return {"out": "out_features", "in": "in_features"}[side] if isinstance(m, nn.Linear) else f"{side}_channels"
 
-    def per_out(m: nn.Module, n: str) -> float:
-        if isinstance(m, nn.Linear):
-            return float(m.in_features)
-        return m.in_channels // m.groups * math.prod(m.kernel_size) * spatial[n]
-
-    def per_in(m: nn.Module, n: str) -> float:
-        if isinstance(m, nn.Linear):
-            return float(m.out_features)
-        if isinstance(m, nn.Conv2d):
-            return (m.out_channels // m.groups if m.groups == 1 else 1) * math.prod(m.kernel_size) * spatial[n]
-        return 0.0  # a shortcut only moves channels
-
-    return {g.root: sum(per_out(mods[p], p) for p in g.producers if p in spatial)
-            + sum(per_in(mods[c], c) for c in g.consumers if c in spatial) for g in groups}
+    return {g.root: sum(share(p, channels(mods[p], "out")) for p in g.producers)
+            + sum(share(c, channels(mods[c], "in")) for c in g.consumers) for g in groups}
 
 
 def round_kept(kept: int, size: int, multiple: int) -> int:
@@ -575,15 +553,15 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
             f = fraction[kind] * step / config.steps
             if not roots:
                 continue
-            if config.scope == "macs":
-                targets.update({r: 0 for r in roots})  # unused: the MAC budget decides
-            elif config.scope == "layer":
-                targets.update({r: max(1, original[r] - int(round(f * original[r]))) for r in roots})
-            else:
+            if config.scope == "global":
                 total = sum(original[r] for r in roots)
                 targets.update({r: 0 for r in roots})
                 targets[roots[0]] = max(len(roots), total - int(round(f * total)))  # only the sum matters
-        if (sum(sizes.values()) <= sum(targets.values())) if config.scope != "macs" else not any(fraction.values()):
+            else:  # macs: the per-layer targets price the MAC budget
+                targets.update({r: max(1, original[r] - int(round(f * original[r]))) for r in roots})
+        # what is left to cut, in channels (layer, global) or MACs (macs)
+        costs = channel_costs(net, groups, example) if config.scope == "macs" else dict.fromkeys(sizes, 1.0)
+        if sum((sizes[r] - targets[r]) * costs[r] for r in sizes) <= 0:
             continue
         t0 = time.perf_counter()
         if given is not None:
@@ -595,17 +573,13 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
                                     show_progress=show_progress)
         score_s += time.perf_counter() - t0
         remove = {}
-        costs = channel_costs(net, groups, example) if config.scope == "macs" else {}
         for kind in (False, True):
             roots = [r for r in sizes if is_stream[r] == kind]
             if not roots:
                 continue
-            f = fraction[kind] * step / config.steps
-            if config.scope == "macs":
-                gone = sum((original[r] - sizes[r]) * costs[r] for r in roots)
-                layer_cut = sum(min(original[r] - 1, int(round(f * original[r]))) * costs[r] for r in roots)
+            if config.scope == "macs":  # the MACs the layer cut would still remove, spread by score per MAC
                 picked = select_by_cost({r: scores[r] for r in roots}, {r: sizes[r] for r in roots}, costs,
-                                        layer_cut - gone, config.normalise)
+                                        sum((sizes[r] - targets[r]) * costs[r] for r in roots), config.normalise)
             else:
                 picked = select_channels({r: scores[r] for r in roots}, {r: sizes[r] for r in roots},
                                          {r: targets[r] for r in roots}, config.scope, config.normalise)
