@@ -17,6 +17,7 @@ peak memory, dense model in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -92,7 +93,7 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
         slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
     for k, shape in (shapes or {}).items():
         keys.append(k)
-        slims.append(apply_shapes(load_model(arch, Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt"), shape))
+        slims.append(apply_shapes(copy.deepcopy(dense), shape))
     passes = [speed_profiles([dense, *slims], example, repeats=50) for _ in range(args.speed_passes)]
 
     def ms(i: int, b: str) -> float:
