@@ -436,3 +436,23 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_data, resnet20_weigh
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                        "--out", tmp_path / "x.lrpc", "--device", "cuda")
     assert_one_line_error(code, err, "no CUDA device")
+
+
+def test_size_target_counts_from_the_unpruned_model(tmp_path, tiny_data, resnet20_weights, capsys):
+    """With --prune-channels, --target-ratio R means R× smaller than the model given, not than the slim one."""
+    from lrpcompress.models import build_model, dense_bytes
+
+    out, rep = tmp_path / "s.lrpc", tmp_path / "s.json"
+    code, printed, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                             tiny_data, "--samples", 8, "--val-size", 8, "--prune-channels", 0.5,
+                             "--channel-criterion", "l1", "--target-ratio", 12, "--no-speed", "--out", out,
+                             "--report", rep)
+    assert code == 0, err
+    r = json.loads(rep.read_text())
+    dense = dense_bytes(build_model("resnet20", 10))
+    assert r["dense_bytes"] == dense
+    assert r["channel_pruning"]["float_bytes"] < 0.6 * dense
+    assert out.stat().st_size == r["file_bytes"]
+    assert 0.98 * dense / 12 <= r["file_bytes"] <= dense / 12  # slim-relative would be about half that
+    assert abs(r["compression_ratio"] - 12) < 0.25
+    assert f"({dense} B)" in printed

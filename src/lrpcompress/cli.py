@@ -196,7 +196,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .data import split_train_val
     from .evaluation import accuracy
     from .io import check_output_path
-    from .models import is_builtin_arch
+    from .models import dense_bytes, is_builtin_arch
     from .pruning import PruneConfig
     from .recovery import FinetuneConfig
     from .report import build_report, write_report
@@ -256,9 +256,11 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
             rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
-        channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
+        channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction, "float_bytes": dense_bytes(slim),
                         "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs,
                         "scope_trials": trials}
+        if a.target_ratio is not None:  # the ratio counts from the model the user gave, not the slimmed one
+            cfg = replace(cfg, target_ratio=None, target_bytes=int(dense_bytes(model) / a.target_ratio))
     elif a.recover_epochs > 0:
         raise LrpcError("--recover-epochs recovers from channel pruning: add --prune-channels or --prune-streams")
     if a.max_drop is not None:
@@ -286,12 +288,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
         extra.update(speed_fields(*speed_profiles([model, loaded], test.tensor(np.arange(1)))))
     rep = build_report(method=a.method, settings=cfg, baseline_accuracy=base_acc, accuracy=acc,
-                       dense_bytes=result.dense_bytes, file_bytes=size, stats=result.compressed.stats(),
+                       dense_bytes=dense_bytes(model), file_bytes=size, stats=result.compressed.stats(),
                        layers=result.compressed.layer_table(), seconds=time.perf_counter() - t0,
                        score_seconds=result.score_seconds, extra=extra)
     if report_path is not None:
         write_report(rep, report_path)
-    print(f"wrote {out}: {size} bytes, {rep['compression_ratio']:.2f}x smaller than float32 ({result.dense_bytes} B); "
+    print(f"wrote {out}: {size} bytes, {rep['compression_ratio']:.2f}x smaller than float32 ({rep['dense_bytes']} B); "
           f"accuracy {acc:.2f}% (baseline {base_acc:.2f}%, drop {base_acc - acc:+.2f}); "
           f"sparsity {rep['sparsity']:.1%}, mean bits {rep['mean_bits']:.2f}"
           + (f"; CPU speed-up {rep['speedup']:.2f}x at batch {rep['speedup_batch']}, "

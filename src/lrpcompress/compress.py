@@ -653,17 +653,22 @@ def compress_max_drop(model: nn.Module, fit: ImageData, val: ImageData, config: 
     """The smallest file whose accuracy on ``val`` (held out from training data) drops at most ``max_drop`` points.
 
     Walks a ladder of size targets from the most compressed down and keeps the first that qualifies. The drop
-    is measured from ``reference`` (default ``model``; pass the dense model when ``model`` was slimmed).
+    is measured from ``reference`` (default ``model``; pass the dense model when ``model`` was slimmed), and
+    the ladder's ratios count from ``reference``'s float32 bytes too, so a slimmed model's file is "R× smaller"
+    than the model the user started from.
     """
     from .evaluation import accuracy
 
     if config.quant.allocation != "optimal":
         raise LrpcError("--max-drop needs the optimal bit allocation (--allocation optimal)")
-    base = accuracy(reference if reference is not None else model, val, show_progress=False)
+    ref = reference if reference is not None else model
+    base = accuracy(ref, val, show_progress=False)
+    ref_bytes = dense_bytes(ref)
     scores: dict[str, Any] = {}  # filled by the first compress call, reused by the rest
     for ratio in MAX_DROP_RATIOS:
         try:
-            res = compress(model, fit, replace(config, target_ratio=ratio, target_bytes=None), arch, scores=scores,
+            sized = replace(config, target_ratio=None, target_bytes=int(ref_bytes / ratio))
+            res = compress(model, fit, sized, arch, scores=scores,
                            show_progress=False, model_spec_extra=model_spec_extra, teacher=reference)
         except LrpcError:
             continue
