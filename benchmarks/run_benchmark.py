@@ -31,7 +31,7 @@ from lrpcompress.compress import (CompressConfig, compress, edge_overrides, fit_
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
-from lrpcompress.models import load_model  # noqa: E402
+from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
@@ -40,8 +40,14 @@ SHARED = ROOT.parent / "shared"
 OPTIMAL = ("lrp", "taylor", "mse", "random")
 
 
+BITS_GRID = (8, 6, 5, 4, 3, 2)
+
+
 class Runner:
-    def __init__(self, arch: str, args: argparse.Namespace) -> None:
+    """One model (optionally cut to ``classes``: head, training and test images) with its held-out split and a
+    cache of compression runs."""
+
+    def __init__(self, arch: str, args: argparse.Namespace, classes: list[int] | None = None) -> None:
         self.arch = arch
         self.args = args
         self.device = torch.device(args.device)
@@ -49,8 +55,12 @@ class Runner:
         self.model = load_model(arch, shared / "models" / f"{arch}-cifar10jpeg.pt").to(self.device)
         train = load_data(shared / "data" / "cifar10-jpeg", "train")
         self.test = load_data(shared / "data" / "cifar10-jpeg", "test")
+        if classes is not None:
+            self.model = restrict_classes(self.model, classes)
+            train, self.test = train.restrict_classes(classes), self.test.restrict_classes(classes)
         self.fit, self.val = split_train_val(train, args.val_size, args.seed)
         self.cache: dict = {}
+        self.fitted: dict = {}
         self.runs: dict = {}
         self.val_cache: dict = {}
         self.tmp = Path(tempfile.mkdtemp())
@@ -61,6 +71,49 @@ class Runner:
     def cfg(self, method: str, **kw) -> CompressConfig:
         c = method_config(method, seed=self.args.seed, **kw)
         return replace(c, relevance=replace(c.relevance, samples=self.args.samples, seed=self.args.seed))
+
+    def with_quant(self, method: str, bits: int, prune: PruneConfig | None = None,
+                   keep_edges: bool = False) -> CompressConfig:
+        c = self.cfg(method)
+        q = replace(c.quant, bits=bits, overrides=edge_overrides(self.model, 8) if keep_edges else c.quant.overrides)
+        return replace(c, quant=q, prune=prune or c.prune)
+
+    def uniform_candidates(self) -> list:
+        """Uniform bits, with and without the first and last layer at 8 bits."""
+        return ([({"bits": b}, self.with_quant("uniform", b)) for b in BITS_GRID]
+                + [({"bits": b, "edges": 8}, self.with_quant("uniform", b, keep_edges=True)) for b in BITS_GRID if b < 8])
+
+    def magnitude_candidates(self, budget: float) -> list:
+        """Magnitude pruning × uniform bits: for every bit-width the smallest magnitude sparsity at which the
+        file fits the cap (0 where the dense file fits), with and without the first and last layer kept at
+        8 bits (the usual practice; `edges` in the knobs). Sparser settings at the same bits are not tried:
+        pruning past the smallest sparsity that fits only loses accuracy (FINDINGS.md §3)."""
+        out = []
+        for keep in (False, True):
+            for b in BITS_GRID:
+                if keep and b == 8:
+                    continue
+                key = ("magnitude", budget, b, keep)
+                if key not in self.fitted:
+                    try:
+                        self.fitted[key] = fit_sparsity(self.model, self.fit, self.with_quant("magnitude", b, keep_edges=keep),
+                                                        b, self.arch, target_bytes=int(self.dense_bytes() / budget))
+                    except LrpcError:
+                        self.fitted[key] = None
+                s = self.fitted[key]
+                if s is not None:
+                    out.append(({"sparsity": s, "bits": b, **({"edges": 8} if keep else {})},
+                                self.with_quant("magnitude", b, PruneConfig("fraction", s), keep_edges=keep)))
+        return out
+
+    def optimal_candidates(self, method: str, budget: float) -> list:
+        """The knob search `compress --target-ratio` runs (fitted sparsities depend on the size target only)."""
+        base = replace(self.cfg(method), target_ratio=budget)
+        key = ("knobs", budget)
+        if key not in self.fitted:
+            self.fitted[key] = resolve_knobs(self.model, self.fit, base, knob_grid(budget), self.arch)
+        return [({"target_ratio": budget, "sparsity": s, "min_bits": mb}, with_knobs(base, s, mb))
+                for s, mb in self.fitted[key]]
 
     def run(self, cfg: CompressConfig):
         key = repr(cfg)
@@ -128,67 +181,21 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
     log(f"{arch}: float test accuracy {r.base_test:.2f}%, validation {r.base_val:.2f}%")
     emit({"model": arch, "method": "float32", "budget": 1.0, "file_bytes": r.dense_bytes(), "ratio": 1.0,
           "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}, "machine": args.machine})
-    bits_grid = (8, 6, 5, 4, 3, 2)
-
-    edges = edge_overrides(r.model, 8)
-
-    def with_quant(method: str, bits: int, prune: PruneConfig | None = None, keep_edges: bool = False) -> CompressConfig:
-        c = r.cfg(method)
-        q = replace(c.quant, bits=bits, overrides=edges if keep_edges else c.quant.overrides)
-        return replace(c, quant=q, prune=prune or c.prune)
-
-    fitted: dict = {}
-
-    def optimal_candidates(method: str, budget: float, **kw) -> list:
-        out = []
-        base = replace(r.cfg(method), target_ratio=budget, **kw)
-        key = ("knobs", budget)  # fitted sparsities depend on the size target only, not on the scores
-        if key not in fitted:
-            fitted[key] = resolve_knobs(r.model, r.fit, base, knob_grid(budget), arch)
-        for s, min_bits in fitted[key]:  # the same search `compress --target-ratio` does
-            c = with_knobs(base, s, min_bits)
-            out.append(({"target_ratio": budget, "sparsity": s, "min_bits": min_bits}, c))
-        return out
-
-    def magnitude_candidates(budget: float) -> list:
-        """Magnitude pruning × uniform bits: for every bit-width the smallest magnitude sparsity at which the
-        file fits the cap (0 where the dense file fits), with and without the first and last layer kept at
-        8 bits (the usual practice; `edges` in the knobs). Sparser settings at the same bits are not tried:
-        pruning past the smallest sparsity that fits only loses accuracy (FINDINGS.md §3)."""
-        out = []
-        for keep in (False, True):
-            for b in bits_grid:
-                if keep and b == 8:
-                    continue
-                key = ("magnitude", budget, b, keep)
-                if key not in fitted:
-                    try:
-                        fitted[key] = fit_sparsity(r.model, r.fit, with_quant("magnitude", b, keep_edges=keep), b,
-                                                   arch, target_bytes=int(r.dense_bytes() / budget))
-                    except LrpcError:
-                        fitted[key] = None
-                s = fitted[key]
-                if s is not None:
-                    out.append(({"sparsity": s, "bits": b, **({"edges": 8} if keep else {})},
-                                with_quant("magnitude", b, PruneConfig("fraction", s), keep_edges=keep)))
-        return out
-
     for budget in args.model_budgets.get(arch, args.budgets):
         t0 = time.perf_counter()
         cand = {
-            "uniform": [({"bits": b}, with_quant("uniform", b)) for b in bits_grid]
-            + [({"bits": b, "edges": 8}, with_quant("uniform", b, keep_edges=True)) for b in bits_grid if b < 8],
-            "magnitude": magnitude_candidates(budget) if "magnitude" in args.methods else [],
-            "paper": [({"bits": b}, with_quant("paper", b)) for b in (7, 6, 5, 4, 3, 2)],
+            "uniform": r.uniform_candidates(),
+            "magnitude": r.magnitude_candidates(budget) if "magnitude" in args.methods else [],
+            "paper": [({"bits": b}, r.with_quant("paper", b)) for b in (7, 6, 5, 4, 3, 2)],
             "deeplift": [({"bits": b, "filter_prune": p},
-                          with_quant("deeplift", b, PruneConfig("fraction", p, scope="layer")))
+                          r.with_quant("deeplift", b, PruneConfig("fraction", p, scope="layer")))
                          for b in (6, 5, 4, 3, 2) for p in (0.0, 0.1)],
         }
         for method in args.methods:
             if method in cand:
                 row = r.best_of(method, budget, cand[method])
             else:
-                row = r.best_of(method, budget, optimal_candidates(method, budget))
+                row = r.best_of(method, budget, r.optimal_candidates(method, budget))
             if row is None:
                 log(f"  {method} @ {budget}x: no setting fits")
                 continue
@@ -199,12 +206,12 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
         log(f"  budget {budget}x took {time.perf_counter() - t0:.0f} s")
     for budget, epochs in args.finetune.get(arch, []):
         # the knob (sparsity) is chosen on validation data without fine-tuning, then that setting is fine-tuned
-        pick = r.best_of("lrp", budget, optimal_candidates("lrp", budget))
+        pick = r.best_of("lrp", budget, r.optimal_candidates("lrp", budget))
         if pick is None:
             log(f"  lrp+ft{epochs} @ {budget}x: no setting fits")
             continue
         knobs = dict(pick["knobs"])
-        ft = next(c for k, c in optimal_candidates("lrp", budget) if k == knobs)
+        ft = next(c for k, c in r.optimal_candidates("lrp", budget) if k == knobs)
         ft = replace(ft, finetune=FinetuneConfig(epochs=epochs, seed=args.seed))
         row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), dict(knobs, finetune_epochs=epochs))
         row["drop"] = round(r.base_test - row["accuracy"], 2)

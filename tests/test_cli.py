@@ -456,3 +456,38 @@ def test_size_target_counts_from_the_unpruned_model(tmp_path, tiny_data, resnet2
     assert 0.98 * dense / 12 <= r["file_bytes"] <= dense / 12  # slim-relative would be about half that
     assert abs(r["compression_ratio"] - 12) < 0.25
     assert f"({dense} B)" in printed
+
+
+def test_prune_channels_auto_searches_fractions_under_the_size_target(tmp_path, tiny_data, resnet20_weights, capsys):
+    from lrpcompress.models import build_model, dense_bytes
+
+    out, rep = tmp_path / "f.lrpc", tmp_path / "f.json"
+    code, printed, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                             tiny_data, "--samples", 8, "--val-size", 8, "--prune-channels", "auto",
+                             "--channel-fractions", "0,0.5", "--channel-criterion", "l1", "--target-ratio", 10,
+                             "--no-speed", "--out", out, "--report", rep)
+    assert code == 0, err
+    r = json.loads(rep.read_text())
+    info = r["channel_pruning"]
+    assert set(info["fraction_trials"]) == {"0", "0.5"}
+    chosen = info["settings"]["fraction"]
+    accs = {float(f): t["val_accuracy"] for f, t in info["fraction_trials"].items()}
+    assert accs[chosen] == max(accs.values())
+    assert f"channel fraction: {chosen:g}" in printed
+    dense = dense_bytes(build_model("resnet20", 10))
+    assert r["dense_bytes"] == dense and r["file_bytes"] <= dense / 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--prune-channels", "auto"), "size target"),
+    (("--prune-channels", "auto", "--target-ratio", "8", "--channel-scope", "auto"), "one scope"),
+    (("--prune-channels", "auto", "--target-ratio", "8", "--sparsity", "0.5"), "size search"),
+    (("--channel-fractions", "0,0.3"), "--prune-channels auto"),
+    (("--prune-channels", "auto", "--target-ratio", "8", "--channel-fractions", "0,1.2"), "[0, 1)"),
+    (("--prune-channels", "sometimes"), "expected a number"),
+])
+def test_bad_channel_search_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--out", tmp_path / "x.lrpc", *args)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "x.lrpc").exists()

@@ -40,6 +40,17 @@ _bits = _checked(int, lambda v: 1 <= v <= 8, "bit-widths must be 1..8")
 _nonneg_float = _checked(float, lambda v: _finite(v) and v >= 0, "must be a finite number >= 0")
 
 
+def _fraction_or_auto(s: str) -> float | str:
+    return "auto" if s == "auto" else _fraction(s)
+
+
+def _fraction_list(s: str) -> tuple[float, ...]:
+    parts = [p for p in s.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0,0.3,0.5, got {s!r}")
+    return tuple(_fraction(p.strip()) for p in parts)
+
+
 def _device(s: str):
     """An argparse type: a torch device that exists on this machine."""
     import torch
@@ -108,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distill", type=_nonneg_float, default=1.0,
                    help="weight of distillation from the uncompressed model during fine-tuning (0 = labels only)")
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets)")
-    c.add_argument("--prune-channels", type=_fraction, default=0.0,
-                   help="fraction of prunable channels (inner widths) removed physically before quantization")
+    c.add_argument("--prune-channels", type=_fraction_or_auto, default=0.0,
+                   help="fraction of prunable channels (inner widths) removed physically before quantization, or "
+                        "auto: with a size target, try --channel-fractions and keep the most accurate on "
+                        "--val-size held-out training images")
+    c.add_argument("--channel-fractions", type=_fraction_list, default=None,
+                   help="channel fractions --prune-channels auto tries (default 0,0.3,0.5)")
     c.add_argument("--prune-streams", type=_fraction, default=0.0,
                    help="fraction of residual-stream channels removed too (every layer on a stream is cut alike)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
@@ -229,10 +244,47 @@ def cmd_compress(a: argparse.Namespace) -> int:
     sized = a.target_ratio is not None or a.target_bytes is not None
     tune = (sized and not a.no_tune and a.prune is None and a.sparsity is None
             and cfg.quant.allocation == "optimal" and a.max_drop is None)
-    held_out = a.max_drop is not None or tune or (a.channel_scope == "auto" and a.prune_channels + a.prune_streams > 0)
+    search = a.prune_channels == "auto"
+    if search:
+        if not sized:
+            raise LrpcError("--prune-channels auto chooses under a size target: add --target-ratio or --target-bytes")
+        if a.channel_scope == "auto" or a.channel_steps != 1:
+            raise LrpcError("--prune-channels auto cuts in one scope and one step: drop --channel-scope auto "
+                            "and --channel-steps")
+        if a.prune is not None or a.sparsity is not None or a.no_tune:
+            raise LrpcError("--prune-channels auto runs the size search: drop --prune, --sparsity and --no-tune")
+    elif a.channel_fractions is not None:
+        raise LrpcError("--channel-fractions is what --prune-channels auto tries: add --prune-channels auto")
+    held_out = (a.max_drop is not None or tune or search
+                or (a.channel_scope == "auto" and a.prune_channels + a.prune_streams > 0))
     fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if held_out else (train, None)
     slim, channel_info, knobs = model, None, None
-    if a.prune_channels > 0 or a.prune_streams > 0:
+    if search:
+        from .recovery import RECOVERY_RECIPE
+        from .search import DEFAULT_FRACTIONS, ChannelSearch, compress_channel_search
+        from .structured import ChannelPruneConfig
+
+        ccfg = ChannelPruneConfig(0.0, a.channel_criterion, composite=a.composite, start=a.start,
+                                  scope=a.channel_scope, samples=a.samples, batch_size=a.batch_size, seed=a.seed,
+                                  stream_fraction=a.prune_streams, round_to=a.channel_round_to)
+        csearch = ChannelSearch(ccfg, a.channel_fractions or DEFAULT_FRACTIONS)
+        target = a.target_bytes or int(dense_bytes(model) / a.target_ratio)
+        rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
+        found = compress_channel_search(model, fit, val, replace(cfg, target_ratio=None, target_bytes=target),
+                                        a.arch, csearch, model_spec_extra=extra_spec or None,
+                                        recover=rcfg if a.recover_epochs > 0 else None)
+        result, knobs = found.result, found.trials[found.fraction]["knobs"]
+        print(f"channel fraction: {found.fraction:g} (" + ", ".join(
+            f"{f:g} " + (f"{t['val_accuracy']:.2f}%" if "val_accuracy" in t else "does not fit")
+            for f, t in found.trials.items()) + " on held-out training images)")
+        cut = found.structured
+        channel_info = {"settings": replace(ccfg, fraction=found.fraction),
+                        "kept_fraction": cut.kept_fraction if cut else 1.0,
+                        "float_bytes": found.trials[found.fraction]["float_bytes"],
+                        "removed": {k: len(v) for k, v in cut.removed.items()} if cut else {},
+                        "recover_epochs": a.recover_epochs if cut else 0, "scope_trials": None,
+                        "fraction_trials": {f"{f:g}": t for f, t in found.trials.items()}}
+    elif a.prune_channels > 0 or a.prune_streams > 0:
         from .structured import ChannelPruneConfig, prune_channels, prune_channels_auto
 
         ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.composite, start=a.start,
@@ -263,15 +315,16 @@ def cmd_compress(a: argparse.Namespace) -> int:
             cfg = replace(cfg, target_ratio=None, target_bytes=int(dense_bytes(model) / a.target_ratio))
     elif a.recover_epochs > 0:
         raise LrpcError("--recover-epochs recovers from channel pruning: add --prune-channels or --prune-streams")
-    if a.max_drop is not None:
+    chosen = None
+    if search:
+        pass  # compressed by the search above
+    elif a.max_drop is not None:
         result, chosen = compress_max_drop(slim, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec or None,
                                            reference=model)
     elif tune:
         result, knobs = compress_tuned(slim, fit, val, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
-        chosen = None
     else:
         result = compress(slim, train, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
-        chosen = None
     size = result.compressed.save(out)
     loaded, _ = _load_lrpc(str(out), None if is_builtin_arch(a.arch) else a.arch)
     loaded = loaded.to(a.device)
