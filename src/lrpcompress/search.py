@@ -72,9 +72,8 @@ def compress_channel_search(model: nn.Module, fit: ImageData, val: ImageData, co
     sized = replace(config, target_ratio=None, target_bytes=target)
     no_ft = replace(sized, finetune=replace(sized.finetune, epochs=0))
     trials: dict[float, dict[str, Any]] = {}
-    kept: dict[float, tuple[CompressResult, StructuredResult | None]] = {}
     scores = None
-    best: float | None = None
+    best: tuple[float, CompressResult, StructuredResult | None] | None = None  # only the leader is kept
     for f in progress(sorted(search.fractions), desc="channel search", unit="fraction", disable=not show_progress):
         cut = None
         slim, extra = model, dict(model_spec_extra or {})
@@ -95,12 +94,11 @@ def compress_channel_search(model: nn.Module, fit: ImageData, val: ImageData, co
             acc = round(accuracy(res.compressed.to_module().to(model_device(model)), val, show_progress=False), 4)
         trials[f] = {"val_accuracy": acc, "knobs": {k: v for k, v in knobs.items() if k != "val_accuracy"},
                      "float_bytes": dense_bytes(slim), "file_bytes": res.file_bytes}
-        kept[f] = (res, cut)
-        if best is None or acc > trials[best]["val_accuracy"]:
-            best = f
+        if best is None or acc > trials[best[0]]["val_accuracy"]:
+            best = (f, res, cut)
     if best is None:
         raise LrpcError(next(iter(trials.values()))["error"])
-    res, cut = kept[best]
+    chosen, res, cut = best
     if config.finetune.epochs > 0 or (recover is not None and recover.epochs > 0 and cut is not None):
         slim = model if cut is None else cut.model
         extra = dict(model_spec_extra or {})
@@ -111,10 +109,10 @@ def compress_channel_search(model: nn.Module, fit: ImageData, val: ImageData, co
 
             slim = finetune_model(slim, fit, recover, device=model_device(model), teacher=model,
                                   show_progress=show_progress)
-        knobs = trials[best]["knobs"]
-        res = compress(slim, fit, with_knobs(sized, knobs["sparsity"], knobs["min_bits"]), arch, model_spec_extra=extra or None, teacher=model,
-                       show_progress=show_progress)
-    return ChannelSearchResult(res, best, cut, trials)
+        knobs = trials[chosen]["knobs"]
+        res = compress(slim, fit, with_knobs(sized, knobs["sparsity"], knobs["min_bits"]), arch,
+                       model_spec_extra=extra or None, teacher=model, show_progress=show_progress)
+    return ChannelSearchResult(res, chosen, cut, trials)
 
 
 __all__ = ["ChannelSearch", "ChannelSearchResult", "compress_channel_search", "DEFAULT_FRACTIONS"]
