@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine  # noqa: E402
 
-from lrpcompress.compress import load_compressed  # noqa: E402
+from lrpcompress.compress import compress, load_compressed  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, count_macs  # noqa: E402
+from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 from lrpcompress.search import ChannelSearch, compress_channel_search  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
@@ -60,6 +61,7 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
         t0 = time.perf_counter()
         limit = int(r.dense_bytes() / budget)
         measured: dict[str, dict] = {}
+        picks: dict[str, float] = {}
         for pipeline, cands in (("magnitude", r.magnitude_candidates(budget)), ("uniform", r.uniform_candidates()),
                                 ("lrp", r.optimal_candidates("lrp", budget))):
             row = r.best_of(pipeline, budget, cands)
@@ -107,7 +109,46 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                 pick = min(pool, key=lambda f: (-pool[f]["val_accuracy"], f))
                 emit(dict(pool[pick], pipeline=f"{criterion} auto", setting=f"fraction={pick:g}; "
                           + pool[pick]["setting"]))
+                picks[criterion] = pick
+        if args.finetune > 0:
+            finetuned(r, budget, args, base, measured, picks, example, dense_macs, log, emit)
         log(f"  budget {budget:g}x took {time.perf_counter() - t0:.0f} s")
+
+
+def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, measured: dict, picks: dict,
+              example, dense_macs: int, log, emit) -> None:
+    """``args.finetune`` epochs of recovery through the quantizers (distillation from the float model) for the
+    held-out picks of magnitude, lrp without channels and lrp auto; the settings stay as chosen without it."""
+    ft = FinetuneConfig(epochs=args.finetune, seed=args.seed)
+    jobs = []
+    if "magnitude" in measured:
+        knobs = next(k for k, _ in r.magnitude_candidates(budget)
+                     if ", ".join(f"{a}={b}" for a, b in k.items()) == measured["magnitude"]["setting"])
+        cfg = next(c for k, c in r.magnitude_candidates(budget) if k == knobs)
+        jobs.append(("magnitude", None, replace(cfg, finetune=ft)))
+    for criterion in ("lrp",) + tuple(c for c in picks if c != "lrp"):
+        fractions = sorted({0.0, picks.get(criterion, 0.0)}) if criterion == "lrp" else [picks[criterion]]
+        for f in fractions:
+            if f == 0 and criterion != "lrp":
+                continue
+            jobs.append((f"{criterion} {f:g}" if f else "lrp", (criterion, f),
+                         replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
+    for name, channel, cfg in jobs:
+        if channel is None:
+            res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
+        else:
+            search = ChannelSearch(ChannelPruneConfig(0.0, channel[0], samples=args.samples, seed=args.seed),
+                                   fractions=(channel[1],))
+            res = compress_channel_search(r.model, r.fit, r.val, cfg, r.arch, search, show_progress=False).result
+        path = r.tmp / "ft.lrpc"
+        size = res.compressed.save(path)
+        loaded, _ = load_compressed(path)
+        row = dict(base, budget=budget, pipeline=f"{name} +ft{args.finetune}", file_bytes=size,
+                   ratio=round(r.dense_bytes() / size, 3), macs=round(count_macs(loaded, example) / dense_macs, 3),
+                   val_accuracy=None, accuracy=round(accuracy(loaded.to(r.device), r.test, show_progress=False), 2),
+                   setting="as without fine-tuning")
+        emit(row)
+        log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {size} B")
 
 
 def write(rows: list[dict], out: Path, commands: list[str], started: str) -> None:
@@ -145,6 +186,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--finetune", type=int, default=0,
+                    help="also fine-tune the picks of magnitude, lrp and lrp auto for this many epochs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
