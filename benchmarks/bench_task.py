@@ -16,6 +16,10 @@ with the model loaded back from the file. Pipelines:
 
     python benchmarks/bench_task.py                      # ResNet-20, subsets 0,1,8 and 3,4,5, 12x and 16x
     python benchmarks/bench_task.py --subsets all --budgets 16 --append
+    python benchmarks/bench_task.py --budgets 16 --criteria lrp --finetune 1 --append   # + recovery rows
+
+With ``--finetune N`` the held-out picks of ``magnitude``, ``lrp`` and ``lrp auto`` are also trained for N
+epochs through the quantizers (rows ``… +ftN``; settings as chosen without training).
 """
 
 from __future__ import annotations
