@@ -40,15 +40,30 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine  # noqa: E402
 
-from lrpcompress.compress import compress, load_compressed  # noqa: E402
+from lrpcompress.compress import compress  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
-from lrpcompress.evaluation import accuracy, count_macs  # noqa: E402
+from lrpcompress.evaluation import count_macs  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 from lrpcompress.search import ChannelSearch, compress_channel_search  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _setting(knobs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "target_ratio")
+
+
+def _measured(r: Runner, res, base: dict, budget: float, pipeline: str, example, dense_macs: int, **fields) -> dict:
+    """A row for ``res``: its written file's bytes and test accuracy (``Runner.finish``) and its MACs; the
+    ratio counts from the unpruned model (``finish``'s counts from the model ``res`` was made from)."""
+    done = r.finish(pipeline, budget, res, {})
+    assert done["file_bytes"] <= int(r.dense_bytes() / budget), (done["file_bytes"], budget)
+    return dict(base, budget=budget, pipeline=pipeline, file_bytes=done["file_bytes"],
+                ratio=round(r.dense_bytes() / done["file_bytes"], 3),
+                macs=round(count_macs(res.compressed.to_module().to(r.device), example) / dense_macs, 3),
+                accuracy=done["accuracy"], **fields)
 
 
 def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, log, emit) -> None:
@@ -63,8 +78,8 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
               val_accuracy=round(r.base_val, 2), accuracy=round(r.base_test, 2), setting=""))
     for budget in args.budgets:
         t0 = time.perf_counter()
-        limit = int(r.dense_bytes() / budget)
         measured: dict[str, dict] = {}
+        knobs_of: dict[str, dict] = {}
         picks: dict[str, float] = {}
         for pipeline, cands in (("magnitude", r.magnitude_candidates(budget)), ("uniform", r.uniform_candidates()),
                                 ("lrp", r.optimal_candidates("lrp", budget))):
@@ -72,7 +87,8 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
             if row is None:
                 log(f"  {pipeline} @ {budget:g}x: no setting fits")
                 continue
-            setting = ", ".join(f"{k}={v}" for k, v in row["knobs"].items() if k != "target_ratio")
+            setting = _setting(row["knobs"])
+            knobs_of[pipeline] = row["knobs"]
             measured[pipeline] = dict(base, budget=budget, pipeline=pipeline, file_bytes=row["file_bytes"],
                                       ratio=round(r.dense_bytes() / row["file_bytes"], 3), macs=1.0,
                                       val_accuracy=row["val_accuracy"], accuracy=row["accuracy"], setting=setting)
@@ -92,20 +108,12 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                     log(f"  {criterion} {f:g} @ {budget:g}x: {exc}")
                     continue
                 trial = res.trials[f]
-                path = r.tmp / "t.lrpc"
-                size = res.result.compressed.save(path)
-                loaded, _ = load_compressed(path)
-                assert size <= limit, (size, limit)
-                row = dict(base, budget=budget, pipeline=f"{criterion} {f:g}", file_bytes=size,
-                           ratio=round(r.dense_bytes() / size, 3),
-                           macs=round(count_macs(loaded, example) / dense_macs, 3),
-                           val_accuracy=round(trial["val_accuracy"], 2),
-                           accuracy=round(accuracy(loaded.to(r.device), r.test, show_progress=False), 2),
-                           setting=", ".join(f"{k}={v}" for k, v in trial["knobs"].items()))
+                row = _measured(r, res.result, base, budget, f"{criterion} {f:g}", example, dense_macs,
+                                val_accuracy=round(trial["val_accuracy"], 2), setting=_setting(trial["knobs"]))
                 found[f] = row
                 emit(row)
                 log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% (held-out "
-                    f"{row['val_accuracy']:.2f}) {size} B, MACs {row['macs']:.0%}")
+                    f"{row['val_accuracy']:.2f}) {row['file_bytes']} B, MACs {row['macs']:.0%}")
             pool = dict(found)
             if 0.0 not in pool and "lrp" in measured:  # fraction 0 is the plain lrp pipeline measured above
                 pool[0.0] = measured["lrp"]
@@ -115,28 +123,24 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                           + pool[pick]["setting"]))
                 picks[criterion] = pick
         if args.finetune > 0:
-            finetuned(r, budget, args, base, measured, picks, example, dense_macs, log, emit)
+            finetuned(r, budget, args, base, knobs_of.get("magnitude"), picks, example, dense_macs, log, emit)
         log(f"  budget {budget:g}x took {time.perf_counter() - t0:.0f} s")
 
 
-def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, measured: dict, picks: dict,
-              example, dense_macs: int, log, emit) -> None:
+def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, magnitude_knobs: dict | None,
+              picks: dict, example, dense_macs: int, log, emit) -> None:
     """``args.finetune`` epochs of recovery through the quantizers (distillation from the float model) for the
-    held-out picks of magnitude, lrp without channels and lrp auto; the settings stay as chosen without it."""
+    held-out picks of magnitude, lrp without channels and each criterion's auto fraction; the settings stay
+    as chosen without it."""
     ft = FinetuneConfig(epochs=args.finetune, seed=args.seed)
     jobs = []
-    if "magnitude" in measured:
-        knobs = next(k for k, _ in r.magnitude_candidates(budget)
-                     if ", ".join(f"{a}={b}" for a, b in k.items()) == measured["magnitude"]["setting"])
-        cfg = next(c for k, c in r.magnitude_candidates(budget) if k == knobs)
+    if magnitude_knobs is not None:
+        cfg = next(c for k, c in r.magnitude_candidates(budget) if k == magnitude_knobs)
         jobs.append(("magnitude", None, replace(cfg, finetune=ft)))
-    for criterion in ("lrp",) + tuple(c for c in picks if c != "lrp"):
-        fractions = sorted({0.0, picks.get(criterion, 0.0)}) if criterion == "lrp" else [picks[criterion]]
-        for f in fractions:
-            if f == 0 and criterion != "lrp":
-                continue
-            jobs.append((f"{criterion} {f:g}" if f else "lrp", (criterion, f),
-                         replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
+    channel_jobs = [("lrp", 0.0)] + sorted(((c, f) for c, f in picks.items() if f > 0), key=lambda cf: cf[0] != "lrp")
+    for criterion, f in channel_jobs:
+        jobs.append((f"{criterion} {f:g}" if f else "lrp", (criterion, f),
+                     replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
     for name, channel, cfg in jobs:
         if channel is None:
             res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
@@ -144,15 +148,10 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, me
             search = ChannelSearch(ChannelPruneConfig(0.0, channel[0], samples=args.samples, seed=args.seed),
                                    fractions=(channel[1],))
             res = compress_channel_search(r.model, r.fit, r.val, cfg, r.arch, search, show_progress=False).result
-        path = r.tmp / "ft.lrpc"
-        size = res.compressed.save(path)
-        loaded, _ = load_compressed(path)
-        row = dict(base, budget=budget, pipeline=f"{name} +ft{args.finetune}", file_bytes=size,
-                   ratio=round(r.dense_bytes() / size, 3), macs=round(count_macs(loaded, example) / dense_macs, 3),
-                   val_accuracy=None, accuracy=round(accuracy(loaded.to(r.device), r.test, show_progress=False), 2),
-                   setting="as without fine-tuning")
+        row = _measured(r, res, base, budget, f"{name} +ft{args.finetune}", example, dense_macs,
+                        val_accuracy=None, setting="as without fine-tuning")
         emit(row)
-        log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {size} B")
+        log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {row['file_bytes']} B")
 
 
 def write(rows: list[dict], out: Path, commands: list[str], started: str) -> None:

@@ -268,10 +268,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                   scope=a.channel_scope, samples=a.samples, batch_size=a.batch_size, seed=a.seed,
                                   stream_fraction=a.prune_streams, round_to=a.channel_round_to)
         csearch = ChannelSearch(ccfg, a.channel_fractions or DEFAULT_FRACTIONS)
-        target = a.target_bytes or int(dense_bytes(model) / a.target_ratio)
         rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
-        found = compress_channel_search(model, fit, val, replace(cfg, target_ratio=None, target_bytes=target),
-                                        a.arch, csearch, model_spec_extra=extra_spec or None,
+        found = compress_channel_search(model, fit, val, cfg, a.arch, csearch, model_spec_extra=extra_spec or None,
                                         recover=rcfg if a.recover_epochs > 0 else None)
         result, knobs = found.result, found.trials[found.fraction]["knobs"]
         print(f"channel fraction: {found.fraction:g} (" + ", ".join(

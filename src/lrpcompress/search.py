@@ -73,7 +73,8 @@ def compress_channel_search(model: nn.Module, fit: ImageData, val: ImageData, co
     no_ft = replace(sized, finetune=replace(sized.finetune, epochs=0))
     trials: dict[float, dict[str, Any]] = {}
     scores = None
-    best: tuple[float, CompressResult, StructuredResult | None] | None = None  # only the leader is kept
+    # only the leader is kept: fraction, result, cut, and the file's model spec extras (slim shapes)
+    best: tuple[float, CompressResult, StructuredResult | None, dict[str, Any]] | None = None
     for f in progress(sorted(search.fractions), desc="channel search", unit="fraction", disable=not show_progress):
         cut = None
         slim, extra = model, dict(model_spec_extra or {})
@@ -95,15 +96,12 @@ def compress_channel_search(model: nn.Module, fit: ImageData, val: ImageData, co
         trials[f] = {"val_accuracy": acc, "knobs": {k: v for k, v in knobs.items() if k != "val_accuracy"},
                      "float_bytes": dense_bytes(slim), "file_bytes": res.file_bytes}
         if best is None or acc > trials[best[0]]["val_accuracy"]:
-            best = (f, res, cut)
+            best = (f, res, cut, extra)
     if best is None:
         raise LrpcError(next(iter(trials.values()))["error"])
-    chosen, res, cut = best
+    chosen, res, cut, extra = best
     if config.finetune.epochs > 0 or (recover is not None and recover.epochs > 0 and cut is not None):
         slim = model if cut is None else cut.model
-        extra = dict(model_spec_extra or {})
-        if cut is not None and not is_builtin_arch(arch):
-            extra["shapes"] = cut.shapes
         if cut is not None and recover is not None and recover.epochs > 0:
             from .recovery import finetune_model
 
