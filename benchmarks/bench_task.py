@@ -19,7 +19,8 @@ with the model loaded back from the file. Pipelines:
     python benchmarks/bench_task.py --budgets 16 --criteria lrp --finetune 1 --append   # + recovery rows
 
 With ``--finetune N`` the held-out picks of ``magnitude``, ``lrp`` and ``lrp auto`` are also trained for N
-epochs through the quantizers (rows ``… +ftN``; settings as chosen without training).
+epochs through the quantizers (rows ``… +ftN``; settings as chosen without training; ``--finetune-scales fixed``
+keeps the allocator's scales: rows ``… +ftN fixed scales``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_benchmark import SHARED, Runner, _machine  # noqa: E402
+from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
 from lrpcompress.compress import compress  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
@@ -132,7 +133,8 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ma
     """``args.finetune`` epochs of recovery through the quantizers (distillation from the float model) for the
     held-out picks of magnitude, lrp without channels and each criterion's auto fraction; the settings stay
     as chosen without it."""
-    ft = FinetuneConfig(epochs=args.finetune, seed=args.seed)
+    ft = FinetuneConfig(epochs=args.finetune, seed=args.seed, learn_scales=args.finetune_scales == "learned")
+    tag = f"+ft{args.finetune}" + (" fixed scales" if args.finetune_scales == "fixed" else "")
     jobs = []
     if magnitude_knobs is not None:
         cfg = next(c for k, c in r.magnitude_candidates(budget) if k == magnitude_knobs)
@@ -148,7 +150,7 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ma
             search = ChannelSearch(ChannelPruneConfig(0.0, channel[0], samples=args.samples, seed=args.seed),
                                    fractions=(channel[1],))
             res = compress_channel_search(r.model, r.fit, r.val, cfg, r.arch, search, show_progress=False).result
-        row = _measured(r, res, base, budget, f"{name} +ft{args.finetune}", example, dense_macs,
+        row = _measured(r, res, base, budget, f"{name} {tag}", example, dense_macs,
                         val_accuracy=None, setting="as without fine-tuning")
         emit(row)
         log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {row['file_bytes']} B")
@@ -157,13 +159,11 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ma
 def write(rows: list[dict], out: Path, commands: list[str], started: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "task.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["# A general model deployed for a narrower task: pipelines at equal file bytes", "",
-             "Produced by: " + "; ".join(f"`{c}`" for c in commands) + "  ",
-             f"Date of this write: {started}; torch {torch.__version__}; machines: "
-             + "; ".join(sorted({r.get('machine') or '?' for r in rows})) + ".  ",
+    title = "A general model deployed for a narrower task: pipelines at equal file bytes"
+    lines = provenance(title, commands, started, rows) + [
              "Head cut to the classes; budget R× caps every file at (float32 bytes of that model)/R; knobs and the "
              "`auto` fraction chosen on held-out training images of those classes; accuracy on their test images, "
-             "measured on the model loaded back from the written `.lrpc` file; no fine-tuning. `macs`: "
+             "measured on the model loaded back from the written `.lrpc` file; no fine-tuning except in `+ftN` rows. `macs`: "
              "multiply-accumulates of the file's model over the dense model's. Pipelines: see "
              "`benchmarks/bench_task.py`.", ""]
     cols = (("pipeline", "pipeline"), ("file_bytes", "file bytes"), ("ratio", "ratio"), ("macs", "MACs"),
@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune", type=int, default=0,
                     help="also fine-tune the picks of magnitude, lrp and lrp auto for this many epochs")
+    ap.add_argument("--finetune-scales", default="learned", choices=("learned", "fixed"),
+                    help="fine-tuning learns the quantizer scales (LSQ, the default) or keeps them")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -302,6 +302,13 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
     plot(rows, out / "accuracy_vs_size.png")
 
 
+def provenance(title: str, commands: list[str], started: str, rows: list[dict]) -> list[str]:
+    """Opening lines of a results page: title, the commands that made its rows, date, torch, machines."""
+    return [f"# {title}", "", "Produced by: " + "; ".join(f"`{c}`" for c in commands) + "  ",
+            f"Date of this write: {started}; torch {torch.__version__}; machines: "
+            + "; ".join(sorted({r.get('machine') or '?' for r in rows})) + ".  "]
+
+
 def _machine(device: str) -> str:
     import os
 

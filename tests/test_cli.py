@@ -485,9 +485,26 @@ def test_prune_channels_auto_searches_fractions_under_the_size_target(tmp_path, 
     (("--channel-fractions", "0,0.3"), "--prune-channels auto"),
     (("--prune-channels", "auto", "--target-ratio", "8", "--channel-fractions", "0,1.2"), "[0, 1)"),
     (("--prune-channels", "sometimes"), "expected a number"),
+    (("--target-ratio", "8", "--tune-finetuned"), "--finetune-epochs"),
+    (("--tune-finetuned", "--finetune-epochs", "1"), "size search"),
+    (("--target-ratio", "8", "--tune-finetuned", "--finetune-epochs", "1", "--prune-channels", "auto"), "fraction"),
+    (("--target-ratio", "8", "--finetune-scales", "sometimes"), "invalid choice"),
 ])
 def test_bad_channel_search_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                        "--out", tmp_path / "x.lrpc", *args)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "x.lrpc").exists()
+
+
+def test_tune_finetuned_trains_every_setting_and_reports_the_pick(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "t.lrpc", tmp_path / "t.json"
+    code, printed, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                             tiny_data, "--samples", 8, "--val-size", 8, "--target-ratio", 12, "--finetune-epochs", 1,
+                             "--tune-finetuned", "--no-speed", "--out", out, "--report", rep)
+    assert code == 0, err
+    r = json.loads(rep.read_text())
+    assert r["tuned"]["selected_after_finetuning"] is True and "val_accuracy" in r["tuned"]
+    assert out.stat().st_size == r["file_bytes"] <= r["dense_bytes"] / 12
+    trials = r["tuned"]["trials"]  # one training per setting of the size search
+    assert len(trials) >= 2 and max(t["val_accuracy"] for t in trials) == r["tuned"]["val_accuracy"]

@@ -141,7 +141,8 @@ def test_finetune_keeps_allocation_and_pruned_zeros(digits):
     model, train, test = digits
     base = _small(replace(method_config("lrp"), target_ratio=10.0))
     before = compress(model, train, base, "digits_cnn")
-    after = compress(model, train, replace(base, finetune=FinetuneConfig(epochs=1, lr=0.005)), "digits_cnn")
+    after = compress(model, train, replace(base, finetune=FinetuneConfig(epochs=1, lr=0.005, learn_scales=False)),
+                    "digits_cnn")
     assert after.file_bytes == before.file_bytes
     for k, t in after.compressed.tensors.items():
         if hasattr(t, "bits"):
@@ -199,3 +200,58 @@ def test_size_target_search_picks_the_most_accurate_setting_on_held_out_data(dig
     assert accs[(knobs["sparsity"], knobs["min_bits"])] == pytest.approx(knobs["val_accuracy"], abs=1e-6)
     if knobs["min_bits"] > 1:  # the floor is respected
         assert all(set(np.unique(b)) <= {3, 4, 5, 6, 7, 8} for b in res.bits.values())
+
+
+def test_learned_scales_change_only_scales_and_codes(digits, tmp_path):
+    from lrpcompress.recovery import FinetuneConfig
+
+    model, train, test = digits
+    base = _small(replace(method_config("lrp"), target_ratio=10.0))
+    before = compress(model, train, base, "digits_cnn")
+    after = compress(model, train, replace(base, finetune=FinetuneConfig(epochs=1, lr=0.005, learn_scales=True)),
+                     "digits_cnn")
+    assert after.file_bytes == before.file_bytes
+    moved = 0
+    for k, t in after.compressed.tensors.items():
+        if hasattr(t, "bits"):
+            ref = before.compressed.tensors[k]
+            assert np.array_equal(t.bits, ref.bits) and np.array_equal(t.mask, ref.mask)
+            assert t.scales.dtype == np.float16 and bool(np.all(t.scales[ref.scales == 0] == 0))
+            assert bool(np.all(t.scales[ref.scales > 0] > 0))
+            moved += int((t.scales != ref.scales).sum())
+    assert moved > 0
+    path = tmp_path / "m.lrpc"
+    after.compressed.save(path)
+    loaded, _ = load_compressed(path)
+    for k, v in after.compressed.to_module().state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert accuracy(loaded, test, show_progress=False) >= accuracy(before.compressed.to_module(), test,
+                                                                   show_progress=False) - 2.0
+
+
+def test_size_search_after_finetuning_keeps_the_best_trained_setting(digits):
+    from lrpcompress.compress import compress_tuned, knob_grid, resolve_knobs, with_knobs
+    from lrpcompress.data import split_train_val
+    from lrpcompress.recovery import FinetuneConfig
+
+    model, train, _ = digits
+    fit, val = split_train_val(train, 200, 0)
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0, finetune=FinetuneConfig(epochs=1, lr=0.005))
+    res, knobs = compress_tuned(model, fit, val, cfg, "digits_cnn", show_progress=False, select_trained=True)
+    assert knobs["selected_after_finetuning"] and res.file_bytes <= res.dense_bytes / 12.0
+    accs, sizes = {}, {}
+    for s, b in resolve_knobs(model, fit, cfg, knob_grid(12.0), "digits_cnn"):
+        try:  # each setting compressed and fine-tuned on its own, as `compress` does
+            r = compress(model, fit, with_knobs(cfg, s, b), "digits_cnn", show_progress=False)
+        except LrpcError:
+            continue
+        accs[(s, b)] = accuracy(r.compressed.to_module(), val, show_progress=False)
+        sizes[(s, b)] = r.compressed.to_bytes()
+    assert len(accs) >= 2
+    assert knobs["val_accuracy"] == pytest.approx(max(accs.values()), abs=1e-6)
+    assert res.compressed.to_bytes() == sizes[(knobs["sparsity"], knobs["min_bits"])]
+    with pytest.raises(LrpcError, match="fine-tuning epochs"):
+        compress_tuned(model, fit, val, replace(cfg, finetune=FinetuneConfig(epochs=0)), "digits_cnn",
+                       select_trained=True)
+    with pytest.raises(LrpcError, match="size target"):
+        compress_tuned(model, fit, val, replace(cfg, target_ratio=None), "digits_cnn", select_trained=True)

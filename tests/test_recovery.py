@@ -34,3 +34,23 @@ def test_augment_keeps_pixels_of_an_uncropped_view():
     for i in range(2):
         vals = set(out[i].flatten().tolist()) - {0.0}
         assert vals <= set(x[i].flatten().tolist())
+
+
+def test_fake_quantize_gives_scales_the_lsq_gradient():
+    from lrpcompress.quantization import GroupLayout
+    from lrpcompress.recovery import fake_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 8) * 2
+    layout = GroupLayout((3, 8), 8)
+    bits = torch.tensor([2.0, 3.0, 4.0])
+    s = torch.tensor([0.5, 0.3, 0.2], requires_grad=True)
+    q = fake_quantize(w, layout, bits, s, torch.ones(3, 8))
+    q.sum().backward()
+    # reference (Esser et al. 2020, eq. 3): d q / d s = round(v) - v inside the range, ±qmax outside
+    qmax = (2 ** (bits - 1) - 1)[:, None]
+    v = w / s.detach()[:, None]
+    ref = torch.where(v.abs() <= qmax, torch.round(v) - v, torch.sign(v) * qmax).sum(1)
+    assert torch.allclose(s.grad, ref, atol=1e-5)
+    expect = torch.round(v).clamp(-qmax, qmax) * s.detach()[:, None]
+    assert torch.equal(q.detach(), expect)

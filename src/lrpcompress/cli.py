@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
     c.add_argument("--finetune-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0, help="recovery fine-tuning epochs through the quantizers")
     c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=0.01)
+    c.add_argument("--finetune-scales", default="learned", choices=("learned", "fixed"),
+                   help="fine-tuning trains each group's scale too (LSQ), or keeps the allocator's scales")
     c.add_argument("--distill", type=_nonneg_float, default=1.0,
                    help="weight of distillation from the uncompressed model during fine-tuning (0 = labels only)")
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets)")
@@ -139,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
     c.add_argument("--channel-round-to", type=_positive_int, default=1,
                    help="round each pruned layer's kept channels to a multiple of this (e.g. 8; 1 = exact fraction)")
+    c.add_argument("--tune-finetuned", action="store_true",
+                   help="size targets: fine-tune every setting of the size search and keep the best after training "
+                        "(costs one fine-tuning per setting; the usual pick compares settings before training)")
     c.add_argument("--no-tune", action="store_true",
                    help="with a size target: skip the search over sparsity and bit-width floor on held-out data")
     c.add_argument("--no-speed", action="store_true", help="skip the CPU latency/memory measurement in the report")
@@ -239,12 +244,21 @@ def cmd_compress(a: argparse.Namespace) -> int:
     cfg = replace(cfg, quant=q, prune=p if isinstance(p, PruneConfig) else cfg.prune,
                   prune_score=a.prune_score or cfg.prune_score,
                   target_ratio=a.target_ratio, target_bytes=a.target_bytes,
-                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, distill=a.distill, seed=a.seed))
+                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, distill=a.distill, seed=a.seed,
+                                           learn_scales=a.finetune_scales == "learned"))
     extra_spec: dict = {"classes": list(classes)} if classes else {}
     sized = a.target_ratio is not None or a.target_bytes is not None
     tune = (sized and not a.no_tune and a.prune is None and a.sparsity is None
             and cfg.quant.allocation == "optimal" and a.max_drop is None)
     search = a.prune_channels == "auto"
+    if a.tune_finetuned:
+        if a.finetune_epochs == 0:
+            raise LrpcError("--tune-finetuned compares settings after fine-tuning: add --finetune-epochs N")
+        if not tune:
+            raise LrpcError("--tune-finetuned works on the size search: use --target-ratio or --target-bytes "
+                            "without --max-drop, --no-tune, --prune or --sparsity")
+        if search:
+            raise LrpcError("--tune-finetuned is not combined with --prune-channels auto; give a fraction instead")
     if search:
         if not sized:
             raise LrpcError("--prune-channels auto chooses under a size target: add --target-ratio or --target-bytes")
@@ -320,7 +334,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         result, chosen = compress_max_drop(slim, fit, val, cfg, a.arch, a.max_drop, model_spec_extra=extra_spec or None,
                                            reference=model)
     elif tune:
-        result, knobs = compress_tuned(slim, fit, val, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
+        result, knobs = compress_tuned(slim, fit, val, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model,
+                                       select_trained=a.tune_finetuned)
     else:
         result = compress(slim, train, cfg, a.arch, model_spec_extra=extra_spec or None, teacher=model)
     size = result.compressed.save(out)

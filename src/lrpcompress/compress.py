@@ -607,12 +607,21 @@ def edge_overrides(model: nn.Module, bits: int = 8) -> dict[str, int]:
 
 def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
                    model_spec_extra: Mapping[str, Any] | None = None, teacher: nn.Module | None = None,
-                   show_progress: bool = True) -> tuple[CompressResult, dict[str, Any]]:
+                   show_progress: bool = True, select_trained: bool = False) -> tuple[CompressResult, dict[str, Any]]:
     """Compress at ``config``'s size target with the :func:`knob_grid` setting that is most accurate on
-    ``val`` (held out from the training data); fine-tuning, if any, runs only for the chosen setting."""
+    ``val`` (held out from the training data); fine-tuning, if any, runs only for the chosen setting.
+
+    ``select_trained`` (needs ``config.finetune.epochs`` > 0) fine-tunes every setting and compares them after
+    training instead: at 16x every setting is at chance before training, so the usual pick is blind there
+    (benchmarks/results/recovery.md). It costs one fine-tuning per setting."""
     from .evaluation import accuracy
 
+    if select_trained and config.finetune.epochs == 0:
+        raise LrpcError("choosing the setting after fine-tuning needs fine-tuning epochs (--finetune-epochs N)")
     if config.target_ratio is None and config.target_bytes is None:
+        if select_trained:
+            raise LrpcError("choosing the setting after fine-tuning needs a size target (--target-ratio or "
+                            "--target-bytes)")
         return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
                         show_progress=show_progress), {}
     ratio = config.target_ratio or dense_bytes(model) / config.target_bytes
@@ -622,8 +631,10 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
                         show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
     scores: dict[str, Any] = {}
     best = None
+    trials: list[dict[str, Any]] = []
     first_error: LrpcError | None = None
     no_ft = replace(config, finetune=replace(config.finetune, epochs=0))
+    device = model_device(model)
     for sparsity, min_bits in progress(grid, desc="size search", unit="setting", disable=not show_progress):
         try:
             res = compress(model, fit, with_knobs(no_ft, sparsity, min_bits), arch, scores=scores,
@@ -631,14 +642,24 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
         except LrpcError as exc:
             first_error = first_error or exc
             continue
-        acc = accuracy(res.compressed.to_module().to(model_device(model)), val, show_progress=False)
+        if select_trained:
+            t0 = time.perf_counter()
+            cm = finetune(res.compressed, fit, config.finetune, show_progress=show_progress, device=device,
+                          teacher=teacher if teacher is not None else model)
+            res = replace(res, compressed=cm, file_bytes=len(cm.to_bytes()),
+                          seconds=res.seconds + time.perf_counter() - t0)
+        acc = accuracy(res.compressed.to_module().to(device), val, show_progress=False)
+        trials.append({"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)})
         if best is None or acc > best[0]:
             best = (acc, sparsity, min_bits, res)
     if best is None:  # the plain allocation's message says how far off the budget is
         raise first_error or LrpcError("cannot fit the model into the asked size; ask for a smaller ratio")
     acc, sparsity, min_bits, res = best
     knobs = {"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)}
-    if config.finetune.epochs > 0:
+    if select_trained:
+        knobs["selected_after_finetuning"] = True
+        knobs["trials"] = trials  # held-out accuracy of every setting after its fine-tuning
+    if config.finetune.epochs > 0 and not select_trained:
         res = compress(model, fit, with_knobs(config, sparsity, min_bits), arch, scores=scores,
                        show_progress=show_progress, model_spec_extra=model_spec_extra, teacher=teacher)
     return res, knobs

@@ -57,10 +57,10 @@ class GroupLayout:
         """(n_groups, group_size) view of ``t`` padded with ``fill``, and the validity mask."""
         t2 = t.reshape(self.rows, self.cols)
         pad = self.per_row * self.group_size - self.cols
-        valid = torch.ones(self.rows, self.cols, dtype=torch.bool)
+        valid = torch.ones(self.rows, self.cols, dtype=torch.bool, device=t.device)
         if pad:
-            t2 = torch.cat([t2, torch.full((self.rows, pad), fill, dtype=t2.dtype)], 1)
-            valid = torch.cat([valid, torch.zeros(self.rows, pad, dtype=torch.bool)], 1)
+            t2 = torch.cat([t2, torch.full((self.rows, pad), fill, dtype=t2.dtype, device=t.device)], 1)
+            valid = torch.cat([valid, torch.zeros(self.rows, pad, dtype=torch.bool, device=t.device)], 1)
         return t2.reshape(self.n_groups, self.group_size), valid.reshape(self.n_groups, self.group_size)
 
     def from_groups(self, g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""Size-search knobs chosen with recovery fine-tuning in the loop, at one size budget.
+
+`compress --target-ratio R --finetune-epochs N` picks its knob (sparsity before the allocation, floor on the
+bit-width) by post-training accuracy on held-out training images, then fine-tunes only that setting. At 16×
+on ResNet-20 every setting is at chance before training (results.md), so that pick is blind. Here every
+candidate of the size search (plus a 2-bit floor) is fine-tuned for N epochs through the quantizers, with the
+scales fixed (the default) and learned (LSQ, `FinetuneConfig.learn_scales`); the pick is the most accurate on
+held-out training images after training. Magnitude pruning + uniform bits (fitted sparsity, first/last layer at
+8 bits or not) gets the same treatment, so the baseline is trained at equal bytes and epochs too. Every row is
+the written file, loaded back, on the test split.
+
+    python benchmarks/bench_recovery.py --device cuda                     # ResNet-20, 16x, 2 epochs
+    python benchmarks/bench_recovery.py --budget 12 --epochs 1 --append
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
+
+from lrpcompress.compress import knob_grid, resolve_knobs, with_knobs  # noqa: E402
+from lrpcompress.evaluation import accuracy  # noqa: E402
+from lrpcompress.recovery import FinetuneConfig, finetune  # noqa: E402
+from lrpcompress.report import markdown_table  # noqa: E402
+
+
+def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...]) -> list[tuple[dict, object]]:
+    """(knobs, config) of ``method`` at ``budget``: the allocator's size search plus a 2-bit floor, or magnitude
+    pruning at the fitted sparsity of each of ``bits`` (with and without 8-bit first/last layers)."""
+    if method == "magnitude":
+        return [(k, c) for k, c in r.magnitude_candidates(budget) if k["bits"] in bits]
+    base = replace(r.cfg(method), target_ratio=budget)
+    grid = resolve_knobs(r.model, r.fit, base, knob_grid(budget) + [(None, 2)], r.arch)
+    return [({"sparsity": s, "min_bits": mb}, with_knobs(base, s, mb)) for s, mb in dict.fromkeys(grid)]
+
+
+def row_key(row: dict) -> tuple:
+    return (row["model"], row["budget"], row["epochs"], row["method"], row["scales"], json.dumps(row["knobs"]))
+
+
+def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
+    r = Runner(args.model, args)
+    if args.fit_images:  # smoke runs: fewer training images for scores, calibration and training alike
+        r.fit = r.fit.subset(np.arange(min(args.fit_images, len(r.fit))))
+    log(f"{args.model}: float test {r.base_test:.2f}%, held-out {r.base_val:.2f}%")
+    limit = int(r.dense_bytes() / args.budget)
+    t_start = time.perf_counter()
+    cands = {m: candidates(r, m, args.budget, args.bits) for m in args.methods}
+    for learn in args.scales:  # every method with learned scales first: the new part, so a deadline cuts the rest
+        for method in args.methods:
+            for knobs, cfg in cands[method]:
+                res = r.run(cfg)
+                if res is None or res.file_bytes > limit:
+                    log(f"  {method} {knobs}: does not fit")
+                    continue
+                scales = "learned" if learn else "fixed"
+                if (args.model, args.budget, args.epochs, method, scales, json.dumps(knobs)) in measured:
+                    continue  # --append --skip-measured: resume a run cut by its deadline
+                if time.perf_counter() - t_start > args.deadline:
+                    log("  deadline reached, stopping")
+                    return
+                post_val = r.val_acc(repr(cfg), res)
+                ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=learn)
+                t0 = time.perf_counter()
+                cm = finetune(res.compressed, r.fit, ft, show_progress=False, device=r.device, teacher=r.model)
+                trained = replace(res, compressed=cm, file_bytes=len(cm.to_bytes()),
+                                  seconds=res.seconds + time.perf_counter() - t0)
+                val = accuracy(cm.to_module().to(r.device), r.val, show_progress=False)
+                row = r.finish(method, args.budget, trained, dict(knobs))
+                row.update(epochs=args.epochs, scales=scales, post_val=round(post_val, 2),
+                           val_accuracy=round(val, 2), drop=round(r.base_test - row["accuracy"], 2),
+                           ft_seconds=round(time.perf_counter() - t0, 1))
+                emit(row)
+                log(f"  {method} {knobs} scales {row['scales']}: held-out {post_val:.2f} -> {val:.2f}, "
+                    f"test {row['accuracy']:.2f}% {row['file_bytes']} B ({row['ft_seconds']} s)")
+
+
+def mark_picks(rows: list[dict]) -> None:
+    """Per (model, budget, epochs, method, scales): the setting most accurate on held-out images after training,
+    and (for comparison) the one the post-training search would have picked."""
+    for r in rows:
+        r["pick"] = ""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["budget"], r["epochs"], r["method"], r["scales"]), []).append(r)
+    for g in groups.values():
+        max(g, key=lambda r: r["val_accuracy"])["pick"] = "trained"
+        post = max(g, key=lambda r: r["post_val"])
+        post["pick"] = "both" if post["pick"] else "post-training"
+
+
+def write(rows: list[dict], out: Path, commands: list[str], started: str) -> None:
+    mark_picks(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recovery.json").write_text(json.dumps(rows, indent=1) + "\n")
+    for r in rows:
+        r["setting"] = ", ".join(f"{k}={v}" for k, v in r["knobs"].items())
+    lines = provenance("Knobs chosen with recovery fine-tuning in the loop", commands, started, rows) + [
+             "Every setting of the size search fine-tuned for the same epochs (distillation from the float model, "
+             "pruned weights kept at zero, through the quantizers), scales fixed or learned (LSQ). `held-out` "
+             "columns: training images never used for scores, calibration or training; `pick`: `trained` = most "
+             "accurate on held-out images after training (what to choose), `post-training` = what the search "
+             "without training picks. Test accuracy is the written file, loaded back.", ""]
+    cols = (("method", "method"), ("setting", "setting"), ("scales", "scales"), ("file_bytes", "file bytes"),
+            ("ratio", "ratio"), ("post_val", "held-out before %"), ("val_accuracy", "held-out after %"),
+            ("accuracy", "test %"), ("drop", "drop"), ("pick", "pick"), ("ft_seconds", "train s"))
+    for key in sorted({(r["model"], r["budget"], r["epochs"]) for r in rows}):
+        group = [r for r in rows if (r["model"], r["budget"], r["epochs"]) == key]
+        lines += [f"## {key[0]}, {key[1]:g}×, {key[2]} epoch(s)", "", markdown_table(group, cols), ""]
+    (out / "recovery.md").write_text("\n".join(lines))
+    for r in rows:
+        del r["setting"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--budget", type=float, default=16.0)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--methods", default="lrp,magnitude")
+    ap.add_argument("--bits", default="2,3", help="magnitude: uniform bit-widths tried (fitted sparsity each)")
+    ap.add_argument("--scales", default="learned,fixed", help="learned, fixed or both (order = run order)")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--val-size", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit-images", type=int, default=0, help="use only this many training images (smoke runs)")
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; no new training starts after")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--append", action="store_true", help="keep the rows of recovery.json this run does not measure")
+    ap.add_argument("--skip-measured", action="store_true", help="with --append: train only settings without a row")
+    args = ap.parse_args()
+    if args.skip_measured and not args.append:
+        sys.exit("--skip-measured needs --append (it skips the rows of the existing recovery.json)")
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.bits = tuple(int(b) for b in args.bits.split(","))
+    scales = {"learned": True, "fixed": False}
+    bad = [s for s in args.scales.split(",") if s not in scales]
+    if bad:
+        sys.exit(f"--scales: unknown {bad[0]!r}; use learned, fixed or both")
+    args.scales = [scales[s] for s in args.scales.split(",")]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda asked for, but no CUDA device is available")
+    args.machine = _machine(args.device)
+    out = Path(args.out)
+    rows: list[dict] = json.loads((out / "recovery.json").read_text()) if args.append and (out / "recovery.json").exists() else []
+    command = " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]])
+    commands = sorted({r.get("command", "") for r in rows} - {""} | {command})
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    log = lambda s: print(s, flush=True)  # noqa: E731
+
+    def emit(row: dict) -> None:
+        rows[:] = [x for x in rows if row_key(x) != row_key(row)]
+        rows.append(dict(row, command=command))
+        write(rows, out, commands, started)
+
+    torch.manual_seed(args.seed)
+    run(args, log, emit, {row_key(x) for x in rows} if args.skip_measured else set())
+    log(f"wrote {out}/recovery.md and recovery.json")
+
+
+if __name__ == "__main__":
+    main()
