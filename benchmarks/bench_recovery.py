@@ -4,7 +4,7 @@
 bit-width) by post-training accuracy on held-out training images, then fine-tunes only that setting. At 16×
 on ResNet-20 every setting is at chance before training (results.md), so that pick is blind. Here every
 candidate of the size search (plus a 2-bit floor) is fine-tuned for N epochs through the quantizers, with the
-scales fixed (the default) and learned (LSQ, `FinetuneConfig.learn_scales`); the pick is the most accurate on
+scales learned (LSQ, `FinetuneConfig.learn_scales`, the default) and fixed; the pick is the most accurate on
 held-out training images after training. Magnitude pruning + uniform bits (fitted sparsity, first/last layer at
 8 bits or not) gets the same treatment, so the baseline is trained at equal bytes and epochs too. Every row is
 the written file, loaded back, on the test split.
@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import knob_grid, resolve_knobs, with_knobs  # noqa: E402
+from lrpcompress.compress import finetune_result, knob_grid, resolve_knobs, with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
-from lrpcompress.recovery import FinetuneConfig, finetune  # noqa: E402
+from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 
 
@@ -60,26 +60,23 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
     limit = int(r.dense_bytes() / args.budget)
     t_start = time.perf_counter()
     cands = {m: candidates(r, m, args.budget, args.bits) for m in args.methods}
-    for learn in args.scales:  # every method with learned scales first: the new part, so a deadline cuts the rest
+    for scales in args.scales:  # in the order asked: a deadline cuts the last
+        ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=scales == "learned")
         for method in args.methods:
             for knobs, cfg in cands[method]:
                 res = r.run(cfg)
                 if res is None or res.file_bytes > limit:
                     log(f"  {method} {knobs}: does not fit")
                     continue
-                scales = "learned" if learn else "fixed"
                 if (args.model, args.budget, args.epochs, method, scales, json.dumps(knobs)) in measured:
                     continue  # --append --skip-measured: resume a run cut by its deadline
                 if time.perf_counter() - t_start > args.deadline:
                     log("  deadline reached, stopping")
                     return
                 post_val = r.val_acc(repr(cfg), res)
-                ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=learn)
                 t0 = time.perf_counter()
-                cm = finetune(res.compressed, r.fit, ft, show_progress=False, device=r.device, teacher=r.model)
-                trained = replace(res, compressed=cm, file_bytes=len(cm.to_bytes()),
-                                  seconds=res.seconds + time.perf_counter() - t0)
-                val = accuracy(cm.to_module().to(r.device), r.val, show_progress=False)
+                trained = finetune_result(res, r.fit, ft, r.device, r.model, show_progress=False)
+                val = accuracy(trained.compressed.to_module().to(r.device), r.val, show_progress=False)
                 row = r.finish(method, args.budget, trained, dict(knobs))
                 row.update(epochs=args.epochs, scales=scales, post_val=round(post_val, 2),
                            val_accuracy=round(val, 2), drop=round(r.base_test - row["accuracy"], 2),
@@ -149,11 +146,10 @@ def main() -> None:
         sys.exit("--skip-measured needs --append (it skips the rows of the existing recovery.json)")
     args.methods = [m for m in args.methods.split(",") if m]
     args.bits = tuple(int(b) for b in args.bits.split(","))
-    scales = {"learned": True, "fixed": False}
-    bad = [s for s in args.scales.split(",") if s not in scales]
+    args.scales = [s for s in args.scales.split(",") if s]
+    bad = [s for s in args.scales if s not in ("learned", "fixed")]
     if bad:
         sys.exit(f"--scales: unknown {bad[0]!r}; use learned, fixed or both")
-    args.scales = [scales[s] for s in args.scales.split(",")]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but no CUDA device is available")
     args.machine = _machine(args.device)

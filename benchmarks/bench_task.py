@@ -163,8 +163,8 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
     lines = provenance(title, commands, started, rows) + [
              "Head cut to the classes; budget R× caps every file at (float32 bytes of that model)/R; knobs and the "
              "`auto` fraction chosen on held-out training images of those classes; accuracy on their test images, "
-             "measured on the model loaded back from the written `.lrpc` file; no fine-tuning except in `+ftN` rows. `macs`: "
-             "multiply-accumulates of the file's model over the dense model's. Pipelines: see "
+             "measured on the model loaded back from the written `.lrpc` file; no fine-tuning except in `+ftN` rows. "
+             "`macs`: multiply-accumulates of the file's model over the dense model's. Pipelines: see "
              "`benchmarks/bench_task.py`.", ""]
     cols = (("pipeline", "pipeline"), ("file_bytes", "file bytes"), ("ratio", "ratio"), ("macs", "MACs"),
             ("val_accuracy", "held-out %"), ("accuracy", "test %"), ("setting", "chosen setting"))

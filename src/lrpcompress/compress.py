@@ -643,11 +643,8 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
             first_error = first_error or exc
             continue
         if select_trained:
-            t0 = time.perf_counter()
-            cm = finetune(res.compressed, fit, config.finetune, show_progress=show_progress, device=device,
-                          teacher=teacher if teacher is not None else model)
-            res = replace(res, compressed=cm, file_bytes=len(cm.to_bytes()),
-                          seconds=res.seconds + time.perf_counter() - t0)
+            res = finetune_result(res, fit, config.finetune, device, teacher if teacher is not None else model,
+                                  show_progress)
         acc = accuracy(res.compressed.to_module().to(device), val, show_progress=False)
         trials.append({"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)})
         if best is None or acc > best[0]:
@@ -663,6 +660,15 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
         res = compress(model, fit, with_knobs(config, sparsity, min_bits), arch, scores=scores,
                        show_progress=show_progress, model_spec_extra=model_spec_extra, teacher=teacher)
     return res, knobs
+
+
+def finetune_result(res: CompressResult, train: ImageData, config: FinetuneConfig, device: torch.device | str,
+                    teacher: nn.Module, show_progress: bool = True) -> CompressResult:
+    """``res`` after :func:`~lrpcompress.recovery.finetune` (what ``compress`` does when its config asks for
+    epochs), with the written bytes and the seconds updated."""
+    t0 = time.perf_counter()
+    cm = finetune(res.compressed, train, config, show_progress=show_progress, device=device, teacher=teacher)
+    return replace(res, compressed=cm, file_bytes=len(cm.to_bytes()), seconds=res.seconds + time.perf_counter() - t0)
 
 
 MAX_DROP_RATIOS = (24.0, 20.0, 16.0, 14.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
