@@ -11,6 +11,7 @@ the written file, loaded back, on the test split.
 
     python benchmarks/bench_recovery.py --device cuda                     # ResNet-20, 16x, 2 epochs
     python benchmarks/bench_recovery.py --budget 12 --epochs 1 --append
+    python benchmarks/bench_recovery.py --grids midrise --methods lrp --scales learned --append
 """
 
 from __future__ import annotations
@@ -32,20 +33,39 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import finetune_result, knob_grid, resolve_knobs, with_knobs  # noqa: E402
+from lrpcompress.compress import finetune_result, fit_sparsity, knob_grid, resolve_knobs, with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
+from lrpcompress.pruning import PruneConfig  # noqa: E402
+from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 
 
-def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...]) -> list[tuple[dict, object]]:
-    """(knobs, config) of ``method`` at ``budget``: the allocator's size search plus a 2-bit floor, or magnitude
-    pruning at the fitted sparsity of each of ``bits`` (with and without 8-bit first/last layers)."""
+def with_grid(cfg, grid: str):
+    return replace(cfg, quant=replace(cfg.quant, grid=grid))
+
+
+def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], grid: str = "symmetric"
+               ) -> list[tuple[dict, object]]:
+    """(knobs, config) of ``method`` at ``budget`` on ``grid``: the allocator's size search plus a 2-bit floor,
+    or magnitude pruning at the fitted sparsity of each of ``bits`` (with and without 8-bit first/last layers).
+    Knobs name the grid when it is not the default; sparsities are fitted on that grid's own files."""
+    tag = {} if grid == "symmetric" else {"grid": grid}
     if method == "magnitude":
-        return [(k, c) for k, c in r.magnitude_candidates(budget) if k["bits"] in bits]
-    base = replace(r.cfg(method), target_ratio=budget)
-    grid = resolve_knobs(r.model, r.fit, base, knob_grid(budget) + [(None, 2)], r.arch)
-    return [({"sparsity": s, "min_bits": mb}, with_knobs(base, s, mb)) for s, mb in dict.fromkeys(grid)]
+        out = []
+        for k, c in r.magnitude_candidates(budget):
+            if k["bits"] not in bits:
+                continue
+            if grid != "symmetric":  # refit: the header of a midrise file is longer
+                c = with_grid(r.with_quant("magnitude", k["bits"], keep_edges="edges" in k), grid)
+                s = fit_sparsity(r.model, r.fit, c, k["bits"], r.arch, target_bytes=int(r.dense_bytes() / budget))
+                k = dict(k, sparsity=s)
+                c = replace(c, prune=PruneConfig("fraction", s))
+            out.append((dict(k, **tag), c))
+        return out
+    base = with_grid(replace(r.cfg(method), target_ratio=budget), grid)
+    knobs = resolve_knobs(r.model, r.fit, base, knob_grid(budget) + [(None, 2)], r.arch)
+    return [({"sparsity": s, "min_bits": mb, **tag}, with_knobs(base, s, mb)) for s, mb in dict.fromkeys(knobs)]
 
 
 def row_key(row: dict) -> tuple:
@@ -59,7 +79,7 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
     log(f"{args.model}: float test {r.base_test:.2f}%, held-out {r.base_val:.2f}%")
     limit = int(r.dense_bytes() / args.budget)
     t_start = time.perf_counter()
-    cands = {m: candidates(r, m, args.budget, args.bits) for m in args.methods}
+    cands = {m: [c for g in args.grids for c in candidates(r, m, args.budget, args.bits, g)] for m in args.methods}
     for scales in args.scales:  # in the order asked: a deadline cuts the last
         ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=scales == "learned")
         for method in args.methods:
@@ -131,6 +151,8 @@ def main() -> None:
     ap.add_argument("--methods", default="lrp,magnitude")
     ap.add_argument("--bits", default="2,3", help="magnitude: uniform bit-widths tried (fitted sparsity each)")
     ap.add_argument("--scales", default="learned,fixed", help="learned, fixed or both (order = run order)")
+    ap.add_argument("--grids", default="symmetric", help="quantization grids of 2..8-bit groups: symmetric, midrise "
+                                                         "or both (each a setting of its own)")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -150,6 +172,10 @@ def main() -> None:
     bad = [s for s in args.scales if s not in ("learned", "fixed")]
     if bad:
         sys.exit(f"--scales: unknown {bad[0]!r}; use learned, fixed or both")
+    args.grids = [g for g in args.grids.split(",") if g]
+    bad = [g for g in args.grids if g not in GRIDS]
+    if bad or not args.grids:
+        sys.exit(f"--grids: unknown {bad[0] if bad else ''!r}; use {', '.join(GRIDS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but no CUDA device is available")
     args.machine = _machine(args.device)

@@ -33,6 +33,7 @@ from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402
+from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 
@@ -50,6 +51,7 @@ class Runner:
     def __init__(self, arch: str, args: argparse.Namespace, classes: list[int] | None = None) -> None:
         self.arch = arch
         self.args = args
+        self.grid = getattr(args, "grid", "symmetric")  # of every method's 2..8-bit groups
         self.device = torch.device(args.device)
         shared = Path(args.shared)
         self.model = load_model(arch, shared / "models" / f"{arch}-cifar10jpeg.pt").to(self.device)
@@ -70,6 +72,7 @@ class Runner:
 
     def cfg(self, method: str, **kw) -> CompressConfig:
         c = method_config(method, seed=self.args.seed, **kw)
+        c = replace(c, quant=replace(c.quant, grid=self.grid))
         return replace(c, relevance=replace(c.relevance, samples=self.args.samples, seed=self.args.seed))
 
     def with_quant(self, method: str, bits: int, prune: PruneConfig | None = None,
@@ -141,7 +144,8 @@ class Runner:
                 "ratio": round(res.dense_bytes / size, 3),
                 "accuracy": round(accuracy(loaded.to(self.device), self.test, show_progress=False), 2),
                 "drop": None, "sparsity": round(st["sparsity"], 4), "mean_bits": round(st["mean_bits"], 3),
-                "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1), "knobs": knobs,
+                "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1),
+                "knobs": knobs if self.grid == "symmetric" else dict(knobs, grid=self.grid),
                 "machine": self.args.machine}
 
     def best_of(self, method: str, budget: float, candidates) -> dict | None:
@@ -332,6 +336,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--val-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grid", default="symmetric", choices=GRIDS,
+                    help="levels of every method's 2..8-bit groups (rows name it in their setting when not symmetric)")
     ap.add_argument("--shared", default=str(SHARED), help="folder with models/ and data/ (default ../shared)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (forward/backward passes; the bytes are CPU work)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -489,12 +489,28 @@ def test_prune_channels_auto_searches_fractions_under_the_size_target(tmp_path, 
     (("--tune-finetuned", "--finetune-epochs", "1"), "size search"),
     (("--target-ratio", "8", "--tune-finetuned", "--finetune-epochs", "1", "--prune-channels", "auto"), "fraction"),
     (("--target-ratio", "8", "--finetune-scales", "sometimes"), "invalid choice"),
+    (("--target-ratio", "8", "--grid", "nf4"), "invalid choice"),
 ])
 def test_bad_channel_search_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                        "--out", tmp_path / "x.lrpc", *args)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "x.lrpc").exists()
+
+
+def test_midrise_grid_writes_a_version_2_file_that_evaluates(tmp_path, tiny_data, resnet20_weights, capsys):
+    out = tmp_path / "m.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 16, "--grid", "midrise", "--target-ratio", "10", "--out", out,
+                       "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert out.read_bytes()[8] == 2
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["file_bytes"] == out.stat().st_size and rep["compression_ratio"] >= 10 * 0.98
+    code, stdout, _ = run(capsys, "evaluate", out, "--data", tiny_data)
+    assert code == 0 and f"{rep['accuracy']:.2f}%" in stdout
+    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    assert code == 0 and {r["grid"] for r in json.loads(stdout)["layers"]} == {"midrise"}
 
 
 def test_tune_finetuned_trains_every_setting_and_reports_the_pick(tmp_path, tiny_data, resnet20_weights, capsys):

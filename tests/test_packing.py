@@ -16,7 +16,7 @@ from lrpcompress.errors import FormatError
 from lrpcompress.packing import (MAGIC, PREFIX, decode, decode_index, encode, encode_index, pack_codes,
                                  unpack_codes)
 
-from golden import GOLDEN, golden_payload
+from golden import GOLDEN, GOLDEN_MIDRISE, golden_payload
 
 
 def test_golden_bytes():
@@ -108,6 +108,42 @@ def _with_header(data: bytes, mutate) -> bytes:
 def test_bad_headers_are_rejected(mutate, message):
     with pytest.raises(FormatError, match=message):
         decode(_with_header(GOLDEN.read_bytes(), mutate))
+
+
+def test_midrise_golden_bytes_and_spec_values():
+    data = encode(golden_payload("midrise"))
+    assert data == GOLDEN_MIDRISE.read_bytes()
+    assert PREFIX.unpack_from(data)[1] == 2  # the grid key needs version 2; symmetric files stay version 1
+    w = decode(data).tensors["w"]
+    assert w.grid == "midrise"
+    s = [0.5, 0.25, 0.01, 1.0]
+    f16 = lambda v: float(np.float16(v))  # noqa: E731
+    expected = torch.tensor([  # v = (u - (2^(b-1) - 1/2)) * s for 2..8 bits; 1 and 16 bits as in version 1
+        [(0 - 1.5) * s[0], (3 - 1.5) * s[0], 0.0, (7 - 3.5) * s[1]],
+        [(4 - 127.5) * f16(s[2]), (255 - 127.5) * f16(s[2]), (2 * 1 - 1) * s[3], 0.0],
+        [0.0, 0.0, 1.5, -2.0],
+    ], dtype=torch.float32)
+    assert torch.equal(w.dequantize(), expected)
+
+
+def test_grid_is_validated_on_both_sides():
+    from lrpcompress.errors import LrpcError
+
+    midrise = GOLDEN_MIDRISE.read_bytes()
+    with pytest.raises(FormatError, match="unknown quantization grid"):
+        decode(_with_header(midrise, lambda h: h["tensors"][0].__setitem__("grid", "nf4")))
+    v1 = _with_header(midrise, lambda h: None)
+    v1 = _reseal(v1[:8] + struct.pack("<I", 1) + v1[12:-32])
+    with pytest.raises(FormatError, match="needs format version 2"):
+        decode(v1)
+    # the top code of a 2..8-bit group is valid only on the midrise grid
+    top_in_symmetric = _with_header(midrise, lambda h: h["tensors"][0].pop("grid"))
+    with pytest.raises(FormatError, match="code out of range"):
+        decode(top_in_symmetric)
+    p = golden_payload("midrise")
+    p.tensors["w"].grid = "symmetric"
+    with pytest.raises(LrpcError, match="code out of range"):
+        encode(p)
 
 
 def test_wrong_magic_version_truncation_checksum():

@@ -71,3 +71,40 @@ def test_clip_search_never_increases_error():
 def test_invalid_bits_are_refused():
     with pytest.raises(LrpcError, match="bit-widths must be 1..8"):
         quantize_tensor(torch.ones(2, 2), 9)
+
+
+@pytest.mark.parametrize("b", [2, 3, 4, 8])
+def test_midrise_levels_use_every_code(b):
+    torch.manual_seed(0)
+    w = torch.randn(6, 400)
+    q = quantize_tensor(w, b, search_clip=False, grid="midrise")
+    deq = q.dequantize()
+    s = torch.from_numpy(q.scales.astype(np.float32))[:, None]
+    levels = deq / s
+    h = 2 ** (b - 1) - 0.5
+    assert torch.allclose(levels - 0.5, (levels - 0.5).round(), atol=1e-4)  # half-integers: no zero level
+    assert levels.abs().max() <= h and levels.abs().min() >= 0.5 - 1e-6
+    assert set(np.unique(q.codes).tolist()) == set(range(2 ** b)) if b <= 4 else q.codes.max() <= 2 ** b - 1
+    # nearest level of the max-abs grid: error at most half a step (+ fp16 scale rounding)
+    assert torch.all((deq - w).abs() <= s / 2 + w.abs() * 2e-3 + 1e-6)
+
+
+def test_midrise_two_bits_beats_ternary_on_gaussian_weights():
+    """Four levels against three at the same two bits, each with the scale search's clipping ratios."""
+    torch.manual_seed(0)
+    g = torch.randn(64, 256)
+    valid = torch.ones_like(g, dtype=torch.bool)
+    err = {grid: float(((quantize_bits(g, valid, 2, True, grid)[2] - g) ** 2).mean()) for grid in ("symmetric", "midrise")}
+    assert err["midrise"] < 0.8 * err["symmetric"]
+    # three bits: 8 levels still beat 7, by less
+    err3 = {grid: float(((quantize_bits(g, valid, 3, True, grid)[2] - g) ** 2).mean()) for grid in ("symmetric", "midrise")}
+    assert err3["midrise"] < err3["symmetric"]
+
+
+def test_unknown_grid_is_a_clear_error():
+    from lrpcompress.compress import QuantConfig
+
+    with pytest.raises(LrpcError, match="choose one of symmetric, midrise"):
+        QuantConfig(grid="nf4")
+    with pytest.raises(LrpcError, match="unknown quantization grid"):
+        quantize_tensor(torch.ones(2, 2), 2, grid="asym")

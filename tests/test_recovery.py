@@ -54,3 +54,27 @@ def test_fake_quantize_gives_scales_the_lsq_gradient():
     assert torch.allclose(s.grad, ref, atol=1e-5)
     expect = torch.round(v).clamp(-qmax, qmax) * s.detach()[:, None]
     assert torch.equal(q.detach(), expect)
+
+
+def test_fake_quantize_and_requantize_follow_the_midrise_grid():
+    import numpy as np
+
+    from lrpcompress.quantization import GroupLayout, quantize_tensor
+    from lrpcompress.recovery import fake_quantize, requantize
+
+    torch.manual_seed(1)
+    w = torch.randn(4, 8)
+    qt = quantize_tensor(w, np.array([2, 3, 1, 8]), grid="midrise")
+    layout = GroupLayout((4, 8), 8)
+    bits = torch.tensor([2.0, 3.0, 1.0, 8.0])
+    s = torch.from_numpy(qt.scales.astype(np.float32)).requires_grad_(True)
+    q = fake_quantize(w, layout, bits, s, torch.ones(4, 8), "midrise")
+    assert torch.equal(q.detach(), qt.dequantize())  # the decoder's values, exactly
+    assert np.array_equal(requantize(w, qt).codes, qt.codes)
+    q.sum().backward()
+    # LSQ's gradient on the half-integer grid: level(v) - v inside ±h, ±h outside (1 bit: the sign)
+    h = (2 ** (bits - 1) - 0.5)[:, None]
+    v = w / s.detach()[:, None]
+    inside = torch.where(v.abs() <= h, (torch.floor(v) + 0.5).clamp(-h, h) - v, torch.sign(v) * h)
+    ref = torch.where(bits[:, None] == 1, torch.sign(w), inside).sum(1)
+    assert torch.allclose(s.grad, ref, atol=1e-4)

@@ -34,8 +34,8 @@ class LayerCosts:
 
 
 def layer_costs(name: str, weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, options: tuple[int, ...],
-                importance: torch.Tensor | None, search_clip: bool = True) -> LayerCosts:
-    errs = group_errors(weight, mask, layout, options, importance, search_clip)
+                importance: torch.Tensor | None, search_clip: bool = True, grid: str = "symmetric") -> LayerCosts:
+    errs = group_errors(weight, mask, layout, options, importance, search_clip, grid)
     mgroups, valid = layout.to_groups(mask.float())
     survivors = (mgroups * valid).sum(1).numpy().astype(np.float64)
     E = np.stack([errs[b].numpy() for b in options], 1)

@@ -90,6 +90,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .compress import METHODS
+    from .quantization import GRIDS
 
     ap = _Parser(prog="lrpcompress", description="Compress trained PyTorch models with LRP.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=_bits, default=None, help="uniform/tier bits, or the mean for optimal allocation")
     c.add_argument("--allocation", default=None, choices=("uniform", "tiers", "optimal"))
     c.add_argument("--group-size", type=_positive_int, default=None, help="weights per scale (default: per channel)")
+    c.add_argument("--grid", default=None, choices=GRIDS,
+                   help="levels of 2..8-bit groups: symmetric (zero is a level) or midrise (all 2^b codes used)")
     c.add_argument("--prune", default=None, choices=("none", "nonpositive", "fraction"))
     c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
@@ -236,6 +239,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         q = replace(q, bits=a.bits)
     if a.group_size:
         q = replace(q, group_size=a.group_size)
+    if a.grid:
+        q = replace(q, grid=a.grid)
     p = cfg.prune
     if a.prune:
         p = replace(p, criterion=a.prune)

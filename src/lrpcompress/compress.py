@@ -26,7 +26,7 @@ from .packing import Payload, decode, encode, load_payload, save_payload
 from .progress import progress
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
-from .quantization import VALID_BITS, GroupLayout, QuantTensor, quantize_tensor
+from .quantization import VALID_BITS, GroupLayout, QuantTensor, check_grid, quantize_tensor
 from .relevance import (ActivationStats, RelevanceConfig, _bn_affine, _find_folds, activation_stats, compute_relevance,
                         layer_names, taylor_scores)
 
@@ -46,6 +46,8 @@ class QuantConfig:
     MSE); see :func:`channel_importance`. ``activation_aware`` weights errors by the input power.
     ``overrides``: fnmatch pattern → fixed bits for matching weight names (mixed precision as configuration).
     ``group_size``: columns per scale group (``None``: one group per output channel).
+    ``grid``: levels of 2..8-bit groups: ``symmetric`` (zero is a level, one code of 2^b unused) or
+    ``midrise`` (all 2^b codes, no zero level; 2 bits then give 4 levels instead of 3).
     """
 
     allocation: str = "optimal"
@@ -58,8 +60,10 @@ class QuantConfig:
     overrides: Mapping[str, int] = field(default_factory=dict)
     search_clip: bool = True
     float_dtype: str = "float16"
+    grid: str = "symmetric"
 
     def __post_init__(self) -> None:
+        check_grid(self.grid)
         if self.allocation not in ALLOCATIONS:
             raise LrpcError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.importance not in SCORES:
@@ -242,7 +246,7 @@ class CompressedModel:
             eb = t.element_bits()[t.mask]
             rows.append({"name": k, "shape": list(t.shape), "kept": float(t.mask.mean()),
                          "mean_bits": float(eb.mean()) if eb.size else 0.0,
-                         "bits": sorted(set(int(b) for b in np.unique(t.bits))),
+                         "bits": sorted(set(int(b) for b in np.unique(t.bits))), "grid": t.grid,
                          "bytes": int(-(-int(eb.sum()) // 8) + 2 * t.layout.n_groups), "numel": int(numel)})
         return rows
 
@@ -472,7 +476,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         for k in state:
             if k in canon.weights:
                 tensors[k] = quantize_tensor(canon.weights[k], bits_map[k], layouts[k].group_size, masks[k],
-                                             q.search_clip)
+                                             q.search_clip, q.grid)
             elif k in canon.floats:
                 tensors[k] = canon.floats[k]
         cm = CompressedModel(spec, tensors, {k: q.float_dtype for k in canon.floats}, {})
@@ -499,7 +503,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     else:
         imp = channel_importance({k: canon.weights[k] for k in free}, stats, imp_channels, q.power)
         options = tuple(b for b in q.bit_options)
-        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip)
+        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip, q.grid)
                   for k in free]
         target = config.target_bytes or (int(d_bytes / config.target_ratio) if config.target_ratio else None)
         if target is None:  # the budget of uniform `bits`

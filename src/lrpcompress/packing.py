@@ -19,10 +19,10 @@ import torch
 
 from .errors import FormatError, LrpcError
 from .io import atomic_write_bytes
-from .quantization import VALID_BITS, GroupLayout, QuantTensor
+from .quantization import GRIDS, VALID_BITS, GroupLayout, QuantTensor
 
 MAGIC = b"LRPC\r\n\x1a\n"
-VERSION = 1
+VERSIONS = (1, 2)  # read; written: 1, or 2 when a tensor uses a version-2 field ("grid")
 PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
 DIGEST = 32
 MIN_SIZE = PREFIX.size + DIGEST
@@ -171,11 +171,15 @@ def encode(payload: Payload) -> bytes:
         return rng
 
     table = []
+    version = 1
     for name, t in payload.tensors.items():
         if isinstance(t, QuantTensor):
             _check_quant(name, t)
             entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "kind": "quant",
                                      "group_size": t.layout.group_size}
+            if t.grid != "symmetric":  # version 2: the key exists; version-1 files stay byte-identical
+                entry["grid"] = t.grid
+                version = 2
             ub = np.unique(t.bits)
             entry["bits"] = int(ub[0]) if ub.size == 1 else put(t.bits.astype(np.uint8).tobytes())
             entry["scales"] = put(t.scales.astype("<f2").tobytes())
@@ -192,7 +196,7 @@ def encode(payload: Payload) -> bytes:
         table.append(entry)
     header = {"format": "lrpc", "model": payload.model, "tensors": table, "metadata": payload.metadata}
     hbytes = json.dumps(header, separators=(",", ":"), sort_keys=False, allow_nan=False).encode()
-    body = PREFIX.pack(MAGIC, VERSION, len(hbytes)) + hbytes + b"".join(chunks)
+    body = PREFIX.pack(MAGIC, version, len(hbytes)) + hbytes + b"".join(chunks)
     return body + hashlib.sha256(body).digest()
 
 
@@ -206,8 +210,11 @@ def _check_quant(name: str, t: QuantTensor) -> None:
     eb = t.element_bits()[t.mask]
     if t.codes.size != eb.size or np.any(eb == 0):
         raise LrpcError(f"{name}: codes do not match the survivors and their bit-widths")
+    if t.grid not in GRIDS:
+        raise LrpcError(f"{name}: unknown quantization grid {t.grid!r}")
     mid = (eb >= 2) & (eb <= 8)
-    if np.any(t.codes < 0) or np.any(t.codes[mid] > (1 << eb[mid]) - 2) or np.any(t.codes[eb == 1] > 1):
+    top = (1 << eb[mid]) - (1 if t.grid == "midrise" else 2)
+    if np.any(t.codes < 0) or np.any(t.codes[mid] > top) or np.any(t.codes[eb == 1] > 1):
         raise LrpcError(f"{name}: code out of range for its bit-width")
     if not np.all(np.isfinite(t.scales)) or np.any(t.scales < 0):
         raise LrpcError(f"{name}: scales must be finite and non-negative")
@@ -280,8 +287,9 @@ def decode(data: bytes) -> Payload:
     magic, version, hlen = PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise FormatError("not an .lrpc file (wrong magic bytes)")
-    if version != VERSION:
-        raise FormatError(f"unsupported .lrpc format version {version}; this lrpcompress reads version {VERSION}")
+    if version not in VERSIONS:
+        raise FormatError(f"unsupported .lrpc format version {version}; this lrpcompress reads versions "
+                          f"{', '.join(map(str, VERSIONS))}")
     if hlen > len(data) - MIN_SIZE or hlen > MAX_HEADER:
         raise FormatError(f"header length {hlen} does not fit the file ({len(data)} bytes); the file is truncated")
     if hashlib.sha256(data[:-DIGEST]).digest() != data[-DIGEST:]:
@@ -321,7 +329,7 @@ def decode(data: bytes) -> Payload:
             tensors[name] = torch.from_numpy(arr.astype(np.float32).reshape(shape))
             dtypes[name] = dtype
         elif kind == "quant":
-            tensors[name] = _decode_quant(e, name, shape, numel, section, ranges)
+            tensors[name] = _decode_quant(e, name, shape, numel, section, ranges, version)
         else:
             raise FormatError(f"{name}: unknown tensor kind {kind!r}")
     ranges.check_layout()
@@ -329,9 +337,14 @@ def decode(data: bytes) -> Payload:
 
 
 def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, section: memoryview,
-                  ranges: _Ranges) -> QuantTensor:
+                  ranges: _Ranges, version: int) -> QuantTensor:
     if len(shape) < 1 or numel == 0:
         raise FormatError(f"{name}: a quantized tensor needs a non-empty shape")
+    grid = e.get("grid", "symmetric")
+    if "grid" in e and version < 2:
+        raise FormatError(f"{name}: 'grid' needs format version 2, the file says {version}")
+    if grid not in GRIDS:
+        raise FormatError(f"{name}: unknown quantization grid {grid!r} (symmetric or midrise)")
     gs = _int(e.get("group_size"), f"{name} group_size")
     layout = GroupLayout(shape, max(gs, 1))
     if gs < 1 or gs > layout.cols:
@@ -371,13 +384,13 @@ def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, sectio
     off, length = ranges.take(*_range(e.get("codes"), f"{name} codes"), f"{name} codes", expected)
     codes = unpack_codes(bytes(section[off: off + length]), widths)
     mid = (widths >= 2) & (widths <= 8)
-    if np.any(codes[mid] > (1 << widths[mid]) - 2):
+    if grid == "symmetric" and np.any(codes[mid] > (1 << widths[mid]) - 2):
         raise FormatError(f"{name}: code out of range for its bit-width")
     if np.any(widths == 16):
         h = codes[widths == 16].astype(np.uint16).view(np.float16)
         if not np.all(np.isfinite(h)):
             raise FormatError(f"{name}: float16 value is NaN or Inf")
-    return QuantTensor(layout, bits, scales, mask, codes)
+    return QuantTensor(layout, bits, scales, mask, codes, grid)
 
 
 def load_payload(path: str | Path) -> Payload:

@@ -2,8 +2,10 @@
 
 A weight tensor of shape ``[C, ...]`` is viewed as ``C`` rows of ``K`` columns and cut into groups of
 ``group_size`` columns that never straddle rows (``group_size = K``: per output channel). Each group
-has one bit-width and one float16 scale. Codes follow docs/FORMAT.md: symmetric levels
-``(u - (2^(b-1) - 1)) * s`` for 2..8 bits, ``±s`` for 1 bit, raw float16 for 16 bits, nothing for 0.
+has one bit-width and one float16 scale. Codes follow docs/FORMAT.md: ``(u - h) * s`` for 2..8 bits, with
+``h = 2^(b-1) - 1`` on the ``symmetric`` grid (odd number of levels, zero among them; the top code unused)
+or ``h = 2^(b-1) - 1/2`` on the ``midrise`` grid (all ``2^b`` codes used, no zero level: pruning supplies
+the zeros); ``±s`` for 1 bit, raw float16 for 16 bits, nothing for 0.
 """
 
 from __future__ import annotations
@@ -16,7 +18,27 @@ import torch
 from .errors import LrpcError
 
 VALID_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
-CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.9, 11), 4))  # deeper clipping lowers weight MSE but costs accuracy
+GRIDS = ("symmetric", "midrise")
+# Clipping ratios (of the group's max-abs) the scale search tries. Deeper clipping lowers weight MSE but costs
+# accuracy, at 3 bits most of all: searching down to 0.2 of max-abs at 2-3 bits (MSE-optimal there) took
+# ResNet-20 at 12x from 77.71% to 29.82% (docs/FINDINGS.md). Large weights carry the function.
+CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.9, 11), 4))
+
+
+def check_grid(grid: str) -> None:
+    if grid not in GRIDS:
+        raise LrpcError(f"unknown quantization grid {grid!r}; choose one of {', '.join(GRIDS)}")
+
+
+def half_range(b, grid: str = "symmetric"):
+    """Largest level magnitude ``h`` in units of the scale for 2..8 bits (works on ints, arrays, tensors)."""
+    return 2 ** (b - 1) - (0.5 if grid == "midrise" else 1)
+
+
+def nearest_level(v, h, grid: str = "symmetric"):
+    """The grid level nearest to ``v`` (scaled values, a tensor), clamped to ``±h``."""
+    q = torch.floor(v) + 0.5 if grid == "midrise" else torch.round(v)
+    return torch.minimum(torch.maximum(q, -h), h) if isinstance(h, torch.Tensor) else q.clamp(-h, h)
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,7 @@ class QuantTensor:
     scales: np.ndarray  # float16 [n_groups]
     mask: np.ndarray  # bool [numel], survivors
     codes: np.ndarray  # int64 [mask.sum()], unsigned codes in flat order
+    grid: str = "symmetric"  # levels of 2..8-bit groups (module docstring)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,14 +108,14 @@ class QuantTensor:
         return self.bits.astype(np.int64)[self.layout.group_of_element()]
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_codes(self.layout, self.bits, self.scales, self.mask, self.codes)
+        return dequantize_codes(self.layout, self.bits, self.scales, self.mask, self.codes, self.grid)
 
     def payload_bits(self) -> int:
         return int(self.element_bits()[self.mask].sum())
 
 
 def dequantize_codes(layout: GroupLayout, bits: np.ndarray, scales: np.ndarray, mask: np.ndarray,
-                     codes: np.ndarray) -> torch.Tensor:
+                     codes: np.ndarray, grid: str = "symmetric") -> torch.Tensor:
     """Rebuild the float32 tensor (pure; used by the writer and the reader alike)."""
     numel = int(np.prod(layout.shape)) if layout.shape else 1
     out = np.zeros(numel, dtype=np.float32)
@@ -104,7 +127,8 @@ def dequantize_codes(layout: GroupLayout, bits: np.ndarray, scales: np.ndarray, 
         one = eb == 1
         vals[one] = (2 * u[one] - 1).astype(np.float32) * s[one]
         mid = (eb >= 2) & (eb <= 8)
-        vals[mid] = (u[mid] - ((1 << (eb[mid] - 1)) - 1)).astype(np.float32) * s[mid]
+        h = half_range(eb[mid].astype(np.float32), grid).astype(np.float32)
+        vals[mid] = (u[mid].astype(np.float32) - h) * s[mid]  # u - h is exact: small ints or halves
         half = eb == 16
         vals[half] = u[half].astype(np.uint16).view(np.float16).astype(np.float32)
         out[mask] = vals
@@ -115,9 +139,9 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(max=65504.0).to(torch.float16).to(torch.float32)
 
 
-def quantize_bits(groups: torch.Tensor, valid: torch.Tensor, b: int, search_clip: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize every group at ``b`` bits. Returns (codes, float16-exact scales, dequantized values).
+def quantize_bits(groups: torch.Tensor, valid: torch.Tensor, b: int, search_clip: bool = True,
+                  grid: str = "symmetric") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize every group at ``b`` bits on ``grid``. Returns (codes, float16-exact scales, dequantized values).
 
     ``valid`` marks the elements that are stored (survivors); the scale minimises their squared error
     over a grid of clipping ratios (``search_clip``) or uses the max-abs scale.
@@ -135,25 +159,26 @@ def quantize_bits(groups: torch.Tensor, valid: torch.Tensor, b: int, search_clip
         s = _fp16(g.abs().sum(1) / cnt)
         codes = (g >= 0).long()
         return codes, s, (2 * codes - 1).float() * s[:, None]
-    qmax = (1 << (b - 1)) - 1
+    h = half_range(b, grid)
     amax = g.abs().amax(1)
     best_err = torch.full((n,), float("inf"))
-    best_s = _fp16(amax / qmax)
+    best_s = _fp16(amax / h)
     for r in (CLIP_RATIOS if search_clip else (1.0,)):
-        s = _fp16(amax * float(r) / qmax)
+        s = _fp16(amax * float(r) / h)
         safe = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.round(g / safe[:, None]).clamp(-qmax, qmax)
+        q = nearest_level(g / safe[:, None], h, grid)
         err = ((q * s[:, None] - g) ** 2 * valid).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
     safe = torch.where(best_s > 0, best_s, torch.ones_like(best_s))
-    q = torch.round(g / safe[:, None]).clamp(-qmax, qmax)
-    return (q + qmax).long(), best_s, q * best_s[:, None]
+    q = nearest_level(g / safe[:, None], h, grid)
+    return (q + h).long(), best_s, q * best_s[:, None]
 
 
 def group_errors(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, bit_options: tuple[int, ...],
-                 importance: torch.Tensor | None = None, search_clip: bool = True) -> dict[int, torch.Tensor]:
+                 importance: torch.Tensor | None = None, search_clip: bool = True,
+                 grid: str = "symmetric") -> dict[int, torch.Tensor]:
     """Importance-weighted squared error ``Σ imp·(w - Q_b(w))²`` of every group at each bit-width.
 
     Pruned elements count as set to zero at every width; ``importance`` defaults to 1 (plain MSE).
@@ -166,14 +191,17 @@ def group_errors(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, 
     pruned_err = (groups ** 2 * imp * ~keep).sum(1)
     out = {}
     for b in bit_options:
-        _, _, deq = quantize_bits(groups, keep, b, search_clip)
+        _, _, deq = quantize_bits(groups, keep, b, search_clip, grid)
         out[b] = (((deq - groups) ** 2) * imp * keep).sum(1).double() + pruned_err.double()
     return out
 
 
 def quantize_tensor(weight: torch.Tensor, bits: np.ndarray | int, group_size: int | None = None,
-                    mask: torch.Tensor | None = None, search_clip: bool = True) -> QuantTensor:
-    """Quantize ``weight`` with per-group ``bits`` (an int for all groups); ``mask`` marks survivors."""
+                    mask: torch.Tensor | None = None, search_clip: bool = True,
+                    grid: str = "symmetric") -> QuantTensor:
+    """Quantize ``weight`` with per-group ``bits`` (an int for all groups) on ``grid``; ``mask`` marks
+    survivors."""
+    check_grid(grid)
     shape = tuple(weight.shape)
     cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     layout = GroupLayout(shape, group_size or cols)
@@ -192,10 +220,10 @@ def quantize_tensor(weight: torch.Tensor, bits: np.ndarray | int, group_size: in
     scales = torch.zeros(layout.n_groups)
     for b in sorted(set(bits_arr.tolist()) - {0}):
         rows = torch.from_numpy(bits_arr == b)
-        c, s, _ = quantize_bits(groups[rows], keep[rows], b, search_clip)
+        c, s, _ = quantize_bits(groups[rows], keep[rows], b, search_clip, grid)
         codes[rows] = c
         scales[rows] = s
     flat_keep = layout.from_groups(keep).reshape(-1).numpy().astype(bool)
     flat_codes = layout.from_groups(codes).reshape(-1).numpy()
     return QuantTensor(layout, bits_arr.astype(np.uint8), scales.numpy().astype(np.float16), flat_keep,
-                       flat_codes[flat_keep].astype(np.int64))
+                       flat_codes[flat_keep].astype(np.int64), grid)

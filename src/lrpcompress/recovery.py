@@ -22,7 +22,7 @@ from .data import ImageData
 from .errors import LrpcError
 from .models import model_device
 from .progress import progress
-from .quantization import GroupLayout, QuantTensor
+from .quantization import GroupLayout, QuantTensor, half_range, nearest_level
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,18 @@ RECOVERY_RECIPE = FinetuneConfig(epochs=1, lr=0.01, batch_size=64, distill=1.0, 
 
 
 def fake_quantize(w: torch.Tensor, layout: GroupLayout, bits: torch.Tensor, scales: torch.Tensor,
-                  keep: torch.Tensor) -> torch.Tensor:
+                  keep: torch.Tensor, grid: str = "symmetric") -> torch.Tensor:
     """Quantized values of ``w`` at fixed per-group bits and scales (the decoder's arithmetic, float32).
 
-    Rounding passes gradients straight through, so ``scales`` get the LSQ gradient (round(v) - v inside the
-    range, ±qmax outside) when they require one; the values are the same either way."""
+    Rounding passes gradients straight through, so ``scales`` get the LSQ gradient (level(v) - v inside the
+    range, ±h outside) when they require one; the values are the same either way."""
     g, _ = layout.to_groups(w)
     b = bits[:, None]
     s = scales[:, None]
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    qmax = (2.0 ** (b - 1) - 1).clamp(min=1)
-    v = (g / safe).clamp(-qmax, qmax)  # round(clamp(v)) == clamp(round(v)) for integer bounds
-    mid = (torch.round(v).detach() + (v - v.detach())) * s  # exact values: v - v is 0
+    h = half_range(b, grid).clamp(min=0.5)
+    v = (g / safe).clamp(-h, h)
+    mid = (nearest_level(v, h, grid).detach() + (v - v.detach())) * s  # exact values: v - v is 0
     one = torch.where(g >= 0, s, -s)
     half = g.clamp(-65504, 65504).half().float()
     out = torch.where(b == 1, one, mid)
@@ -81,11 +81,13 @@ class _STE(nn.Module):
 
     Fixed scales: the gradient passes to the float weight unchanged (straight-through). ``learn_scales``:
     the groups' scales become a parameter (rounded to float16 in the forward pass, as the file stores them)
-    trained with LSQ's gradient, scaled by 1/sqrt(weights per group · qmax) as in the paper."""
+    trained with LSQ's gradient, scaled by 1/sqrt(weights per group · h) as in the paper (h: the largest
+    level, LSQ's Q_P)."""
 
     def __init__(self, qt: QuantTensor, learn_scales: bool = False) -> None:
         super().__init__()
         self.layout = qt.layout
+        self.grid = qt.grid
         self.learn_scales = learn_scales
         bits = torch.from_numpy(qt.bits.astype(np.float32))
         self.register_buffer("bits", bits)
@@ -95,8 +97,8 @@ class _STE(nn.Module):
         if learn_scales:
             self.scale = nn.Parameter(scales)
             n = self.layout.to_groups(keep)[0].sum(1).clamp(min=1)
-            qmax = (2.0 ** (bits - 1) - 1).clamp(min=1)
-            self.register_buffer("grad_factor", 1.0 / torch.sqrt(n * qmax))
+            h = half_range(bits, qt.grid).clamp(min=1)
+            self.register_buffer("grad_factor", 1.0 / torch.sqrt(n * h))
             # scales of 0 (empty groups), float16 codes and pruned groups stay as they are
             self.register_buffer("learnable", (scales > 0) & (bits >= 1) & (bits <= 8))
         else:
@@ -114,9 +116,9 @@ class _STE(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         kept = w * self.keep
         if self.learn_scales:  # scales get LSQ's gradient, the weight the straight-through one
-            return fake_quantize(w.detach(), self.layout, self.bits, self.current_scales(), self.keep) \
+            return fake_quantize(w.detach(), self.layout, self.bits, self.current_scales(), self.keep, self.grid) \
                 + kept - kept.detach()
-        q = fake_quantize(w, self.layout, self.bits, self.scales, self.keep)
+        q = fake_quantize(w, self.layout, self.bits, self.scales, self.keep, self.grid)
         return kept + (q - kept).detach()
 
     def stored_scales(self) -> np.ndarray:
@@ -125,20 +127,21 @@ class _STE(nn.Module):
 
 
 def requantize(w: torch.Tensor, qt: QuantTensor) -> QuantTensor:
-    """Codes of ``w`` under ``qt``'s fixed bits, scales and mask."""
+    """Codes of ``w`` under ``qt``'s fixed bits, scales, mask and grid."""
     lay = qt.layout
     g, _ = lay.to_groups(w.detach().float())
     b = torch.from_numpy(qt.bits.astype(np.int64))[:, None]
     s = torch.from_numpy(qt.scales.astype(np.float32))[:, None]
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    qmax = ((1 << (b - 1).clamp(min=0)) - 1).clamp(min=1)
-    mid = torch.round(g / safe).clamp(-qmax, qmax) + qmax
+    h = half_range(b.clamp(min=1).float(), qt.grid).clamp(min=0.5)
+    mid = nearest_level(g / safe, h, qt.grid) + h
     one = (g >= 0).long()
     half = torch.from_numpy(g.clamp(-65504, 65504).half().numpy().view(np.uint16).astype(np.int64))
     codes = torch.where(b == 1, one, mid.long())
     codes = torch.where(b == 16, half, codes)
     flat = lay.from_groups(codes).reshape(-1).numpy()
-    return QuantTensor(lay, qt.bits.copy(), qt.scales.copy(), qt.mask.copy(), flat[qt.mask].astype(np.int64))
+    return QuantTensor(lay, qt.bits.copy(), qt.scales.copy(), qt.mask.copy(), flat[qt.mask].astype(np.int64),
+                       qt.grid)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -251,7 +254,7 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     for k, t in compressed.tensors.items():
         if isinstance(t, QuantTensor):
             if config.learn_scales:
-                t = QuantTensor(t.layout, t.bits, stes[k].stored_scales(), t.mask, t.codes)
+                t = QuantTensor(t.layout, t.bits, stes[k].stored_scales(), t.mask, t.codes, t.grid)
             tensors[k] = requantize(params[k].detach().cpu(), t)
         elif k in params:
             tensors[k] = params[k].detach().cpu().clone()
