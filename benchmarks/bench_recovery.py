@@ -33,16 +33,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import finetune_result, fit_sparsity, knob_grid, resolve_knobs, with_knobs  # noqa: E402
+from lrpcompress.compress import finetune_result, knob_grid, resolve_knobs, with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
-from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
-
-
-def with_grid(cfg, grid: str):
-    return replace(cfg, quant=replace(cfg.quant, grid=grid))
 
 
 def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], grid: str = "symmetric"
@@ -52,18 +47,8 @@ def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], gri
     Knobs name the grid when it is not the default; sparsities are fitted on that grid's own files."""
     tag = {} if grid == "symmetric" else {"grid": grid}
     if method == "magnitude":
-        out = []
-        for k, c in r.magnitude_candidates(budget):
-            if k["bits"] not in bits:
-                continue
-            if grid != "symmetric":  # refit: the header of a midrise file is longer
-                c = with_grid(r.with_quant("magnitude", k["bits"], keep_edges="edges" in k), grid)
-                s = fit_sparsity(r.model, r.fit, c, k["bits"], r.arch, target_bytes=int(r.dense_bytes() / budget))
-                k = dict(k, sparsity=s)
-                c = replace(c, prune=PruneConfig("fraction", s))
-            out.append((dict(k, **tag), c))
-        return out
-    base = with_grid(replace(r.cfg(method), target_ratio=budget), grid)
+        return [(dict(k, **tag), c) for k, c in r.magnitude_candidates(budget, grid) if k["bits"] in bits]
+    base = replace(r.cfg(method, grid), target_ratio=budget)
     knobs = resolve_knobs(r.model, r.fit, base, knob_grid(budget) + [(None, 2)], r.arch)
     return [({"sparsity": s, "min_bits": mb, **tag}, with_knobs(base, s, mb)) for s, mb in dict.fromkeys(knobs)]
 

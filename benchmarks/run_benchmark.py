@@ -70,14 +70,15 @@ class Runner:
         self.base_val = accuracy(self.model, self.val, show_progress=False)
         self.dense = None
 
-    def cfg(self, method: str, **kw) -> CompressConfig:
+    def cfg(self, method: str, grid: str | None = None, **kw) -> CompressConfig:
+        """``method``'s config with this run's samples and seed, on ``grid`` (default: the runner's)."""
         c = method_config(method, seed=self.args.seed, **kw)
-        c = replace(c, quant=replace(c.quant, grid=self.grid))
+        c = replace(c, quant=replace(c.quant, grid=grid or self.grid))
         return replace(c, relevance=replace(c.relevance, samples=self.args.samples, seed=self.args.seed))
 
     def with_quant(self, method: str, bits: int, prune: PruneConfig | None = None,
-                   keep_edges: bool = False) -> CompressConfig:
-        c = self.cfg(method)
+                   keep_edges: bool = False, grid: str | None = None) -> CompressConfig:
+        c = self.cfg(method, grid)
         q = replace(c.quant, bits=bits, overrides=edge_overrides(self.model, 8) if keep_edges else c.quant.overrides)
         return replace(c, quant=q, prune=prune or c.prune)
 
@@ -86,27 +87,31 @@ class Runner:
         return ([({"bits": b}, self.with_quant("uniform", b)) for b in BITS_GRID]
                 + [({"bits": b, "edges": 8}, self.with_quant("uniform", b, keep_edges=True)) for b in BITS_GRID if b < 8])
 
-    def magnitude_candidates(self, budget: float) -> list:
+    def magnitude_candidates(self, budget: float, grid: str | None = None) -> list:
         """Magnitude pruning × uniform bits: for every bit-width the smallest magnitude sparsity at which the
         file fits the cap (0 where the dense file fits), with and without the first and last layer kept at
         8 bits (the usual practice; `edges` in the knobs). Sparser settings at the same bits are not tried:
-        pruning past the smallest sparsity that fits only loses accuracy (FINDINGS.md §3)."""
+        pruning past the smallest sparsity that fits only loses accuracy (FINDINGS.md §3). Sparsities are fitted
+        on ``grid``'s own files (default: the runner's grid; a midrise header is longer)."""
+        grid = grid or self.grid
         out = []
         for keep in (False, True):
             for b in BITS_GRID:
                 if keep and b == 8:
                     continue
-                key = ("magnitude", budget, b, keep)
+                key = ("magnitude", budget, b, keep, grid)
                 if key not in self.fitted:
                     try:
-                        self.fitted[key] = fit_sparsity(self.model, self.fit, self.with_quant("magnitude", b, keep_edges=keep),
+                        self.fitted[key] = fit_sparsity(self.model, self.fit,
+                                                        self.with_quant("magnitude", b, keep_edges=keep, grid=grid),
                                                         b, self.arch, target_bytes=int(self.dense_bytes() / budget))
                     except LrpcError:
                         self.fitted[key] = None
                 s = self.fitted[key]
                 if s is not None:
                     out.append(({"sparsity": s, "bits": b, **({"edges": 8} if keep else {})},
-                                self.with_quant("magnitude", b, PruneConfig("fraction", s), keep_edges=keep)))
+                                self.with_quant("magnitude", b, PruneConfig("fraction", s), keep_edges=keep,
+                                                grid=grid)))
         return out
 
     def optimal_candidates(self, method: str, budget: float) -> list:

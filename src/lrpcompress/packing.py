@@ -19,7 +19,7 @@ import torch
 
 from .errors import FormatError, LrpcError
 from .io import atomic_write_bytes
-from .quantization import GRIDS, VALID_BITS, GroupLayout, QuantTensor
+from .quantization import GRIDS, VALID_BITS, GroupLayout, QuantTensor, max_code
 
 MAGIC = b"LRPC\r\n\x1a\n"
 VERSIONS = (1, 2)  # read; written: 1, or 2 when a tensor uses a version-2 field ("grid")
@@ -213,8 +213,7 @@ def _check_quant(name: str, t: QuantTensor) -> None:
     if t.grid not in GRIDS:
         raise LrpcError(f"{name}: unknown quantization grid {t.grid!r}")
     mid = (eb >= 2) & (eb <= 8)
-    top = (1 << eb[mid]) - (1 if t.grid == "midrise" else 2)
-    if np.any(t.codes < 0) or np.any(t.codes[mid] > top) or np.any(t.codes[eb == 1] > 1):
+    if np.any(t.codes < 0) or np.any(t.codes[mid] > max_code(eb[mid], t.grid)) or np.any(t.codes[eb == 1] > 1):
         raise LrpcError(f"{name}: code out of range for its bit-width")
     if not np.all(np.isfinite(t.scales)) or np.any(t.scales < 0):
         raise LrpcError(f"{name}: scales must be finite and non-negative")
@@ -384,7 +383,7 @@ def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, sectio
     off, length = ranges.take(*_range(e.get("codes"), f"{name} codes"), f"{name} codes", expected)
     codes = unpack_codes(bytes(section[off: off + length]), widths)
     mid = (widths >= 2) & (widths <= 8)
-    if grid == "symmetric" and np.any(codes[mid] > (1 << widths[mid]) - 2):
+    if np.any(codes[mid] > max_code(widths[mid], grid)):
         raise FormatError(f"{name}: code out of range for its bit-width")
     if np.any(widths == 16):
         h = codes[widths == 16].astype(np.uint16).view(np.float16)

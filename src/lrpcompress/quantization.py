@@ -35,10 +35,15 @@ def half_range(b, grid: str = "symmetric"):
     return 2 ** (b - 1) - (0.5 if grid == "midrise" else 1)
 
 
+def max_code(b, grid: str = "symmetric"):
+    """Largest valid code of a 2..8-bit group: ``2h`` (2^b − 2 symmetric, 2^b − 1 midrise)."""
+    return 2 * half_range(b, grid)
+
+
 def nearest_level(v, h, grid: str = "symmetric"):
-    """The grid level nearest to ``v`` (scaled values, a tensor), clamped to ``±h``."""
+    """The grid level nearest to ``v`` (scaled values, a tensor), clamped to ``±h`` (a number or a tensor)."""
     q = torch.floor(v) + 0.5 if grid == "midrise" else torch.round(v)
-    return torch.minimum(torch.maximum(q, -h), h) if isinstance(h, torch.Tensor) else q.clamp(-h, h)
+    return q.clamp(-h, h)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def _fmt(v: Any) -> str:
 
 def layer_rows(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": r["name"], "shape": r["shape"], "kept": f"{100 * r['kept']:.1f}%",
-             "bits": ",".join(map(str, r["bits"])), "grid": r.get("grid", "symmetric"), "mean_bits": round(r["mean_bits"], 2), "bytes": r["bytes"]}
+             "bits": ",".join(map(str, r["bits"])), "grid": r["grid"], "mean_bits": round(r["mean_bits"], 2), "bytes": r["bytes"]}
             for r in layers]
 
 
