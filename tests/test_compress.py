@@ -230,7 +230,7 @@ def test_learned_scales_change_only_scales_and_codes(digits, tmp_path):
 
 
 def test_midrise_grid_end_to_end(digits, tmp_path):
-    """The grid reaches the allocator, the file (format version 2) and fine-tuning; the file loads back
+    """The grid reaches the allocator, the file (format version 3 with entropy coding) and fine-tuning; the file loads back
     bit-exact."""
     from lrpcompress.recovery import FinetuneConfig
 
@@ -243,7 +243,7 @@ def test_midrise_grid_end_to_end(digits, tmp_path):
     assert quant and all(t.grid == "midrise" for t in quant)
     path = tmp_path / "m.lrpc"
     res.compressed.save(path)
-    assert path.read_bytes()[8] == 2
+    assert path.read_bytes()[8] == 3  # midrise + rANS (entropy coding is the default)
     loaded, _ = load_compressed(path)
     for k, v in res.compressed.to_module().state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k

@@ -3,8 +3,8 @@
 The optimal allocator minimises the importance-weighted quantization error
 ``Σ_g imp·‖w_g − Q_{b_g}(w_g)‖²`` subject to ``Σ_g bits_g ≤ budget`` by Lagrangian relaxation: for a
 multiplier λ every group independently picks ``argmin_b D_g(b) + λ·C_g(b)``; λ is found by bisection.
-Cost ``C_g(b)`` counts the codes of the group's surviving weights plus its scale (16 bits) and its
-entry in the bit-width table (8 bits). Width 0 removes the group (a channel, by default) entirely.
+Cost ``C_g(b)`` counts the codes of the group's surviving weights (``b`` bits each, or with entropy coding
+their estimated rANS cost) plus its scale (16 bits) and its entry in the bit-width table (8 bits). Width 0 removes the group (a channel, by default) entirely.
 Solutions on the convex hull are monotone: a larger budget never gives a larger weighted error.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import LrpcError
-from .quantization import GroupLayout, group_errors
+from .quantization import GroupLayout, group_errors_and_rates
 
 GROUP_OVERHEAD_BITS = 16 + 8
 
@@ -34,12 +34,11 @@ class LayerCosts:
 
 
 def layer_costs(name: str, weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, options: tuple[int, ...],
-                importance: torch.Tensor | None, search_clip: bool = True, grid: str = "symmetric") -> LayerCosts:
-    errs = group_errors(weight, mask, layout, options, importance, search_clip, grid)
-    mgroups, valid = layout.to_groups(mask.float())
-    survivors = (mgroups * valid).sum(1).numpy().astype(np.float64)
+                importance: torch.Tensor | None, search_clip: bool = True, grid: str = "symmetric",
+                entropy: bool = False) -> LayerCosts:
+    errs, rates = group_errors_and_rates(weight, mask, layout, options, importance, search_clip, grid, entropy)
     E = np.stack([errs[b].numpy() for b in options], 1)
-    C = np.stack([survivors * b + GROUP_OVERHEAD_BITS for b in options], 1)
+    C = np.stack([rates[b] + GROUP_OVERHEAD_BITS for b in options], 1)
     return LayerCosts(name, layout, options, E, C)
 
 

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=_positive_int, default=None, help="weights per scale (default: per channel)")
     c.add_argument("--grid", default=None, choices=GRIDS,
                    help="levels of 2..8-bit groups: symmetric (zero is a level) or midrise (all 2^b codes used)")
+    c.add_argument("--no-entropy-coding", action="store_true",
+                   help="store plain bit-packed codes and survivor masks (format version 1/2) instead of rANS "
+                        "where that is shorter (version 3); the allocator then prices b bits per code")
     c.add_argument("--prune", default=None, choices=("none", "nonpositive", "fraction"))
     c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
@@ -241,6 +244,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         q = replace(q, group_size=a.group_size)
     if a.grid:
         q = replace(q, grid=a.grid)
+    if a.no_entropy_coding:
+        q = replace(q, entropy_coding=False)
     p = cfg.prune
     if a.prune:
         p = replace(p, criterion=a.prune)

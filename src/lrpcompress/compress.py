@@ -22,7 +22,7 @@ from .allocation import allocate_optimal, allocate_tiers, layer_costs
 from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import build_model, dense_bytes, is_builtin_arch, model_device
-from .packing import Payload, decode, encode, load_payload, save_payload
+from .packing import Payload, decode, encode, load_payload, quant_bytes, save_payload
 from .progress import progress
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
@@ -48,6 +48,8 @@ class QuantConfig:
     ``group_size``: columns per scale group (``None``: one group per output channel).
     ``grid``: levels of 2..8-bit groups: ``symmetric`` (zero is a level, one code of 2^b unused) or
     ``midrise`` (all 2^b codes, no zero level; 2 bits then give 4 levels instead of 3).
+    ``entropy_coding``: the file may store survivor masks and codes with rANS (format version 3) where that
+    is shorter, and the allocator prices codes by their estimated coded size instead of ``b`` bits each.
     """
 
     allocation: str = "optimal"
@@ -61,6 +63,7 @@ class QuantConfig:
     search_clip: bool = True
     float_dtype: str = "float16"
     grid: str = "symmetric"
+    entropy_coding: bool = True
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
@@ -247,7 +250,7 @@ class CompressedModel:
             rows.append({"name": k, "shape": list(t.shape), "kept": float(t.mask.mean()),
                          "mean_bits": float(eb.mean()) if eb.size else 0.0,
                          "bits": sorted(set(int(b) for b in np.unique(t.bits))), "grid": t.grid,
-                         "bytes": int(-(-int(eb.sum()) // 8) + 2 * t.layout.n_groups), "numel": int(numel)})
+                         "bytes": quant_bytes(t), "numel": int(numel)})
         return rows
 
     def stats(self) -> dict[str, float]:
@@ -476,7 +479,7 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         for k in state:
             if k in canon.weights:
                 tensors[k] = quantize_tensor(canon.weights[k], bits_map[k], layouts[k].group_size, masks[k],
-                                             q.search_clip, q.grid)
+                                             q.search_clip, q.grid, q.entropy_coding)
             elif k in canon.floats:
                 tensors[k] = canon.floats[k]
         cm = CompressedModel(spec, tensors, {k: q.float_dtype for k in canon.floats}, {})
@@ -503,8 +506,8 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     else:
         imp = channel_importance({k: canon.weights[k] for k in free}, stats, imp_channels, q.power)
         options = tuple(b for b in q.bit_options)
-        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip, q.grid)
-                  for k in free]
+        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip, q.grid,
+                              q.entropy_coding) for k in free]
         target = config.target_bytes or (int(d_bytes / config.target_ratio) if config.target_ratio else None)
         if target is None:  # the budget of uniform `bits`
             budget_bits = float(sum(t.costs[:, options.index(q.bits)].sum() for t in tables)) if q.bits in options \
@@ -538,16 +541,16 @@ def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min
                  step: float = 0.005, model_spec_extra: Mapping[str, Any] | None = None,
                  target_bytes: int | None = None) -> float:
     """The smallest magnitude sparsity (a multiple of ``step``) at which every weight at ``min_bits`` bits fits
-    ``target_bytes`` (default: ``config``'s size target), measured on the real file (no bias correction or
-    clip search: neither changes the size). Unstructured masks cost the same at any sparsity in the bitmap
-    range, so the size is linear in the sparsity there: two probes place it, a few more confirm it."""
+    ``target_bytes`` (default: ``config``'s size target), measured on the real file (no bias correction: it
+    never changes the size; the clip search stays, since with entropy coding the scales change the coded
+    size). The size falls about linearly with the sparsity (exactly, for bit-packed codes with a bitmap
+    index): two probes place a line, a few more confirm it."""
     if target_bytes is None and config.target_ratio is None and config.target_bytes is None:
         raise LrpcError("fitting a sparsity needs a size target (--target-ratio or --target-bytes)")
     target = target_bytes or config.target_bytes or int(dense_bytes(model) / config.target_ratio)
     probe = replace(config, target_ratio=None, target_bytes=None, bias_correction=False,
                     finetune=replace(config.finetune, epochs=0),
-                    quant=replace(config.quant, allocation="uniform", bits=min_bits, importance="none",
-                                                search_clip=False))
+                    quant=replace(config.quant, allocation="uniform", bits=min_bits, importance="none"))
 
     def size(s: float) -> int:
         return compress(model, train, with_knobs(probe, s, 1), arch, show_progress=False,

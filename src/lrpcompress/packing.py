@@ -19,10 +19,12 @@ import torch
 
 from .errors import FormatError, LrpcError
 from .io import atomic_write_bytes
+from .entropy import decode_stream, encode_stream
 from .quantization import GRIDS, VALID_BITS, GroupLayout, QuantTensor, max_code
 
 MAGIC = b"LRPC\r\n\x1a\n"
-VERSIONS = (1, 2)  # read; written: 1, or 2 when a tensor uses a version-2 field ("grid")
+# read; written: the lowest version that has every field used: 2 adds "grid", 3 adds rANS codings
+VERSIONS = (1, 2, 3)
 PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
 DIGEST = 32
 MIN_SIZE = PREFIX.size + DIGEST
@@ -78,8 +80,9 @@ def _read_varints(buf: bytes, limit: int) -> list[int]:
     return vals
 
 
-def encode_index(mask: np.ndarray) -> tuple[str, bytes]:
-    """The shortest coding of a survivor mask (ties: dense, bitmap, delta, rle)."""
+def encode_index(mask: np.ndarray, entropy: bool = False) -> tuple[str, bytes]:
+    """The shortest coding of a survivor mask (ties: dense, bitmap, delta, rle, rans); ``rans`` (format
+    version 3) is a candidate only with ``entropy``."""
     n = mask.size
     if mask.all():
         return "dense", b""
@@ -93,6 +96,8 @@ def encode_index(mask: np.ndarray) -> tuple[str, bytes]:
     if mask[0]:
         runs = np.concatenate([[0], runs])
     cands.append(("rle", _varints(runs)))
+    if entropy:
+        cands.append(("rans", encode_stream(mask.astype(np.int64), None, [2])))
     best = min(cands, key=lambda c: len(c[1]))  # min keeps the first of equal lengths
     return best
 
@@ -120,6 +125,8 @@ def decode_index(coding: str, buf: bytes, numel: int, count: int) -> np.ndarray:
         if runs.sum() != numel:
             raise FormatError(f"rle index covers {int(runs.sum())} elements, expected {numel}")
         mask = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+    elif coding == "rans":
+        mask = decode_stream(buf, None, [2], numel, "rans index").astype(bool)
     else:
         raise FormatError(f"unknown index coding {coding!r}")
     if int(mask.sum()) != count:
@@ -158,6 +165,42 @@ def unpack_codes(buf: bytes, widths: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- encode
 
+def quant_sections(t: QuantTensor) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Header fields of a quantized tensor and the bytes of its data ranges, in file order (``bits`` when
+    not one value, ``scales``, ``index``, ``codes``). With ``t.entropy`` the survivor index and the codes may
+    use rANS (format version 3), whichever is shorter; ``codes_coding`` is set only when it is ``rans``."""
+    fields: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
+    ub = np.unique(t.bits)
+    if ub.size == 1:
+        fields["bits"] = int(ub[0])
+    else:
+        fields["bits"] = None
+        blobs["bits"] = t.bits.astype(np.uint8).tobytes()
+    fields["scales"] = None
+    blobs["scales"] = t.scales.astype("<f2").tobytes()
+    coding, idx = encode_index(t.mask, t.entropy)
+    fields["index"] = [coding, int(t.mask.sum())]
+    blobs["index"] = idx
+    widths = t.element_bits()[t.mask]
+    packed = pack_codes(t.codes, widths)
+    if t.entropy and widths.size and widths.max() <= 8:
+        present = np.unique(widths)
+        ctx = np.searchsorted(present, widths)
+        coded = encode_stream(t.codes, ctx, [1 << int(b) for b in present])
+        if len(coded) < len(packed):
+            fields["codes_coding"] = "rans"
+            packed = coded
+    fields["codes"] = None
+    blobs["codes"] = packed
+    return fields, blobs
+
+
+def quant_bytes(t: QuantTensor) -> int:
+    """Bytes of a quantized tensor's data ranges as the writer lays them out (the header entry not counted)."""
+    return sum(len(b) for b in quant_sections(t)[1].values())
+
+
 def encode(payload: Payload) -> bytes:
     """Serialise a payload to `.lrpc` bytes (deterministic: same payload, same bytes)."""
     chunks: list[bytes] = []
@@ -171,21 +214,23 @@ def encode(payload: Payload) -> bytes:
         return rng
 
     table = []
-    version = 1
+    version = 1  # the lowest version with every field used, so older files stay byte-identical
     for name, t in payload.tensors.items():
         if isinstance(t, QuantTensor):
             _check_quant(name, t)
             entry: dict[str, Any] = {"name": name, "shape": list(t.shape), "kind": "quant",
                                      "group_size": t.layout.group_size}
-            if t.grid != "symmetric":  # version 2: the key exists; version-1 files stay byte-identical
+            if t.grid != "symmetric":
                 entry["grid"] = t.grid
-                version = 2
-            ub = np.unique(t.bits)
-            entry["bits"] = int(ub[0]) if ub.size == 1 else put(t.bits.astype(np.uint8).tobytes())
-            entry["scales"] = put(t.scales.astype("<f2").tobytes())
-            coding, idx = encode_index(t.mask)
-            entry["index"] = [coding, int(t.mask.sum())] + put(idx)
-            entry["codes"] = put(pack_codes(t.codes, t.element_bits()[t.mask]))
+                version = max(version, 2)
+            fields, blobs = quant_sections(t)
+            if fields["index"][0] == "rans" or "codes_coding" in fields:
+                version = 3
+            for key, value in fields.items():
+                if key == "index":
+                    entry[key] = value + put(blobs[key])
+                else:
+                    entry[key] = put(blobs[key]) if key in blobs else value
         else:
             dtype = payload.float_dtype.get(name, "float16")
             arr = t.detach().cpu().numpy().astype("<f2" if dtype == "float16" else "<f4")
@@ -371,6 +416,8 @@ def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, sectio
     count = _int(idx[1], f"{name} index count")
     if count > numel:
         raise FormatError(f"{name}: index count {count} exceeds {numel} elements")
+    if idx[0] == "rans" and version < 3:
+        raise FormatError(f"{name}: the rans index needs format version 3, the file says {version}")
     off, length = ranges.take(idx[2], idx[3], f"{name} index")
     if idx[0] == "bitmap" and length != -(-numel // 8):
         raise FormatError(f"{name}: bitmap index has {length} bytes, expected {-(-numel // 8)}")
@@ -379,9 +426,22 @@ def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, sectio
     widths = bits.astype(np.int64)[group][mask]
     if np.any(widths == 0):
         raise FormatError(f"{name}: surviving elements in groups of bit-width 0")
-    expected = -(-int(widths.sum()) // 8)
-    off, length = ranges.take(*_range(e.get("codes"), f"{name} codes"), f"{name} codes", expected)
-    codes = unpack_codes(bytes(section[off: off + length]), widths)
+    coding = e.get("codes_coding", "packed")
+    if "codes_coding" in e and version < 3:
+        raise FormatError(f"{name}: 'codes_coding' needs format version 3, the file says {version}")
+    if coding == "packed":
+        expected = -(-int(widths.sum()) // 8)
+        off, length = ranges.take(*_range(e.get("codes"), f"{name} codes"), f"{name} codes", expected)
+        codes = unpack_codes(bytes(section[off: off + length]), widths)
+    elif coding == "rans":
+        if widths.size == 0 or widths.max() > 8:
+            raise FormatError(f"{name}: rans codes need at least one survivor and bit-widths of at most 8")
+        off, length = ranges.take(*_range(e.get("codes"), f"{name} codes"), f"{name} codes")
+        present = np.unique(widths)
+        codes = decode_stream(section[off: off + length], np.searchsorted(present, widths),
+                              [1 << int(b) for b in present], widths.size, f"{name} codes")
+    else:
+        raise FormatError(f"{name}: unknown codes coding {coding!r} (packed or rans)")
     mid = (widths >= 2) & (widths <= 8)
     if np.any(codes[mid] > max_code(widths[mid], grid)):
         raise FormatError(f"{name}: code out of range for its bit-width")
@@ -389,7 +449,7 @@ def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, sectio
         h = codes[widths == 16].astype(np.uint16).view(np.float16)
         if not np.all(np.isfinite(h)):
             raise FormatError(f"{name}: float16 value is NaN or Inf")
-    return QuantTensor(layout, bits, scales, mask, codes, grid)
+    return QuantTensor(layout, bits, scales, mask, codes, grid, entropy=idx[0] == "rans" or coding == "rans")
 
 
 def load_payload(path: str | Path) -> Payload:

@@ -104,6 +104,7 @@ class QuantTensor:
     mask: np.ndarray  # bool [numel], survivors
     codes: np.ndarray  # int64 [mask.sum()], unsigned codes in flat order
     grid: str = "symmetric"  # levels of 2..8-bit groups (module docstring)
+    entropy: bool = False  # the writer may entropy-code the index and the codes (rANS, format version 3)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -188,24 +189,45 @@ def group_errors(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, 
 
     Pruned elements count as set to zero at every width; ``importance`` defaults to 1 (plain MSE).
     """
+    return group_errors_and_rates(weight, mask, layout, bit_options, importance, search_clip, grid)[0]
+
+
+def group_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout,
+                           bit_options: tuple[int, ...], importance: torch.Tensor | None = None,
+                           search_clip: bool = True, grid: str = "symmetric",
+                           entropy: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
+    """:func:`group_errors` and, per bit-width, the bits each group's surviving codes take: ``b`` per code,
+    or with ``entropy`` their rANS cost under the table of the whole tensor quantized at ``b`` (the table
+    the file would store if every group had that width; a subset coded with its own table costs no more
+    than this estimate, up to the table and the lanes' states)."""
+    from .entropy import code_lengths, normalize_freqs
+
     groups, valid = layout.to_groups(weight.detach().float())
     mgroups, _ = layout.to_groups(mask.float())
     imp = layout.to_groups(importance.float())[0] if importance is not None else valid.float()
     imp = imp * valid
     keep = valid & (mgroups > 0)
+    survivors = keep.sum(1).numpy().astype(np.float64)
     pruned_err = (groups ** 2 * imp * ~keep).sum(1)
-    out = {}
+    errors, rates = {}, {}
     for b in bit_options:
-        _, _, deq = quantize_bits(groups, keep, b, search_clip, grid)
-        out[b] = (((deq - groups) ** 2) * imp * keep).sum(1).double() + pruned_err.double()
-    return out
+        codes, _, deq = quantize_bits(groups, keep, b, search_clip, grid)
+        errors[b] = (((deq - groups) ** 2) * imp * keep).sum(1).double() + pruned_err.double()
+        if entropy and 1 <= b <= 8 and survivors.sum() > 0:
+            c = codes.numpy()
+            k = keep.numpy()
+            lengths = code_lengths(normalize_freqs(np.bincount(c[k], minlength=1 << b)))
+            rates[b] = np.where(k, lengths[c.clip(0, (1 << b) - 1)], 0.0).sum(1)
+        else:
+            rates[b] = survivors * b
+    return errors, rates
 
 
 def quantize_tensor(weight: torch.Tensor, bits: np.ndarray | int, group_size: int | None = None,
                     mask: torch.Tensor | None = None, search_clip: bool = True,
-                    grid: str = "symmetric") -> QuantTensor:
+                    grid: str = "symmetric", entropy: bool = False) -> QuantTensor:
     """Quantize ``weight`` with per-group ``bits`` (an int for all groups) on ``grid``; ``mask`` marks
-    survivors."""
+    survivors; ``entropy`` lets the writer entropy-code the result."""
     check_grid(grid)
     shape = tuple(weight.shape)
     cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
@@ -231,4 +253,4 @@ def quantize_tensor(weight: torch.Tensor, bits: np.ndarray | int, group_size: in
     flat_keep = layout.from_groups(keep).reshape(-1).numpy().astype(bool)
     flat_codes = layout.from_groups(codes).reshape(-1).numpy()
     return QuantTensor(layout, bits_arr.astype(np.uint8), scales.numpy().astype(np.float16), flat_keep,
-                       flat_codes[flat_keep].astype(np.int64), grid)
+                       flat_codes[flat_keep].astype(np.int64), grid, entropy)

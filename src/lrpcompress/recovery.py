@@ -141,7 +141,7 @@ def requantize(w: torch.Tensor, qt: QuantTensor) -> QuantTensor:
     codes = torch.where(b == 16, half, codes)
     flat = lay.from_groups(codes).reshape(-1).numpy()
     return QuantTensor(lay, qt.bits.copy(), qt.scales.copy(), qt.mask.copy(), flat[qt.mask].astype(np.int64),
-                       qt.grid)
+                       qt.grid, qt.entropy)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -254,7 +254,7 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     for k, t in compressed.tensors.items():
         if isinstance(t, QuantTensor):
             if config.learn_scales:
-                t = QuantTensor(t.layout, t.bits, stes[k].stored_scales(), t.mask, t.codes, t.grid)
+                t = QuantTensor(t.layout, t.bits, stes[k].stored_scales(), t.mask, t.codes, t.grid, t.entropy)
             tensors[k] = requantize(params[k].detach().cpu(), t)
         elif k in params:
             tensors[k] = params[k].detach().cpu().clone()
