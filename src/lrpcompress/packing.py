@@ -188,7 +188,7 @@ def quant_sections(t: QuantTensor) -> tuple[dict[str, Any], dict[str, bytes]]:
         present = np.unique(widths)
         ctx = np.searchsorted(present, widths)
         coded = encode_stream(t.codes, ctx, [1 << int(b) for b in present])
-        if len(coded) < len(packed):
+        if len(coded) + len(',"codes_coding":"rans"') < len(packed):  # the header key counts too
             fields["codes_coding"] = "rans"
             packed = coded
     fields["codes"] = None
