@@ -73,7 +73,8 @@ class Runner:
     def cfg(self, method: str, grid: str | None = None, **kw) -> CompressConfig:
         """``method``'s config with this run's samples and seed, on ``grid`` (default: the runner's)."""
         c = method_config(method, seed=self.args.seed, **kw)
-        c = replace(c, quant=replace(c.quant, grid=grid or self.grid))
+        c = replace(c, quant=replace(c.quant, grid=grid or self.grid,
+                                     entropy_coding=not getattr(self.args, "no_entropy_coding", False)))
         return replace(c, relevance=replace(c.relevance, samples=self.args.samples, seed=self.args.seed))
 
     def with_quant(self, method: str, bits: int, prune: PruneConfig | None = None,
@@ -150,7 +151,8 @@ class Runner:
                 "accuracy": round(accuracy(loaded.to(self.device), self.test, show_progress=False), 2),
                 "drop": None, "sparsity": round(st["sparsity"], 4), "mean_bits": round(st["mean_bits"], 3),
                 "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1),
-                "knobs": knobs if self.grid == "symmetric" else dict(knobs, grid=self.grid),
+                "knobs": dict(knobs, **({} if self.grid == "symmetric" else {"grid": self.grid}),
+                              **({"coding": "packed"} if getattr(self.args, "no_entropy_coding", False) else {})),
                 "machine": self.args.machine}
 
     def best_of(self, method: str, budget: float, candidates) -> dict | None:
@@ -343,6 +345,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid", default="symmetric", choices=GRIDS,
                     help="levels of every method's 2..8-bit groups (rows name it in their setting when not symmetric)")
+    ap.add_argument("--no-entropy-coding", action="store_true",
+                    help="every method's file bit-packed (format v1/v2; rows before 2026-11-26 evening were)")
     ap.add_argument("--shared", default=str(SHARED), help="folder with models/ and data/ (default ../shared)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (forward/backward passes; the bytes are CPU work)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

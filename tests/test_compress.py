@@ -140,10 +140,16 @@ def test_finetune_keeps_allocation_and_pruned_zeros(digits):
 
     model, train, test = digits
     base = _small(replace(method_config("lrp"), target_ratio=10.0))
+    # bit-packed: the allocation alone sets the size (with entropy coding the allocation leaves room for
+    # training to move the codes: test_shrink_to_budget_...)
+    base = replace(base, quant=replace(base.quant, entropy_coding=False))
     before = compress(model, train, base, "digits_cnn")
     after = compress(model, train, replace(base, finetune=FinetuneConfig(epochs=1, lr=0.005, learn_scales=False)),
                     "digits_cnn")
     assert after.file_bytes == before.file_bytes
+    coded = compress(model, train, replace(base, quant=replace(base.quant, entropy_coding=True),
+                                           finetune=FinetuneConfig(epochs=1, lr=0.005)), "digits_cnn")
+    assert 0.96 * before.dense_bytes / 10 <= coded.file_bytes <= before.dense_bytes / 10
     for k, t in after.compressed.tensors.items():
         if hasattr(t, "bits"):
             ref = before.compressed.tensors[k]
@@ -188,7 +194,7 @@ def test_size_target_search_picks_the_most_accurate_setting_on_held_out_data(dig
     assert (None, 3) in knob_grid(12.0) and knob_grid(4.0) == [(0.0, 1)]
     assert res.file_bytes <= res.dense_bytes / 12.0
     grid = resolve_knobs(model, fit, cfg, knob_grid(12.0), "digits_cnn")
-    assert all(s is not None for s, _ in grid) and len(grid) == 3
+    assert all(s is not None for s, _ in grid) and len(grid) == 4
     accs = {}
     for s, b in grid:
         try:
@@ -207,6 +213,7 @@ def test_learned_scales_change_only_scales_and_codes(digits, tmp_path):
 
     model, train, test = digits
     base = _small(replace(method_config("lrp"), target_ratio=10.0))
+    base = replace(base, quant=replace(base.quant, entropy_coding=False))  # the size then depends on bits only
     before = compress(model, train, base, "digits_cnn")
     after = compress(model, train, replace(base, finetune=FinetuneConfig(epochs=1, lr=0.005, learn_scales=True)),
                      "digits_cnn")
@@ -276,3 +283,32 @@ def test_size_search_after_finetuning_keeps_the_best_trained_setting(digits):
                        select_trained=True)
     with pytest.raises(LrpcError, match="size target"):
         compress_tuned(model, fit, val, replace(cfg, target_ratio=None), "digits_cnn", select_trained=True)
+
+
+def test_shrink_to_budget_only_lowers_bits_and_keeps_the_other_groups_exactly(digits):
+    """After fine-tuning an entropy-coded file can outgrow its target; the fit-back gives up bits only, keeps
+    every group that keeps its width bit-exact, and meets the target on the real file."""
+    from lrpcompress.compress import shrink_to_budget
+    from lrpcompress.quantization import QuantTensor
+
+    model, train, _ = digits
+    cfg = _small(method_config("lrp"))
+    cm = compress(model, train, cfg, "digits_cnn", show_progress=False).compressed
+    size = len(cm.to_bytes())
+    target = int(size * 0.9)
+    imp = {k: None for k, t in cm.tensors.items() if isinstance(t, QuantTensor)}
+    out = shrink_to_budget(cm, target, cfg.quant, imp)
+    assert 0.98 * target <= len(out.to_bytes()) <= target
+    lowered = 0
+    for k in imp:
+        old, new = cm.tensors[k], out.tensors[k]
+        assert np.all(new.bits <= old.bits) and np.all(new.bits[old.bits > 0] > 0)
+        assert np.array_equal(new.mask, old.mask)
+        same = new.bits == old.bits
+        assert np.array_equal(new.scales[same], old.scales[same])
+        el = same[old.layout.group_of_element()][old.mask]
+        assert np.array_equal(new.codes[el], old.codes[el])
+        lowered += int((~same).sum())
+    assert lowered > 0
+    with pytest.raises(LrpcError, match="unreachable"):
+        shrink_to_budget(cm, size // 10, cfg.quant, imp)

@@ -403,6 +403,10 @@ class CompressResult:
     score_seconds: float
     masks: dict[str, torch.Tensor]
     bits: dict[str, np.ndarray]
+    # what fitting a fine-tuned version back into the size target needs (finetune_result)
+    target_bytes: int | None = None
+    quant: QuantConfig | None = None
+    importance: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -514,14 +518,22 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
                 else float(sum(int(masks[k].sum()) * q.bits + 24 * layouts[k].n_groups for k in free))
             bits.update(allocate_optimal(tables, budget_bits))
         else:
+            if config.finetune.epochs > 0 and q.entropy_coding:
+                # training moves the codes and so the coded size (ResNet-20 at 16x: +2.0%); leave room for it,
+                # and shrink_to_budget takes back what still overflows after training
+                target = int(target * (1 - FINETUNE_RESERVE))
             bits.update(_fit_budget(tables, bits, build, target))
     compressed = build(bits, correct=config.bias_correction)
     if config.finetune.epochs > 0:
         compressed = finetune(compressed, train, config.finetune, show_progress=show_progress,
                               device=model_device(model), teacher=teacher if teacher is not None else model)
+    target = config.target_bytes or (int(d_bytes / config.target_ratio) if config.target_ratio else None)
+    importance = dict(imp) if q.allocation == "optimal" else {}
+    if config.finetune.epochs > 0 and target is not None and len(compressed.to_bytes()) > target:
+        compressed = shrink_to_budget(compressed, target, q, importance)
     data = compressed.to_bytes()
     seconds = time.perf_counter() - t0
-    return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits)
+    return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits, target, q, importance)
 
 
 def knob_grid(ratio: float) -> list[tuple[float | None, int]]:
@@ -645,15 +657,13 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
     no_ft = replace(config, finetune=replace(config.finetune, epochs=0))
     device = model_device(model)
     for sparsity, min_bits in progress(grid, desc="size search", unit="setting", disable=not show_progress):
-        try:
-            res = compress(model, fit, with_knobs(no_ft, sparsity, min_bits), arch, scores=scores,
-                           show_progress=False, model_spec_extra=model_spec_extra)
+        try:  # with select_trained each setting is fine-tuned as `compress` does it (room left for the codes)
+            res = compress(model, fit, with_knobs(config if select_trained else no_ft, sparsity, min_bits), arch,
+                           scores=scores, show_progress=select_trained and show_progress,
+                           model_spec_extra=model_spec_extra, teacher=teacher)
         except LrpcError as exc:
             first_error = first_error or exc
             continue
-        if select_trained:
-            res = finetune_result(res, fit, config.finetune, device, teacher if teacher is not None else model,
-                                  show_progress)
         acc = accuracy(res.compressed.to_module().to(device), val, show_progress=False)
         trials.append({"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)})
         if best is None or acc > best[0]:
@@ -677,6 +687,8 @@ def finetune_result(res: CompressResult, train: ImageData, config: FinetuneConfi
     epochs), with the written bytes and the seconds updated."""
     t0 = time.perf_counter()
     cm = finetune(res.compressed, train, config, show_progress=show_progress, device=device, teacher=teacher)
+    if res.target_bytes is not None and res.quant is not None and len(cm.to_bytes()) > res.target_bytes:
+        cm = shrink_to_budget(cm, res.target_bytes, res.quant, res.importance)
     return replace(res, compressed=cm, file_bytes=len(cm.to_bytes()), seconds=res.seconds + time.perf_counter() - t0)
 
 
@@ -775,6 +787,57 @@ def _fit_budget(tables, fixed_bits: Mapping[str, np.ndarray], build, target: int
     if best is None:
         raise LrpcError(f"cannot fit the model into {target} bytes; ask for a smaller ratio")
     return best
+
+
+FINETUNE_RESERVE = 0.02
+
+
+def shrink_to_budget(cm: CompressedModel, target: int, quant: QuantConfig,
+                     importance: Mapping[str, torch.Tensor | None]) -> CompressedModel:
+    """Fit a fine-tuned model back into ``target`` bytes without training: with entropy coding the file's
+    size follows the codes, and training moves them (learned scales shrink, more codes leave the zero level;
+    ResNet-20 at 16x grew 2%). Groups may only lose bits (never all of them); a group that keeps its width
+    keeps its trained codes and scale exactly, the others are requantized from their trained values. The
+    choice minimises the same weighted error the allocator uses, on the real file."""
+    quants = {k: t for k, t in cm.tensors.items() if isinstance(t, QuantTensor)}
+    fixed = {k: t.bits.astype(np.int64) for k, t in quants.items() if k not in importance}
+    options = tuple(sorted(b for b in set(quant.bit_options) if 1 <= b <= 8))
+    tables = []
+    for k, t in quants.items():
+        if k in fixed:
+            continue
+        w = t.dequantize()
+        mask = torch.from_numpy(t.mask.reshape(t.shape))
+        lc = layer_costs(k, w, mask, t.layout, options, importance[k], quant.search_clip, t.grid, quant.entropy_coding)
+        cur = t.bits.astype(np.int64)
+        opts = np.asarray(options)
+        keep = np.isin(cur, opts)  # 0- and 16-bit groups stay as they are
+        lc.errors[opts[None, :] > cur[:, None]] = np.inf
+        lc.errors[keep, np.searchsorted(opts, cur[keep])] = 0.0  # its trained codes are kept exactly
+        lc.errors[~keep] = np.inf  # ... so their row is a dummy: first option, free (build ignores it)
+        lc.errors[~keep, 0] = 0.0
+        lc.costs[~keep] = 0.0
+        tables.append(lc)
+    if not tables:
+        raise LrpcError(f"fine-tuning grew the file past {target} bytes and no layer can give up bits; "
+                        "ask for a smaller ratio or use --no-entropy-coding")
+
+    def build(bits_map: Mapping[str, np.ndarray]) -> CompressedModel:
+        tensors = dict(cm.tensors)
+        for k, t in quants.items():
+            new = np.where(np.isin(t.bits, options), bits_map[k], t.bits).astype(np.int64)
+            if np.array_equal(new, t.bits.astype(np.int64)):
+                continue
+            q = quantize_tensor(t.dequantize(), new, t.layout.group_size, torch.from_numpy(t.mask.reshape(t.shape)),
+                                quant.search_clip, t.grid, t.entropy)
+            same = new == t.bits.astype(np.int64)
+            scales = np.where(same, t.scales, q.scales).astype(np.float16)
+            same_el = same[t.layout.group_of_element()][t.mask]
+            codes = np.where(same_el, t.codes, q.codes)
+            tensors[k] = QuantTensor(t.layout, new.astype(np.uint8), scales, t.mask, codes, t.grid, t.entropy)
+        return CompressedModel(cm.model_spec, tensors, cm.float_dtype, cm.metadata)
+
+    return build(_fit_budget(tables, fixed, build, target))
 
 
 def _num_classes(model: nn.Module) -> int:
