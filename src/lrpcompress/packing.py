@@ -19,7 +19,7 @@ import torch
 
 from .errors import FormatError, LrpcError
 from .io import atomic_write_bytes
-from .entropy import decode_stream, encode_stream
+from .entropy import decode_stream, encode_stream, put_varints
 from .quantization import GRIDS, VALID_BITS, GroupLayout, QuantTensor, max_code
 
 MAGIC = b"LRPC\r\n\x1a\n"
@@ -46,20 +46,6 @@ class Payload:
 
 
 # ---------------------------------------------------------------- survivor index codings
-
-def _varints(values: np.ndarray) -> bytes:
-    out = bytearray()
-    for v in values.tolist():
-        while True:
-            byte = v & 0x7F
-            v >>= 7
-            if v:
-                out.append(byte | 0x80)
-            else:
-                out.append(byte)
-                break
-    return bytes(out)
-
 
 def _read_varints(buf: bytes, limit: int) -> list[int]:
     vals: list[int] = []
@@ -89,13 +75,13 @@ def encode_index(mask: np.ndarray, entropy: bool = False) -> tuple[str, bytes]:
     cands = [("bitmap", np.packbits(mask.astype(np.uint8), bitorder="little").tobytes())]
     pos = np.flatnonzero(mask)
     gaps = np.diff(np.concatenate([[-1], pos])) - 1
-    cands.append(("delta", _varints(gaps)))
+    cands.append(("delta", put_varints(gaps)))
     change = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
     bounds = np.concatenate([[0], change, [n]])
     runs = np.diff(bounds)
     if mask[0]:
         runs = np.concatenate([[0], runs])
-    cands.append(("rle", _varints(runs)))
+    cands.append(("rle", put_varints(runs)))
     if entropy:
         cands.append(("rans", encode_stream(mask.astype(np.int64), None, [2])))
     best = min(cands, key=lambda c: len(c[1]))  # min keeps the first of equal lengths
