@@ -4,7 +4,8 @@ The optimal allocator minimises the importance-weighted quantization error
 ``Σ_g imp·‖w_g − Q_{b_g}(w_g)‖²`` subject to ``Σ_g bits_g ≤ budget`` by Lagrangian relaxation: for a
 multiplier λ every group independently picks ``argmin_b D_g(b) + λ·C_g(b)``; λ is found by bisection.
 Cost ``C_g(b)`` counts the codes of the group's surviving weights (``b`` bits each, or with entropy coding
-their estimated rANS cost) plus its scale (16 bits) and its entry in the bit-width table (8 bits). Width 0 removes the group (a channel, by default) entirely.
+their estimated rANS cost) plus its scale (16 bits) and its entry in the bit-width table (8 bits). Width 0
+removes the group (a channel, by default) entirely.
 Solutions on the convex hull are monotone: a larger budget never gives a larger weighted error.
 """
 

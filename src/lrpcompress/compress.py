@@ -529,9 +529,10 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
                               device=model_device(model), teacher=teacher if teacher is not None else model)
     target = config.target_bytes or (int(d_bytes / config.target_ratio) if config.target_ratio else None)
     importance = dict(imp) if q.allocation == "optimal" else {}
-    if config.finetune.epochs > 0 and target is not None and len(compressed.to_bytes()) > target:
-        compressed = shrink_to_budget(compressed, target, q, importance)
     data = compressed.to_bytes()
+    if config.finetune.epochs > 0 and target is not None and len(data) > target:
+        compressed = shrink_to_budget(compressed, target, q, importance)
+        data = compressed.to_bytes()
     seconds = time.perf_counter() - t0
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits, target, q, importance)
 
@@ -687,9 +688,11 @@ def finetune_result(res: CompressResult, train: ImageData, config: FinetuneConfi
     epochs), with the written bytes and the seconds updated."""
     t0 = time.perf_counter()
     cm = finetune(res.compressed, train, config, show_progress=show_progress, device=device, teacher=teacher)
-    if res.target_bytes is not None and res.quant is not None and len(cm.to_bytes()) > res.target_bytes:
+    size = len(cm.to_bytes())
+    if res.target_bytes is not None and res.quant is not None and size > res.target_bytes:
         cm = shrink_to_budget(cm, res.target_bytes, res.quant, res.importance)
-    return replace(res, compressed=cm, file_bytes=len(cm.to_bytes()), seconds=res.seconds + time.perf_counter() - t0)
+        size = len(cm.to_bytes())
+    return replace(res, compressed=cm, file_bytes=size, seconds=res.seconds + time.perf_counter() - t0)
 
 
 MAX_DROP_RATIOS = (24.0, 20.0, 16.0, 14.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
@@ -802,15 +805,15 @@ def shrink_to_budget(cm: CompressedModel, target: int, quant: QuantConfig,
     quants = {k: t for k, t in cm.tensors.items() if isinstance(t, QuantTensor)}
     fixed = {k: t.bits.astype(np.int64) for k, t in quants.items() if k not in importance}
     options = tuple(sorted(b for b in set(quant.bit_options) if 1 <= b <= 8))
+    opts = np.asarray(options)
+    trained = {k: (t.dequantize(), torch.from_numpy(t.mask.reshape(t.shape))) for k, t in quants.items()}
     tables = []
     for k, t in quants.items():
         if k in fixed:
             continue
-        w = t.dequantize()
-        mask = torch.from_numpy(t.mask.reshape(t.shape))
-        lc = layer_costs(k, w, mask, t.layout, options, importance[k], quant.search_clip, t.grid, quant.entropy_coding)
+        lc = layer_costs(k, *trained[k], t.layout, options, importance[k], quant.search_clip, t.grid,
+                         quant.entropy_coding)
         cur = t.bits.astype(np.int64)
-        opts = np.asarray(options)
         keep = np.isin(cur, opts)  # 0- and 16-bit groups stay as they are
         lc.errors[opts[None, :] > cur[:, None]] = np.inf
         lc.errors[keep, np.searchsorted(opts, cur[keep])] = 0.0  # its trained codes are kept exactly
@@ -828,13 +831,13 @@ def shrink_to_budget(cm: CompressedModel, target: int, quant: QuantConfig,
             new = np.where(np.isin(t.bits, options), bits_map[k], t.bits).astype(np.int64)
             if np.array_equal(new, t.bits.astype(np.int64)):
                 continue
-            q = quantize_tensor(t.dequantize(), new, t.layout.group_size, torch.from_numpy(t.mask.reshape(t.shape)),
-                                quant.search_clip, t.grid, t.entropy)
+            w, mask = trained[k]
+            q = quantize_tensor(w, new, t.layout.group_size, mask, quant.search_clip, t.grid, t.entropy)
             same = new == t.bits.astype(np.int64)
             scales = np.where(same, t.scales, q.scales).astype(np.float16)
             same_el = same[t.layout.group_of_element()][t.mask]
             codes = np.where(same_el, t.codes, q.codes)
-            tensors[k] = QuantTensor(t.layout, new.astype(np.uint8), scales, t.mask, codes, t.grid, t.entropy)
+            tensors[k] = replace(t, bits=new.astype(np.uint8), scales=scales, codes=codes)
         return CompressedModel(cm.model_spec, tensors, cm.float_dtype, cm.metadata)
 
     return build(_fit_budget(tables, fixed, build, target))

@@ -12,7 +12,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -151,40 +151,45 @@ def unpack_codes(buf: bytes, widths: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- encode
 
-def quant_sections(t: QuantTensor) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Header fields of a quantized tensor and the bytes of its data ranges, in file order (``bits`` when
-    not one value, ``scales``, ``index``, ``codes``). With ``t.entropy`` the survivor index and the codes may
-    use rANS (format version 3), whichever is shorter; ``codes_coding`` is set only when it is ``rans``."""
-    fields: dict[str, Any] = {}
-    blobs: dict[str, bytes] = {}
+def _code_contexts(widths: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """rANS contexts of the surviving codes (docs/FORMAT.md): the distinct widths ascending, alphabet 2^b each."""
+    present = np.unique(widths)
+    return np.searchsorted(present, widths), [1 << int(b) for b in present]
+
+
+def quant_entry(t: QuantTensor, put: Callable[[bytes], list[int]]) -> dict[str, Any]:
+    """Header fields of a quantized tensor (after name, shape, kind, group size and grid); its data ranges go
+    through ``put`` in file order: ``bits`` when not one value, ``scales``, ``index``, ``codes``. With
+    ``t.entropy`` the survivor index and the codes may use rANS (format version 3), whichever is shorter;
+    ``codes_coding`` is set only when it is ``rans``."""
+    entry: dict[str, Any] = {}
     ub = np.unique(t.bits)
-    if ub.size == 1:
-        fields["bits"] = int(ub[0])
-    else:
-        fields["bits"] = None
-        blobs["bits"] = t.bits.astype(np.uint8).tobytes()
-    fields["scales"] = None
-    blobs["scales"] = t.scales.astype("<f2").tobytes()
+    entry["bits"] = int(ub[0]) if ub.size == 1 else put(t.bits.astype(np.uint8).tobytes())
+    entry["scales"] = put(t.scales.astype("<f2").tobytes())
     coding, idx = encode_index(t.mask, t.entropy)
-    fields["index"] = [coding, int(t.mask.sum())]
-    blobs["index"] = idx
+    entry["index"] = [coding, int(t.mask.sum())] + put(idx)
     widths = t.element_bits()[t.mask]
-    packed = pack_codes(t.codes, widths)
+    codes = pack_codes(t.codes, widths)
     if t.entropy and widths.size and widths.max() <= 8:
-        present = np.unique(widths)
-        ctx = np.searchsorted(present, widths)
-        coded = encode_stream(t.codes, ctx, [1 << int(b) for b in present])
-        if len(coded) + len(',"codes_coding":"rans"') < len(packed):  # the header key counts too
-            fields["codes_coding"] = "rans"
-            packed = coded
-    fields["codes"] = None
-    blobs["codes"] = packed
-    return fields, blobs
+        coded = encode_stream(t.codes, *_code_contexts(widths))
+        if len(coded) + len(',"codes_coding":"rans"') < len(codes):  # the header key counts too
+            entry["codes_coding"] = "rans"
+            codes = coded
+    entry["codes"] = put(codes)
+    return entry
 
 
 def quant_bytes(t: QuantTensor) -> int:
     """Bytes of a quantized tensor's data ranges as the writer lays them out (the header entry not counted)."""
-    return sum(len(b) for b in quant_sections(t)[1].values())
+    total = 0
+
+    def count(data: bytes) -> list[int]:
+        nonlocal total
+        total += len(data)
+        return [0, len(data)]
+
+    quant_entry(t, count)
+    return total
 
 
 def encode(payload: Payload) -> bytes:
@@ -209,14 +214,9 @@ def encode(payload: Payload) -> bytes:
             if t.grid != "symmetric":
                 entry["grid"] = t.grid
                 version = max(version, 2)
-            fields, blobs = quant_sections(t)
-            if fields["index"][0] == "rans" or "codes_coding" in fields:
+            entry.update(quant_entry(t, put))
+            if entry["index"][0] == "rans" or "codes_coding" in entry:
                 version = 3
-            for key, value in fields.items():
-                if key == "index":
-                    entry[key] = value + put(blobs[key])
-                else:
-                    entry[key] = put(blobs[key]) if key in blobs else value
         else:
             dtype = payload.float_dtype.get(name, "float16")
             arr = t.detach().cpu().numpy().astype("<f2" if dtype == "float16" else "<f4")
@@ -423,9 +423,7 @@ def _decode_quant(e: dict, name: str, shape: tuple[int, ...], numel: int, sectio
         if widths.size == 0 or widths.max() > 8:
             raise FormatError(f"{name}: rans codes need at least one survivor and bit-widths of at most 8")
         off, length = ranges.take(*_range(e.get("codes"), f"{name} codes"), f"{name} codes")
-        present = np.unique(widths)
-        codes = decode_stream(section[off: off + length], np.searchsorted(present, widths),
-                              [1 << int(b) for b in present], widths.size, f"{name} codes")
+        codes = decode_stream(section[off: off + length], *_code_contexts(widths), widths.size, f"{name} codes")
     else:
         raise FormatError(f"{name}: unknown codes coding {coding!r} (packed or rans)")
     mid = (widths >= 2) & (widths <= 8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -254,7 +254,7 @@ def finetune(compressed, train: ImageData, config: FinetuneConfig, model: nn.Mod
     for k, t in compressed.tensors.items():
         if isinstance(t, QuantTensor):
             if config.learn_scales:
-                t = QuantTensor(t.layout, t.bits, stes[k].stored_scales(), t.mask, t.codes, t.grid, t.entropy)
+                t = replace(t, scales=stes[k].stored_scales())
             tensors[k] = requantize(params[k].detach().cpu(), t)
         elif k in params:
             tensors[k] = params[k].detach().cpu().clone()
