@@ -3,13 +3,16 @@ entropy, and corrupt streams refused."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrpcompress import entropy
 from lrpcompress.entropy import (PROB_SCALE, STATE_LOW, decode_stream, encode_stream, estimate_bits,
                                  normalize_freqs, put_varints, read_varints)
 from lrpcompress.errors import FormatError, LrpcError
@@ -83,11 +86,21 @@ def _sample(n: int, alphabets: list[int], seed: int) -> tuple[np.ndarray, np.nda
     return sym, ctx
 
 
-@pytest.mark.parametrize("n,lanes", [(1, 1), (7, 3), (500, 1), (500, 4), (4999, None)])
-def test_stream_matches_the_scalar_reference_both_ways(n, lanes):
+@contextlib.contextmanager
+def coder_path(path: str):
+    """Force the per-symbol loop or the vectorised steps (the writer picks by lane count)."""
+    with mock.patch.object(entropy, "SCALAR_LANES", entropy.MAX_LANES if path == "scalar" else 0):
+        yield
+
+
+@pytest.mark.parametrize("path", ["scalar", "vector"])
+@pytest.mark.parametrize("n,lanes", [(1, 1), (7, 3), (500, 1), (500, 4), (4999, None), (40_000, 19)])
+def test_stream_matches_the_scalar_reference_both_ways(n, lanes, path):
     alphabets = [8, 2, 32]
     sym, ctx = _sample(n, alphabets, n)
-    buf = encode_stream(sym, ctx, alphabets, lanes)
+    with coder_path(path):
+        buf = encode_stream(sym, ctx, alphabets, lanes)
+        assert np.array_equal(decode_stream(buf, ctx, alphabets, n), sym)
     assert ref_decode(buf, ctx.tolist(), alphabets) == sym.tolist()
     k, pos = read_varints(buf, 0, 1, "t")
     tables = []
@@ -95,7 +108,6 @@ def test_stream_matches_the_scalar_reference_both_ways(n, lanes):
         f, pos = read_varints(buf, pos, a, "t")
         tables.append(f)
     assert ref_encode(sym.tolist(), ctx.tolist(), tables, k[0]) == buf
-    assert np.array_equal(decode_stream(buf, ctx, alphabets, n), sym)
 
 
 @settings(max_examples=60, deadline=None)
@@ -104,8 +116,10 @@ def test_round_trip_any_symbols_and_lanes(values, lanes):
     sym = np.asarray(values)
     ctx = (sym % 2).astype(np.int64)  # two contexts of 16 symbols
     lanes = min(lanes, sym.size)
-    buf = encode_stream(sym, ctx, [16, 16], lanes)
-    assert np.array_equal(decode_stream(buf, ctx, [16, 16], sym.size), sym)
+    for path in ("scalar", "vector"):
+        with coder_path(path):
+            buf = encode_stream(sym, ctx, [16, 16], lanes)
+            assert np.array_equal(decode_stream(buf, ctx, [16, 16], sym.size), sym)
 
 
 def test_size_is_the_entropy_plus_tables_and_states():
@@ -130,15 +144,19 @@ def test_normalized_frequencies():
         normalize_freqs(np.zeros(4, np.int64))
 
 
-def test_corrupt_streams_are_refused():
+@pytest.mark.parametrize("path", ["scalar", "vector"])
+def test_corrupt_streams_are_refused(path):
     sym, ctx = _sample(5000, [8], 3)
     buf = encode_stream(sym, ctx, [8], 2)
-    with pytest.raises(FormatError, match="end state|ends early"):
-        decode_stream(buf[:-2], ctx, [8], 5000)
-    flipped = bytearray(buf)
-    flipped[len(buf) // 2] ^= 0x55
-    with pytest.raises(FormatError):
-        decode_stream(bytes(flipped), ctx, [8], 5000)
+    with coder_path(path):
+        with pytest.raises(FormatError, match="end state|ends early"):
+            decode_stream(buf[:-2], ctx, [8], 5000)
+        with pytest.raises(FormatError, match="end state|ends early"):
+            decode_stream(buf + b"\0\0", ctx, [8], 5000)
+        flipped = bytearray(buf)
+        flipped[len(buf) // 2] ^= 0x55
+        with pytest.raises(FormatError):
+            decode_stream(bytes(flipped), ctx, [8], 5000)
     with pytest.raises(FormatError, match="sums to"):
         decode_stream(put_varints([1]) + put_varints([1] * 8) + struct.pack("<I", STATE_LOW), ctx[:1], [8], 1)
     with pytest.raises(FormatError, match="lanes"):

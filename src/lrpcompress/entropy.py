@@ -24,6 +24,9 @@ STATE_LOW = 1 << 16
 LANE_SYMBOLS = 2048  # the writer's choice: one lane per this many symbols (4 bytes of final state each)
 MAX_LANES = 4096
 MAX_ALPHABET = 256
+# Streams with at most this many lanes are coded symbol by symbol in plain Python: a vectorised step costs
+# about as much as 20 scalar symbols, so below that the loop over symbols is the faster of the two.
+SCALAR_LANES = 16
 
 
 # ---------------------------------------------------------------- varints (LEB128, as the survivor index uses)
@@ -148,6 +151,10 @@ def encode_stream(symbols: np.ndarray, contexts: np.ndarray | None, alphabets: S
         if not cnt.sum():
             freqs[-1][0] = PROB_SCALE  # an unused context still stores a valid table
     _, f_all, c_all = _tables(alph, freqs)
+    head = put_varints([k]) + b"".join(put_varints(f) for f in freqs)
+    if k <= SCALAR_LANES:
+        states, word_arr = _encode_scalar(flat, f_all, c_all, k)
+        return head + states.astype("<u4").tobytes() + word_arr.astype("<u2").tobytes()
     steps = -(-n // k)
     pad = np.zeros(steps * k, np.int64)
     pad[:n] = flat
@@ -163,8 +170,56 @@ def encode_stream(symbols: np.ndarray, contexts: np.ndarray | None, alphabets: S
         words.append((xm[ren] & np.uint64(0xFFFF)).astype("<u2"))
         xm = np.where(ren, xm >> np.uint64(16), xm)
         x[:m] = ((xm // f) << np.uint64(PROB_BITS)) + xm % f + c
-    head = put_varints([k]) + b"".join(put_varints(f) for f in freqs)
     return head + x.astype("<u4").tobytes() + b"".join(w.tobytes() for w in reversed(words))
+
+
+def _encode_scalar(flat: np.ndarray, f_all: np.ndarray, c_all: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The vectorised loop of :func:`encode_stream`, one symbol at a time; same states, same words."""
+    F, C = f_all.tolist(), c_all.tolist()
+    x = [STATE_LOW] * k
+    words: list[int] = []
+    shift = 32 - PROB_BITS
+    syms = flat.tolist()
+    lane = (len(syms) - 1) % k
+    # symbols last to first = steps last to first, lanes high to low; reversed at the end, the words come
+    # out as the decoder reads them: steps first to last, lanes low to high
+    for s in reversed(syms):
+        f = F[s]
+        xi = x[lane]
+        if xi >= f << shift:
+            words.append(xi & 0xFFFF)
+            xi >>= 16
+        x[lane] = ((xi // f) << PROB_BITS) + xi % f + C[s]
+        lane = lane - 1 if lane else k - 1
+    words.reverse()
+    return np.asarray(x, np.uint64), np.asarray(words, np.uint64)
+
+
+def _decode_scalar(x: np.ndarray, words: np.ndarray, flat_base: np.ndarray, slot_to_flat: np.ndarray,
+                   f_all: np.ndarray, c_all: np.ndarray, what: str) -> tuple[np.ndarray, list[int], int]:
+    """The vectorised loop of :func:`decode_stream`, one symbol at a time."""
+    F, C, S = f_all.tolist(), c_all.tolist(), slot_to_flat.tolist()
+    W = words.tolist()
+    nw = len(W)
+    states = x.tolist()
+    k = len(states)
+    out = [0] * flat_base.size
+    p = lane = 0
+    mask = PROB_SCALE - 1
+    for i, b in enumerate(flat_base.tolist()):
+        xi = states[lane]
+        slot = xi & mask
+        s = S[b + slot]
+        out[i] = s
+        xi = F[s] * (xi >> PROB_BITS) + slot - C[s]
+        if xi < STATE_LOW:
+            if p >= nw:
+                raise FormatError(f"{what}: the stream ends early")
+            xi = (xi << 16) | W[p]
+            p += 1
+        states[lane] = xi
+        lane = lane + 1 if lane < k - 1 else 0
+    return np.asarray(out, np.int64), states, p
 
 
 def decode_stream(buf: bytes | memoryview, contexts: np.ndarray | None, alphabets: Sequence[int], n: int,
@@ -194,6 +249,11 @@ def decode_stream(buf: bytes | memoryview, contexts: np.ndarray | None, alphabet
     offsets, f_all, c_all = _tables(alph, freqs)
     slot_to_flat = np.concatenate([np.repeat(np.arange(a, dtype=np.int64) + offsets[i], f)
                                    for i, (a, f) in enumerate(zip(alph.tolist(), freqs))])
+    if k <= SCALAR_LANES:
+        out, states, p = _decode_scalar(x, words, ctx * PROB_SCALE, slot_to_flat, f_all, c_all, what)
+        if p != words.size or any(v != STATE_LOW for v in states):
+            raise FormatError(f"{what}: the stream does not decode to its end state (corrupt data)")
+        return out - offsets[ctx]
     steps = -(-n // k)
     base = np.zeros(steps * k, np.int64)
     base[:n] = ctx * PROB_SCALE
