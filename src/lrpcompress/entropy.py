@@ -195,9 +195,39 @@ def _encode_scalar(flat: np.ndarray, f_all: np.ndarray, c_all: np.ndarray, k: in
     return np.asarray(x, np.uint64), np.asarray(words, np.uint64)
 
 
+def _decode_vector(x: np.ndarray, words: np.ndarray, flat_base: np.ndarray, slot_to_flat: np.ndarray,
+                   f_all: np.ndarray, c_all: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The decoder's loop, one numpy step per row of lanes: symbols (flat indices), end states, words read."""
+    k, n = x.size, flat_base.size
+    x = x.copy()
+    steps = -(-n // k)
+    base = np.zeros(steps * k, np.int64)
+    base[:n] = flat_base
+    base = base.reshape(steps, k)
+    out = np.zeros(steps * k, np.int64)
+    p = 0
+    mask = np.uint64(PROB_SCALE - 1)
+    for j in range(steps):
+        m = k if j < steps - 1 else n - j * k
+        xm = x[:m]
+        slot = xm & mask
+        flat = slot_to_flat[base[j, :m] + slot.astype(np.int64)]
+        out[j * k: j * k + m] = flat
+        xm = f_all[flat] * (xm >> np.uint64(PROB_BITS)) + slot - c_all[flat]
+        need = xm < STATE_LOW
+        cnt = int(need.sum())
+        if cnt:
+            if p + cnt > words.size:
+                raise FormatError(f"{what}: the stream ends early")
+            xm[need] = (xm[need] << np.uint64(16)) | words[p: p + cnt]
+            p += cnt
+        x[:m] = xm
+    return out[:n], x, p
+
+
 def _decode_scalar(x: np.ndarray, words: np.ndarray, flat_base: np.ndarray, slot_to_flat: np.ndarray,
-                   f_all: np.ndarray, c_all: np.ndarray, what: str) -> tuple[np.ndarray, list[int], int]:
-    """The vectorised loop of :func:`decode_stream`, one symbol at a time."""
+                   f_all: np.ndarray, c_all: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`_decode_vector`'s loop one symbol at a time (faster for few lanes); same results."""
     F, C, S = f_all.tolist(), c_all.tolist(), slot_to_flat.tolist()
     W = words.tolist()
     nw = len(W)
@@ -219,7 +249,7 @@ def _decode_scalar(x: np.ndarray, words: np.ndarray, flat_base: np.ndarray, slot
             p += 1
         states[lane] = xi
         lane = lane + 1 if lane < k - 1 else 0
-    return np.asarray(out, np.int64), states, p
+    return np.asarray(out, np.int64), np.asarray(states, np.uint64), p
 
 
 def decode_stream(buf: bytes | memoryview, contexts: np.ndarray | None, alphabets: Sequence[int], n: int,
@@ -249,34 +279,8 @@ def decode_stream(buf: bytes | memoryview, contexts: np.ndarray | None, alphabet
     offsets, f_all, c_all = _tables(alph, freqs)
     slot_to_flat = np.concatenate([np.repeat(np.arange(a, dtype=np.int64) + offsets[i], f)
                                    for i, (a, f) in enumerate(zip(alph.tolist(), freqs))])
-    if k <= SCALAR_LANES:
-        out, states, p = _decode_scalar(x, words, ctx * PROB_SCALE, slot_to_flat, f_all, c_all, what)
-        if p != words.size or any(v != STATE_LOW for v in states):
-            raise FormatError(f"{what}: the stream does not decode to its end state (corrupt data)")
-        return out - offsets[ctx]
-    steps = -(-n // k)
-    base = np.zeros(steps * k, np.int64)
-    base[:n] = ctx * PROB_SCALE
-    base = base.reshape(steps, k)
-    out = np.zeros(steps * k, np.int64)
-    p = 0
-    mask = np.uint64(PROB_SCALE - 1)
-    for j in range(steps):
-        m = k if j < steps - 1 else n - j * k
-        xm = x[:m]
-        slot = xm & mask
-        flat = slot_to_flat[base[j, :m] + slot.astype(np.int64)]
-        out[j * k: j * k + m] = flat
-        xm = f_all[flat] * (xm >> np.uint64(PROB_BITS)) + slot - c_all[flat]
-        need = xm < STATE_LOW
-        cnt = int(need.sum())
-        if cnt:
-            if p + cnt > words.size:
-                raise FormatError(f"{what}: the stream ends early")
-            xm[need] = (xm[need] << np.uint64(16)) | words[p: p + cnt]
-            p += cnt
-        x[:m] = xm
+    decode = _decode_scalar if k <= SCALAR_LANES else _decode_vector
+    out, x, p = decode(x, words, ctx * PROB_SCALE, slot_to_flat, f_all, c_all, what)
     if p != words.size or np.any(x != STATE_LOW):
         raise FormatError(f"{what}: the stream does not decode to its end state (corrupt data)")
-    out = out[:n]
     return out - offsets[ctx]
