@@ -21,6 +21,7 @@ import copy
 import datetime
 import json
 import platform
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -315,7 +316,7 @@ def main() -> None:
                     help="with --speed-only: re-measure only the global/macs/auto rows, each timed with the layer cut "
                          "of its budget in one alternation (the other rows keep their speed)")
     args = ap.parse_args()
-    args.command = " ".join(["python", "benchmarks/bench_channels.py", *sys.argv[1:]])
+    args.command = shlex.join(["python", "benchmarks/bench_channels.py", *sys.argv[1:]])
     args.models = args.models.split(",")
     args.subsets = (args.subsets or ("0,1,8" if args.quick else "all;0,1,8;3,4,5")).split(";")
     args.budgets = [parse_budget(b) for b in

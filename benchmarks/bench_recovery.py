@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -166,7 +167,7 @@ def main() -> None:
     args.machine = _machine(args.device)
     out = Path(args.out)
     rows: list[dict] = json.loads((out / "recovery.json").read_text()) if args.append and (out / "recovery.json").exists() else []
-    command = " ".join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/bench_recovery.py", *sys.argv[1:]])
     commands = sorted({r.get("command", "") for r in rows} - {""} | {command})
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     log = lambda s: print(s, flush=True)  # noqa: E731

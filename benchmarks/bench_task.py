@@ -9,6 +9,9 @@ with the model loaded back from the file. Pipelines:
   or not), the best on held-out images;
 - ``uniform``: uniform bits (with and without 8-bit first/last layers);
 - ``lrp``: the default allocator and its size search, no channels removed;
+- ``taylor`` / ``mse`` / ``random`` (opt-in with ``--methods``): the same allocator and search with the error
+  weights tilted by gradient×weight, not tilted, or tilted by random scores (is it relevance or the
+  activation-aware allocator on the subset's images that wins?);
 - ``l1 F`` / ``lrp F``: a fraction F of the inner channels removed (filter L1 or LRP-z⁺ channel relevance from
   the subset's images), then the same allocator and size search on the slimmer model;
 - ``lrp auto`` / ``l1 auto``: what ``compress --prune-channels auto`` does — the fraction (0 or one of the F)
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -82,8 +86,9 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
         measured: dict[str, dict] = {}
         knobs_of: dict[str, dict] = {}
         picks: dict[str, float] = {}
-        for pipeline, cands in (("magnitude", r.magnitude_candidates(budget)), ("uniform", r.uniform_candidates()),
-                                ("lrp", r.optimal_candidates("lrp", budget))):
+        for pipeline in args.methods:
+            cands = (r.magnitude_candidates(budget) if pipeline == "magnitude" else
+                     r.uniform_candidates() if pipeline == "uniform" else r.optimal_candidates(pipeline, budget))
             row = r.best_of(pipeline, budget, cands)
             if row is None:
                 log(f"  {pipeline} @ {budget:g}x: no setting fits")
@@ -184,7 +189,10 @@ def main() -> None:
     ap.add_argument("--models", default="resnet20")
     ap.add_argument("--subsets", default="0,1,8;3,4,5", help="';'-separated: 'all' or comma lists")
     ap.add_argument("--budgets", default="12,16")
-    ap.add_argument("--criteria", default="l1,lrp", help="channel criteria of the channel pipelines")
+    ap.add_argument("--methods", default="magnitude,uniform,lrp",
+                    help="pipelines without channel removal: magnitude, uniform, or an allocator method "
+                         "(lrp, taylor, mse, random)")
+    ap.add_argument("--criteria", default="l1,lrp", help="channel criteria of the channel pipelines ('' for none)")
     ap.add_argument("--fractions", default="0.3,0.5", help="inner-channel fractions of the channel pipelines")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
@@ -199,13 +207,17 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="keep the rows of task.json this run does not measure")
     args = ap.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(args.methods) - {"magnitude", "uniform", "lrp", "taylor", "mse", "random"})
+    if unknown:
+        ap.error(f"unknown --methods {','.join(unknown)}; choose from magnitude, uniform, lrp, taylor, mse, random")
     args.criteria = [c for c in args.criteria.split(",") if c]
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.machine = _machine(args.device)
     subsets = [None if s == "all" else [int(c) for c in s.split(",")] for s in args.subsets.split(";")]
     out = Path(args.out)
     rows: list[dict] = json.loads((out / "task.json").read_text()) if args.append and (out / "task.json").exists() else []
-    command = " ".join(["python", "benchmarks/bench_task.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/bench_task.py", *sys.argv[1:]])
     commands = sorted({r.get("command", "") for r in rows} - {""})
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     log = lambda s: print(s, flush=True)  # noqa: E731

@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -384,7 +385,7 @@ def main() -> None:
                 [b for b, _ in args.finetune.get(r["model"], [])]
             if not (r["model"] in args.models and r["method"] in fresh_methods and r["budget"] in budgets):
                 rows.append(r)
-    command = " ".join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]])
     def emit(row: dict) -> None:  # results are rewritten after every row, so a stopped run keeps what it measured
         key = (row["model"], row["method"], row["budget"])
         rows[:] = [r for r in rows if (r["model"], r["method"], r["budget"]) != key] + [dict(row, command=command)]
