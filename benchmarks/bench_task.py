@@ -11,7 +11,8 @@ with the model loaded back from the file. Pipelines:
 - ``lrp``: the default allocator and its size search, no channels removed;
 - ``taylor`` / ``mse`` / ``random`` (opt-in with ``--methods``): the same allocator and search with the error
   weights tilted by gradient×weight, not tilted, or tilted by random scores (is it relevance or the
-  activation-aware allocator on the subset's images that wins?);
+  activation-aware allocator on the subset's images that wins?); ``--power P`` scales their tilt
+  (relevance per unit of activation to the power P, default 0.25; rows ``lrp power P``);
 - ``l1 F`` / ``lrp F``: a fraction F of the inner channels removed (filter L1 or LRP-z⁺ channel relevance from
   the subset's images), then the same allocator and size search on the slimmer model;
 - ``lrp auto`` / ``l1 auto``: what ``compress --prune-channels auto`` does — the fraction (0 or one of the F)
@@ -86,9 +87,17 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
         measured: dict[str, dict] = {}
         knobs_of: dict[str, dict] = {}
         picks: dict[str, float] = {}
-        for pipeline in args.methods:
-            cands = (r.magnitude_candidates(budget) if pipeline == "magnitude" else
-                     r.uniform_candidates() if pipeline == "uniform" else r.optimal_candidates(pipeline, budget))
+        for method in args.methods:
+            pipeline = method
+            if method == "magnitude":
+                cands = r.magnitude_candidates(budget)
+            elif method == "uniform":
+                cands = r.uniform_candidates()
+            else:
+                cands = r.optimal_candidates(method, budget)
+                if args.power is not None and method in ("lrp", "taylor", "random"):  # mse has no tilt to scale
+                    pipeline = f"{method} power {args.power:g}"
+                    cands = [(k, replace(c, quant=replace(c.quant, power=args.power))) for k, c in cands]
             row = r.best_of(pipeline, budget, cands)
             if row is None:
                 log(f"  {pipeline} @ {budget:g}x: no setting fits")
@@ -192,6 +201,9 @@ def main() -> None:
     ap.add_argument("--methods", default="magnitude,uniform,lrp",
                     help="pipelines without channel removal: magnitude, uniform, or an allocator method "
                          "(lrp, taylor, mse, random)")
+    ap.add_argument("--power", type=float, default=None,
+                    help="exponent of the relevance tilt of the allocator pipelines (default: the method's, 0.25); "
+                         "rows are named e.g. 'lrp power 0.5'")
     ap.add_argument("--criteria", default="l1,lrp", help="channel criteria of the channel pipelines ('' for none)")
     ap.add_argument("--fractions", default="0.3,0.5", help="inner-channel fractions of the channel pipelines")
     ap.add_argument("--samples", type=int, default=512)
@@ -211,6 +223,8 @@ def main() -> None:
     unknown = sorted(set(args.methods) - {"magnitude", "uniform", "lrp", "taylor", "mse", "random"})
     if unknown:
         ap.error(f"unknown --methods {','.join(unknown)}; choose from magnitude, uniform, lrp, taylor, mse, random")
+    if args.power is not None and not args.power >= 0:
+        ap.error(f"--power must be >= 0, got {args.power}")
     args.criteria = [c for c in args.criteria.split(",") if c]
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.machine = _machine(args.device)
