@@ -219,7 +219,8 @@ def encode(payload: Payload) -> bytes:
                 version = 3
         else:
             dtype = payload.float_dtype.get(name, "float16")
-            arr = t.detach().cpu().numpy().astype("<f2" if dtype == "float16" else "<f4")
+            with np.errstate(over="ignore"):  # values beyond the dtype become Inf and are refused just below
+                arr = t.detach().cpu().numpy().astype("<f2" if dtype == "float16" else "<f4")
             if not np.all(np.isfinite(arr)):
                 raise LrpcError(f"{name}: NaN or Inf (or beyond the {dtype} range); nothing was written")
             entry = {"name": name, "shape": list(t.shape), "kind": "float", "dtype": dtype,
