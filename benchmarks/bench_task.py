@@ -57,6 +57,10 @@ from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+# pipelines without channel removal: two fixed grids, then the allocator with each tilt of its error weights
+METHODS = ("magnitude", "uniform", "lrp", "taylor", "mse", "random")
+
+
 def _setting(knobs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "target_ratio")
 
@@ -220,9 +224,9 @@ def main() -> None:
     args = ap.parse_args()
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(args.methods) - {"magnitude", "uniform", "lrp", "taylor", "mse", "random"})
+    unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
-        ap.error(f"unknown --methods {','.join(unknown)}; choose from magnitude, uniform, lrp, taylor, mse, random")
+        ap.error(f"unknown --methods {','.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.power is not None and not args.power >= 0:
         ap.error(f"--power must be >= 0, got {args.power}")
     args.criteria = [c for c in args.criteria.split(",") if c]
