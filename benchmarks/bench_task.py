@@ -22,8 +22,8 @@ with the model loaded back from the file. Pipelines:
     python benchmarks/bench_task.py --subsets all --budgets 16 --append
     python benchmarks/bench_task.py --budgets 16 --criteria lrp --finetune 1 --append   # + recovery rows
 
-With ``--finetune N`` the held-out picks of ``magnitude``, ``lrp`` and ``lrp auto`` are also trained for N
-epochs through the quantizers (rows ``… +ftN``; settings as chosen without training; ``--finetune-scales fixed``
+With ``--finetune N`` the held-out picks of every pipeline of ``--methods`` but ``uniform``, and of each
+criterion's ``auto`` fraction, are also trained for N epochs through the quantizers (rows ``… +ftN``; settings as chosen without training; ``--finetune-scales fixed``
 keeps the allocator's scales: rows ``… +ftN fixed scales``).
 """
 
@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import compress  # noqa: E402
+from lrpcompress.compress import FINETUNE_RESERVE, compress, fit_sparsity  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
+from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.evaluation import count_macs  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
@@ -90,6 +91,7 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
         t0 = time.perf_counter()
         measured: dict[str, dict] = {}
         knobs_of: dict[str, dict] = {}
+        chosen: dict[str, tuple] = {}  # pipeline -> (knobs, config) of its held-out pick
         picks: dict[str, float] = {}
         for method in args.methods:
             pipeline = method
@@ -108,6 +110,7 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                 continue
             setting = _setting(row["knobs"])
             knobs_of[pipeline] = row["knobs"]
+            chosen[pipeline] = (row["knobs"], next(c for k, c in cands if k == row["knobs"]))
             measured[pipeline] = dict(base, budget=budget, pipeline=pipeline, file_bytes=row["file_bytes"],
                                       ratio=round(r.dense_bytes() / row["file_bytes"], 3), macs=1.0,
                                       val_accuracy=row["val_accuracy"], accuracy=row["accuracy"], setting=setting)
@@ -142,25 +145,31 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                           + pool[pick]["setting"]))
                 picks[criterion] = pick
         if args.finetune > 0:
-            finetuned(r, budget, args, base, knobs_of.get("magnitude"), picks, example, dense_macs, log, emit)
+            finetuned(r, budget, args, base, chosen, picks, example, dense_macs, log, emit)
         log(f"  budget {budget:g}x took {time.perf_counter() - t0:.0f} s")
 
 
-def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, magnitude_knobs: dict | None,
-              picks: dict, example, dense_macs: int, log, emit) -> None:
+def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, chosen: dict, picks: dict,
+              example, dense_macs: int, log, emit) -> None:
     """``args.finetune`` epochs of recovery through the quantizers (distillation from the float model) for the
-    held-out picks of magnitude, lrp without channels and each criterion's auto fraction; the settings stay
-    as chosen without it."""
+    held-out pick of every pipeline measured without channel removal but ``uniform`` (magnitude, lrp and each
+    tilt of ``--methods``: does a lead survive the same training?) and each criterion's auto fraction; the
+    settings stay as chosen without it."""
     ft = FinetuneConfig(epochs=args.finetune, seed=args.seed, learn_scales=args.finetune_scales == "learned")
     tag = f"+ft{args.finetune}" + (" fixed scales" if args.finetune_scales == "fixed" else "")
-    jobs = []
-    if magnitude_knobs is not None:
-        cfg = next(c for k, c in r.magnitude_candidates(budget) if k == magnitude_knobs)
-        jobs.append(("magnitude", None, replace(cfg, finetune=ft)))
-    channel_jobs = [("lrp", 0.0)] + sorted(((c, f) for c, f in picks.items() if f > 0), key=lambda cf: cf[0] != "lrp")
-    for criterion, f in channel_jobs:
-        jobs.append((f"{criterion} {f:g}" if f else "lrp", (criterion, f),
-                     replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
+    cap = int(r.dense_bytes() / budget)
+    jobs = [(name, None, replace(cfg, finetune=ft)) for name, (_, cfg) in chosen.items()
+            if name not in ("uniform", "magnitude")]
+    if "magnitude" in chosen:
+        # training moves the entropy-coded size and a fixed grid has no allocator to take bytes back: refit the
+        # pick's sparsity with the room the allocator gets (FINETUNE_RESERVE); a file still over is not a row
+        knobs, cfg = chosen["magnitude"]
+        edges = "edges" in knobs
+        s = fit_sparsity(r.model, r.fit, r.with_quant("magnitude", knobs["bits"], keep_edges=edges), knobs["bits"],
+                         r.arch, target_bytes=int(cap * (1 - FINETUNE_RESERVE)))
+        jobs.append(("magnitude", None, replace(cfg, prune=PruneConfig("fraction", s), finetune=ft)))
+    for criterion, f in sorted(((c, f) for c, f in picks.items() if f > 0), key=lambda cf: cf[0] != "lrp"):
+        jobs.append((f"{criterion} {f:g}", (criterion, f), replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
     for name, channel, cfg in jobs:
         if channel is None:
             res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
@@ -168,8 +177,12 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ma
             search = ChannelSearch(ChannelPruneConfig(0.0, channel[0], samples=args.samples, seed=args.seed),
                                    fractions=(channel[1],))
             res = compress_channel_search(r.model, r.fit, r.val, cfg, r.arch, search, show_progress=False).result
-        row = _measured(r, res, base, budget, f"{name} {tag}", example, dense_macs,
-                        val_accuracy=None, setting="as without fine-tuning")
+        if res.file_bytes > cap:
+            log(f"  {name} {tag} @ {budget:g}x: {res.file_bytes} B after training, over the {cap} B cap: no row")
+            continue
+        row = _measured(r, res, base, budget, f"{name} {tag}", example, dense_macs, val_accuracy=None,
+                        setting="as without fine-tuning" if channel is not None or name != "magnitude"
+                        else f"sparsity={cfg.prune.sparsity} (refitted with {FINETUNE_RESERVE:.0%} room)")
         emit(row)
         log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {row['file_bytes']} B")
 
@@ -214,7 +227,8 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune", type=int, default=0,
-                    help="also fine-tune the picks of magnitude, lrp and lrp auto for this many epochs")
+                    help="also fine-tune the picks of --methods (but uniform) and of each criterion's auto fraction "
+                         "for this many epochs")
     ap.add_argument("--finetune-scales", default="learned", choices=("learned", "fixed"),
                     help="fine-tuning learns the quantizer scales (LSQ, the default) or keeps them")
     ap.add_argument("--device", default="cpu")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lrpcompress.recovery import _augment
@@ -78,3 +79,19 @@ def test_fake_quantize_and_requantize_follow_the_midrise_grid():
     inside = torch.where(v.abs() <= h, (torch.floor(v) + 0.5).clamp(-h, h) - v, torch.sign(v) * h)
     ref = torch.where(bits[:, None] == 1, torch.sign(w), inside).sum(1)
     assert torch.allclose(s.grad, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", -1, "epochs must be >= 0"), ("lr", 0.0, "learning rate must be > 0"),
+    ("lr", float("nan"), "learning rate must be > 0"), ("batch_size", 0, "batch size must be >= 1"),
+    ("momentum", 1.0, r"momentum must be in \[0, 1\)"), ("weight_decay", -0.1, "weight decay must be >= 0"),
+    ("clip_grad", 0.0, "gradient clip must be > 0"), ("distill", -1.0, "distillation weight must be >= 0"),
+    ("temperature", 0.0, "temperature must be > 0"),
+])
+def test_finetune_config_rejects_bad_values_with_a_message_naming_the_field(field, value, message):
+    from lrpcompress.errors import LrpcError
+    from lrpcompress.recovery import FinetuneConfig
+
+    with pytest.raises(LrpcError, match=message):
+        FinetuneConfig(**{field: value})
+    FinetuneConfig(clip_grad=None, distill=0.0, momentum=0.0)  # the edges that are allowed

@@ -48,6 +48,18 @@ class FinetuneConfig:
             raise LrpcError(f"finetune epochs must be >= 0, got {self.epochs}")
         if not self.lr > 0:
             raise LrpcError(f"finetune learning rate must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise LrpcError(f"finetune batch size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.momentum < 1:
+            raise LrpcError(f"finetune momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise LrpcError(f"finetune weight decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise LrpcError(f"finetune gradient clip must be > 0 (None to switch it off), got {self.clip_grad}")
+        if not self.distill >= 0:
+            raise LrpcError(f"distillation weight must be >= 0 (0 = labels only), got {self.distill}")
+        if not self.temperature > 0:
+            raise LrpcError(f"distillation temperature must be > 0, got {self.temperature}")
 
 
 # Float recovery after channel pruning: distillation from the unpruned model, BatchNorm statistics updated.
