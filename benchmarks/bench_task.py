@@ -84,7 +84,8 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
     dense_macs = count_macs(r.model, example)
     log(f"{arch} classes {name}: float test {r.base_test:.2f}%, held-out {r.base_val:.2f}% "
         f"({len(r.fit)} fit / {len(r.val)} held-out / {len(r.test)} test images)")
-    base = {"model": arch, "classes": name, "machine": args.machine}
+    base = {"model": arch, "classes": name, "machine": args.machine,
+            **({"fit_images": len(r.fit)} if args.fit_images else {})}
     emit(dict(base, budget=1.0, pipeline="float32", file_bytes=r.dense_bytes(), ratio=1.0, macs=1.0,
               val_accuracy=round(r.base_val, 2), accuracy=round(r.base_test, 2), setting=""))
     for budget in args.budgets:
@@ -204,7 +205,8 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
         fl = next((r for r in group if r["pipeline"] == "float32"), None)
         names = "all 10 classes" if key[1] == "all" else \
             ", ".join(CLASS_NAMES[int(c)] for c in key[1].split(","))
-        lines += [f"## {key[0]}, {names}" + (f" (float32 {fl['accuracy']:.2f}%)" if fl else ""), ""]
+        few = f", {group[0]['fit_images']} training images" if "fit_images" in group[0] else ""
+        lines += [f"## {key[0]}, {names}{few}" + (f" (float32 {fl['accuracy']:.2f}%)" if fl else ""), ""]
         for budget in sorted({r["budget"] for r in group if r["pipeline"] != "float32"}):
             lines += [f"### {budget:g}×", "", markdown_table([r for r in group if r["budget"] == budget], cols), ""]
     (out / "task.md").write_text("\n".join(lines))
@@ -225,6 +227,9 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.3,0.5", help="inner-channel fractions of the channel pipelines")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
+    ap.add_argument("--fit-images", type=int, default=None,
+                    help="use only this many of the other training images (class-balanced) for scoring, "
+                         "calibration and fine-tuning: a user with little data of their own")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune", type=int, default=0,
                     help="also fine-tune the picks of --methods (but uniform) and of each criterion's auto fraction "
@@ -241,6 +246,8 @@ def main() -> None:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown --methods {','.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.fit_images is not None and args.fit_images < 1:
+        ap.error(f"--fit-images must be >= 1, got {args.fit_images}")
     if args.power is not None and not args.power >= 0:
         ap.error(f"--power must be >= 0, got {args.power}")
     args.criteria = [c for c in args.criteria.split(",") if c]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lrpcompress.compress import (CompressConfig, compress, edge_overrides, fit_sparsity, knob_grid, load_compressed,  # noqa: E402
                                   method_config, resolve_knobs, with_knobs)
-from lrpcompress.data import load_data, split_train_val  # noqa: E402
+from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
@@ -62,6 +62,9 @@ class Runner:
             self.model = restrict_classes(self.model, classes)
             train, self.test = train.restrict_classes(classes), self.test.restrict_classes(classes)
         self.fit, self.val = split_train_val(train, args.val_size, args.seed)
+        few = getattr(args, "fit_images", None)
+        if few:  # a user with only this many labelled images: scoring, calibration and fine-tuning all use them
+            self.fit = self.fit.subset(sample_indices(len(self.fit), few, args.seed + 104729, self.fit.y))
         self.cache: dict = {}
         self.fitted: dict = {}
         self.runs: dict = {}
