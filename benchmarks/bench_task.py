@@ -23,8 +23,9 @@ with the model loaded back from the file. Pipelines:
     python benchmarks/bench_task.py --budgets 16 --criteria lrp --finetune 1 --append   # + recovery rows
 
 With ``--finetune N`` the held-out picks of every pipeline of ``--methods`` but ``uniform``, and of each
-criterion's ``auto`` fraction, are also trained for N epochs through the quantizers (rows ``… +ftN``; settings as chosen without training; ``--finetune-scales fixed``
-keeps the allocator's scales: rows ``… +ftN fixed scales``).
+criterion's ``auto`` fraction, are also trained for N epochs through the quantizers (rows ``… +ftN``; settings
+as chosen without training, except magnitude's sparsity, refitted with room for the coded size to grow;
+``--finetune-scales fixed`` keeps the allocator's scales: rows ``… +ftN fixed scales``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
 from lrpcompress.compress import FINETUNE_RESERVE, compress, fit_sparsity  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
-from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.evaluation import count_macs  # noqa: E402
+from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 from lrpcompress.search import ChannelSearch, compress_channel_search  # noqa: E402
@@ -91,7 +92,6 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
     for budget in args.budgets:
         t0 = time.perf_counter()
         measured: dict[str, dict] = {}
-        knobs_of: dict[str, dict] = {}
         chosen: dict[str, tuple] = {}  # pipeline -> (knobs, config) of its held-out pick
         picks: dict[str, float] = {}
         for method in args.methods:
@@ -110,7 +110,6 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                 log(f"  {pipeline} @ {budget:g}x: no setting fits")
                 continue
             setting = _setting(row["knobs"])
-            knobs_of[pipeline] = row["knobs"]
             chosen[pipeline] = (row["knobs"], next(c for k, c in cands if k == row["knobs"]))
             measured[pipeline] = dict(base, budget=budget, pipeline=pipeline, file_bytes=row["file_bytes"],
                                       ratio=round(r.dense_bytes() / row["file_bytes"], 3), macs=1.0,
@@ -155,19 +154,18 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
     """``args.finetune`` epochs of recovery through the quantizers (distillation from the float model) for the
     held-out pick of every pipeline measured without channel removal but ``uniform`` (magnitude, lrp and each
     tilt of ``--methods``: does a lead survive the same training?) and each criterion's auto fraction; the
-    settings stay as chosen without it."""
+    settings stay as chosen without it, but magnitude's sparsity (:func:`_magnitude_finetuned`)."""
     ft = FinetuneConfig(epochs=args.finetune, seed=args.seed, learn_scales=args.finetune_scales == "learned")
     tag = f"+ft{args.finetune}" + (" fixed scales" if args.finetune_scales == "fixed" else "")
     cap = int(r.dense_bytes() / budget)
-    jobs = [(name, None, replace(cfg, finetune=ft)) for name, (_, cfg) in chosen.items()
-            if name not in ("uniform", "magnitude")]
-    if "magnitude" in chosen:
-        jobs.append(("magnitude", None, replace(chosen["magnitude"][1], finetune=ft)))
+    jobs = [(name, None, replace(cfg, finetune=ft)) for name, (_, cfg) in chosen.items() if name != "uniform"]
     for criterion, f in sorted(((c, f) for c, f in picks.items() if f > 0), key=lambda cf: cf[0] != "lrp"):
         jobs.append((f"{criterion} {f:g}", (criterion, f), replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
     for name, channel, cfg in jobs:
+        setting = "as without fine-tuning"
         if name == "magnitude":
             res, cfg = _magnitude_finetuned(r, cfg, chosen["magnitude"][0], cap, log)
+            setting = f"sparsity={cfg.prune.sparsity} (refitted with room for training)"
         elif channel is None:
             res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
         else:
@@ -178,8 +176,7 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
             log(f"  {name} {tag} @ {budget:g}x: {res.file_bytes} B after training, over the {cap} B cap: no row")
             continue
         row = _measured(r, res, base, budget, f"{name} {tag}", example, dense_macs, val_accuracy=None,
-                        setting="as without fine-tuning" if channel is not None or name != "magnitude"
-                        else f"sparsity={cfg.prune.sparsity} (refitted with room for training)")
+                        setting=setting)
         emit(row)
         log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {row['file_bytes']} B")
 
@@ -189,21 +186,21 @@ def _magnitude_finetuned(r: Runner, cfg, knobs: dict, cap: int, log):
     fixed grid has no allocator to take bytes back, so the pick's sparsity is refitted with the room the
     allocator gets (FINETUNE_RESERVE); if the trained file still overflows, once more with the room that
     overflow measured (ResNet-20, 10 classes, 16x: +3.4%). Returns the result and its config."""
-    edges = "edges" in knobs
-    probe = r.with_quant("magnitude", knobs["bits"], keep_edges=edges)
-    room = FINETUNE_RESERVE
-    for attempt in range(2):
+    probe = r.with_quant("magnitude", knobs["bits"], keep_edges="edges" in knobs)
+
+    def trained(room: float):
         fit_to = int(cap * (1 - room))
         s = fit_sparsity(r.model, r.fit, probe, knobs["bits"], r.arch, target_bytes=fit_to)
-        cfg = replace(cfg, prune=PruneConfig("fraction", s))
-        res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
-        if res.file_bytes <= cap or attempt == 1:
-            return res, cfg
+        c = replace(cfg, prune=PruneConfig("fraction", s))
+        return compress(r.model, r.fit, c, r.arch, scores=r.cache, show_progress=False), c, fit_to
+
+    res, c, fit_to = trained(FINETUNE_RESERVE)
+    if res.file_bytes > cap:
         grown = res.file_bytes / fit_to - 1
-        log(f"  magnitude trained at {s:.1%} sparsity grew {grown:.1%} to {res.file_bytes} B (cap {cap}): "
-            f"refitting with {grown + 0.005:.1%} room")
-        room = grown + 0.005
-    return res, cfg
+        log(f"  magnitude trained at {c.prune.sparsity:.1%} sparsity grew {grown:.1%} to {res.file_bytes} B "
+            f"(cap {cap}): refitting with {grown + 0.005:.1%} room")
+        res, c, _ = trained(grown + 0.005)
+    return res, c
 
 
 def write(rows: list[dict], out: Path, commands: list[str], started: str) -> None:
