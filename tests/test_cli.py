@@ -329,6 +329,10 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert report["speedup"] == pytest.approx(report["latency_ms"]["dense"]["64"] / report["latency_ms"]["compressed"]["64"],
                                               rel=1e-2)
     assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
+    # 12 training images of the 3 classes, one epoch: one step, which the user is told in one line
+    assert report["finetune_steps"] == 1
+    warned = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warned) == 1 and warned[0].startswith("lrpcompress: warning: fine-tuning runs only 1 optimizer steps")
     from lrpcompress.compress import load_compressed
 
     net, payload = load_compressed(out)

@@ -95,3 +95,40 @@ def test_finetune_config_rejects_bad_values_with_a_message_naming_the_field(fiel
     with pytest.raises(LrpcError, match=message):
         FinetuneConfig(**{field: value})
     FinetuneConfig(clip_grad=None, distill=0.0, momentum=0.0)  # the edges that are allowed
+
+
+def test_steps_counts_the_short_last_batch():
+    from lrpcompress.recovery import FinetuneConfig
+
+    assert FinetuneConfig(epochs=2, batch_size=128).steps(1024) == 16
+    assert FinetuneConfig(epochs=2, batch_size=128).steps(1025) == 18
+    assert FinetuneConfig(epochs=0).steps(50_000) == 0
+
+
+def _tiny_net_and_data(n: int):
+    import numpy as np
+
+    from lrpcompress.data import ImageData
+
+    rng = np.random.default_rng(0)
+    data = ImageData(rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8), np.arange(n) % 2, (0.5,), (0.25,),
+                     ("a", "b"))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    return net, data
+
+
+def test_too_few_steps_warn_and_enough_do_not(monkeypatch):
+    import warnings
+
+    from lrpcompress import recovery
+    from lrpcompress.errors import LrpcWarning
+
+    net, data = _tiny_net_and_data(64)
+    cfg = recovery.FinetuneConfig(epochs=2, batch_size=32, distill=0.0)  # 4 steps
+    with pytest.warns(LrpcWarning, match=r"only 4 optimizer steps \(2 epoch\(s\) of 64 images at batch 32\)"):
+        recovery.finetune_model(net, data, cfg, show_progress=False)
+    monkeypatch.setattr(recovery, "MIN_USEFUL_STEPS", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LrpcWarning)
+        recovery.finetune_model(net, data, cfg, show_progress=False)

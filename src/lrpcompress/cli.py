@@ -11,11 +11,12 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import LrpcError
+from .errors import LrpcError, LrpcWarning
 
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
@@ -355,7 +356,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
              "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen,
-             "channel_pruning": channel_info, "tuned": knobs}
+             "channel_pruning": channel_info, "tuned": knobs,
+             "finetune_steps": cfg.finetune.steps(len(fit))}  # per training; --tune-finetuned trains each setting
     if not a.no_speed:
         import numpy as np
 
@@ -456,11 +458,21 @@ COMMANDS = {"score": cmd_score, "compress": cmd_compress, "evaluate": cmd_evalua
             "rules": cmd_rules, "demo": cmd_demo, "benchmark": cmd_benchmark}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line on stderr; others (from torch etc.) as Python prints them."""
+    if issubclass(category, LrpcWarning):
+        print(f"lrpcompress: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except LrpcError as exc:
         print(f"lrpcompress: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The project's one error type: every expected failure is an LrpcError with a one-line message."""
+"""The project's error type (every expected failure is an LrpcError with a one-line message) and its warning."""
 
 from __future__ import annotations
 
@@ -12,3 +12,7 @@ class LrpcError(Exception):
 
 class FormatError(LrpcError):
     """A `.lrpc` file that is not valid under docs/FORMAT.md."""
+
+
+class LrpcWarning(UserWarning):
+    """Advice about a run that will work but probably not do what the user wants; one line that names the fix."""

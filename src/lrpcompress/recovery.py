@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
 from .data import ImageData
-from .errors import LrpcError
+from .errors import LrpcError, LrpcWarning
 from .models import model_device
 from .progress import progress
 from .quantization import GroupLayout, QuantTensor, half_range, nearest_level
@@ -60,6 +61,15 @@ class FinetuneConfig:
             raise LrpcError(f"distillation weight must be >= 0 (0 = labels only), got {self.distill}")
         if not self.temperature > 0:
             raise LrpcError(f"distillation temperature must be > 0, got {self.temperature}")
+
+    def steps(self, images: int) -> int:
+        """Optimizer steps that fine-tuning on ``images`` training images runs (the last batch may be short)."""
+        return self.epochs * math.ceil(images / self.batch_size)
+
+
+# Fewer optimizer steps than this draw a warning: at 16x on ResNet-20, 16 steps (2 epochs of 1,024 images)
+# left every pipeline where it started, ~200 steps recovered 5-50 points (docs/FINDINGS.md section 6).
+MIN_USEFUL_STEPS = 100
 
 
 # Float recovery after channel pruning: distillation from the unpruned model, BatchNorm statistics updated.
@@ -178,7 +188,12 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
     frozen unless ``train_bn``. Stops with an error as soon as the loss is no longer finite."""
     opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                           nesterov=True)
-    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    steps = config.steps(len(train))
+    if 0 < steps < MIN_USEFUL_STEPS:
+        warnings.warn(LrpcWarning(
+            f"fine-tuning runs only {steps} optimizer steps ({config.epochs} epoch(s) of {len(train)} images at "
+            f"batch {config.batch_size}); at 16x on ResNet-20, 16 steps changed nothing and ~200 recovered "
+            f"5-50 points (docs/FINDINGS.md section 6): use more epochs"), stacklevel=2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
