@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import finetune_result, knob_grid, resolve_knobs, with_knobs  # noqa: E402
+from lrpcompress.compress import finetune_result  # noqa: E402
+from lrpcompress.search import knob_grid, resolve_knobs, with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402

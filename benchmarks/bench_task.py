@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import FINETUNE_RESERVE, compress, fit_sparsity  # noqa: E402
+from lrpcompress.compress import FINETUNE_RESERVE, compress  # noqa: E402
+from lrpcompress.search import fit_sparsity  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import count_macs  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402

@@ -27,8 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.compress import (CompressConfig, compress, edge_overrides, fit_sparsity, knob_grid, load_compressed,  # noqa: E402
-                                  method_config, resolve_knobs, with_knobs)
+from lrpcompress.compress import CompressConfig, compress, edge_overrides, load_compressed, method_config  # noqa: E402
 from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
@@ -37,6 +36,7 @@ from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.search import fit_sparsity, knob_grid, resolve_knobs, with_knobs  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 OPTIMAL = ("lrp", "taylor", "mse", "random")

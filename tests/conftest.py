@@ -42,6 +42,16 @@ def resnet20_weights(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """A small CNN trained 3 epochs on scikit-learn's digits, with its train and test splits."""
+    from lrpcompress.data import load_digits_data
+    from lrpcompress.demo import train_digits_cnn
+
+    train, test = load_digits_data(0)
+    return train_digits_cnn(train, epochs=3, seed=0), train, test
+
+
 def shared_or_skip(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():

@@ -1,19 +1,24 @@
-"""Joint channel-fraction and size search: the size counts from the unpruned model, the held-out best wins."""
+"""Held-out searches: the size search (fitted sparsity, knob grid, choice before or after fine-tuning) and the joint
+channel-fraction search (the size counts from the unpruned model, the held-out best wins)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
-from lrpcompress.compress import CompressConfig, QuantConfig, compress_tuned
+from lrpcompress.compress import CompressConfig, QuantConfig, compress, method_config
+from lrpcompress.data import split_train_val
 from lrpcompress.errors import LrpcError
 from lrpcompress.evaluation import accuracy
 from lrpcompress.models import build_model, dense_bytes
 from lrpcompress.recovery import FinetuneConfig
 from lrpcompress.relevance import RelevanceConfig
-from lrpcompress.search import ChannelSearch, compress_channel_search
+from lrpcompress.search import (ChannelSearch, compress_channel_search, compress_tuned, fit_sparsity, knob_grid,
+                                resolve_knobs, with_knobs)
 from lrpcompress.structured import ChannelPruneConfig, prune_channels
+from test_compress import _small
 from test_structured import random_data, trained_like
 
 
@@ -85,3 +90,70 @@ def test_a_size_target_is_required():
     with pytest.raises(LrpcError, match="size target"):
         compress_channel_search(model, random_data(8), random_data(8), CompressConfig(), "resnet20",
                                 ChannelSearch(ChannelPruneConfig(0.0)), show_progress=False)
+
+
+def test_fitted_sparsity_is_the_smallest_that_fits_the_floor(digits):
+    model, train, _ = digits
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0)
+    s = fit_sparsity(model, train, cfg, 3, "digits_cnn")
+    assert 0.0 < s < 0.95 and abs(s / 0.005 - round(s / 0.005)) < 1e-6
+    uniform3 = replace(cfg, target_ratio=None, quant=replace(cfg.quant, allocation="uniform", bits=3, importance="none"),
+                       bias_correction=False)
+    limit = compress(model, train, cfg, "digits_cnn", show_progress=False).dense_bytes / 12.0
+    fits = compress(model, train, with_knobs(uniform3, s, 1), "digits_cnn", show_progress=False).file_bytes
+    over = compress(model, train, with_knobs(uniform3, s - 0.005, 1), "digits_cnn", show_progress=False).file_bytes
+    assert fits <= limit < over
+    # and the allocator, floored at 3 bits at that sparsity, meets the target on the real file
+    res = compress(model, train, with_knobs(cfg, s, 3), "digits_cnn", show_progress=False)
+    assert res.file_bytes <= limit and all(set(np.unique(b)) <= set(range(3, 9)) for b in res.bits.values())
+    # a method without a size target of its own (uniform bits) is fitted to an explicit byte count alike
+    plain = replace(method_config("magnitude"), relevance=cfg.relevance)
+    assert fit_sparsity(model, train, plain, 3, "digits_cnn", target_bytes=int(limit)) == s
+    with pytest.raises(LrpcError, match="size target"):
+        fit_sparsity(model, train, replace(cfg, target_ratio=None), 3, "digits_cnn")
+
+
+def test_size_target_search_picks_the_most_accurate_setting_on_held_out_data(digits):
+    model, train, _ = digits
+    fit, val = split_train_val(train, 200, 0)
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0)
+    res, knobs = compress_tuned(model, fit, val, cfg, "digits_cnn", show_progress=False)
+    assert (None, 3) in knob_grid(12.0) and knob_grid(4.0) == [(0.0, 1)]
+    assert res.file_bytes <= res.dense_bytes / 12.0
+    grid = resolve_knobs(model, fit, cfg, knob_grid(12.0), "digits_cnn")
+    assert all(s is not None for s, _ in grid) and len(grid) == 4
+    accs = {}
+    for s, b in grid:
+        try:
+            r = compress(model, fit, with_knobs(cfg, s, b), "digits_cnn", show_progress=False)
+        except LrpcError:  # a floor of 3 bits cannot fit 12x without pruning: the search skips it
+            continue
+        accs[(s, b)] = accuracy(r.compressed.to_module(), val, show_progress=False)
+    assert knobs["val_accuracy"] == pytest.approx(max(accs.values()), abs=1e-6)
+    assert accs[(knobs["sparsity"], knobs["min_bits"])] == pytest.approx(knobs["val_accuracy"], abs=1e-6)
+    if knobs["min_bits"] > 1:  # the floor is respected
+        assert all(set(np.unique(b)) <= {3, 4, 5, 6, 7, 8} for b in res.bits.values())
+
+
+def test_size_search_after_finetuning_keeps_the_best_trained_setting(digits):
+    model, train, _ = digits
+    fit, val = split_train_val(train, 200, 0)
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0, finetune=FinetuneConfig(epochs=1, lr=0.005))
+    res, knobs = compress_tuned(model, fit, val, cfg, "digits_cnn", show_progress=False, select_trained=True)
+    assert knobs["selected_after_finetuning"] and res.file_bytes <= res.dense_bytes / 12.0
+    accs, sizes = {}, {}
+    for s, b in resolve_knobs(model, fit, cfg, knob_grid(12.0), "digits_cnn"):
+        try:  # each setting compressed and fine-tuned on its own, as `compress` does
+            r = compress(model, fit, with_knobs(cfg, s, b), "digits_cnn", show_progress=False)
+        except LrpcError:
+            continue
+        accs[(s, b)] = accuracy(r.compressed.to_module(), val, show_progress=False)
+        sizes[(s, b)] = r.compressed.to_bytes()
+    assert len(accs) >= 2
+    assert knobs["val_accuracy"] == pytest.approx(max(accs.values()), abs=1e-6)
+    assert res.compressed.to_bytes() == sizes[(knobs["sparsity"], knobs["min_bits"])]
+    with pytest.raises(LrpcError, match="fine-tuning epochs"):
+        compress_tuned(model, fit, val, replace(cfg, finetune=FinetuneConfig(epochs=0)), "digits_cnn",
+                       select_trained=True)
+    with pytest.raises(LrpcError, match="size target"):
+        compress_tuned(model, fit, val, replace(cfg, target_ratio=None), "digits_cnn", select_trained=True)

@@ -219,7 +219,8 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from .compress import compress, compress_max_drop, compress_tuned, method_config
+    from .compress import compress, method_config
+    from .search import compress_max_drop, compress_tuned
     from .data import split_train_val
     from .evaluation import accuracy
     from .io import check_output_path
@@ -472,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            warnings.filterwarnings("once", category=LrpcWarning)  # advice is shown, each message once
             return COMMANDS[args.command](args)
     except LrpcError as exc:
         print(f"lrpcompress: error: {exc}", file=sys.stderr)

@@ -23,7 +23,6 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import build_model, dense_bytes, is_builtin_arch, model_device
 from .packing import Payload, decode, encode, load_payload, quant_bytes, save_payload
-from .progress import progress
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
 from .quantization import VALID_BITS, GroupLayout, QuantTensor, check_grid, quantize_tensor
@@ -537,82 +536,6 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     return CompressResult(compressed, len(data), d_bytes, seconds, score_seconds, masks, bits, target, q, importance)
 
 
-def knob_grid(ratio: float) -> list[tuple[float | None, int]]:
-    """(magnitude sparsity before allocation, smallest bit-width the allocator may use) worth trying at a
-    compression ratio. Below 8× the allocator alone is best; beyond, unstructured sparsity and a floor on
-    the bit-width can beat spreading 1–2-bit codes over every channel. Sparsity ``None`` means "fitted": the
-    smallest sparsity at which the floor fits the size target (:func:`fit_sparsity`); on ResNet-44 at 12×
-    accuracy falls steeply with every point of sparsity past that (FINDINGS.md), so no slack is left."""
-    if ratio < 8:
-        return [(0.0, 1)]
-    if ratio < 12:
-        return [(0.0, 1), (0.25, 1), (0.5, 1)]
-    # a 2-bit floor without pruning: with entropy coding, zeros are cheap codes and the floor keeps the
-    # allocator from spreading 1-bit (sign-only) groups; ResNet-20 at 16x: 53.6% -> 78.5% post-training
-    return [(0.0, 1), (0.0, 2), (0.5, 1), (None, 3)]
-
-
-def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min_bits: int, arch: str,
-                 step: float = 0.005, model_spec_extra: Mapping[str, Any] | None = None,
-                 target_bytes: int | None = None) -> float:
-    """The smallest magnitude sparsity (a multiple of ``step``) at which every weight at ``min_bits`` bits fits
-    ``target_bytes`` (default: ``config``'s size target), measured on the real file (no bias correction: it
-    never changes the size; the clip search stays, since with entropy coding the scales change the coded
-    size). The size falls about linearly with the sparsity (exactly, for bit-packed codes with a bitmap
-    index): two probes place a line, a few more confirm it."""
-    if target_bytes is None and config.target_ratio is None and config.target_bytes is None:
-        raise LrpcError("fitting a sparsity needs a size target (--target-ratio or --target-bytes)")
-    target = target_bytes or config.target_bytes or int(dense_bytes(model) / config.target_ratio)
-    probe = replace(config, target_ratio=None, target_bytes=None, bias_correction=False,
-                    finetune=replace(config.finetune, epochs=0),
-                    quant=replace(config.quant, allocation="uniform", bits=min_bits, importance="none"))
-
-    def size(s: float) -> int:
-        return compress(model, train, with_knobs(probe, s, 1), arch, show_progress=False,
-                        model_spec_extra=model_spec_extra).file_bytes
-
-    if size(0.0) <= target:
-        return 0.0
-    lo, hi = 0.5, 0.6
-    s_lo, s_hi = size(lo), size(hi)
-    guess = lo + (s_lo - target) / max(s_lo - s_hi, 1) * (hi - lo)
-    s = min(max(np.ceil(guess / step - 1e-9) * step, step), 0.95)
-    while size(s) > target:  # the estimate is a line through two probes: step up until the file fits
-        s = round(s + step, 6)
-        if s >= 0.95:
-            raise LrpcError(f"even 95% sparsity does not fit {min_bits}-bit codes into {target} bytes")
-    while s - step >= step and size(round(s - step, 6)) <= target:  # and down while it still fits
-        s = round(s - step, 6)
-    return float(round(s, 6))
-
-
-def resolve_knobs(model: nn.Module, train: ImageData, config: CompressConfig, grid: list[tuple[float | None, int]],
-                  arch: str, model_spec_extra: Mapping[str, Any] | None = None) -> list[tuple[float, int]]:
-    """:func:`knob_grid` with fitted sparsities computed; settings that cannot fit at all are dropped."""
-    out = []
-    for sparsity, min_bits in grid:
-        if sparsity is None:
-            try:
-                sparsity = fit_sparsity(model, train, config, min_bits, arch, model_spec_extra=model_spec_extra)
-            except LrpcError:
-                continue
-        if (sparsity, min_bits) not in out:
-            out.append((sparsity, min_bits))
-    return out
-
-
-def with_knobs(config: CompressConfig, sparsity: float, min_bits: int) -> CompressConfig:
-    """``config`` with magnitude pruning of ``sparsity`` and the allocator limited to ≥ ``min_bits`` bits (with a
-    floor above 1 the allocator may no longer drop whole channels either: at 12× that trade removed channels
-    to pay for wider ones and lost, see FINDINGS.md)."""
-    if sparsity:
-        config = replace(config, prune=PruneConfig("fraction", sparsity), prune_score="magnitude")
-    if min_bits > 1:
-        opts = tuple(b for b in config.quant.bit_options if b >= min_bits)
-        config = replace(config, quant=replace(config.quant, bit_options=opts))
-    return config
-
-
 def edge_overrides(model: nn.Module, bits: int = 8) -> dict[str, int]:
     """``QuantConfig.overrides`` that fix the first and the last layer with weights (registration order: the
     stem and the classifier of common vision models) at ``bits`` — the usual practice for uniform
@@ -627,61 +550,6 @@ def edge_overrides(model: nn.Module, bits: int = 8) -> dict[str, int]:
     return {glob.escape(f"{n}.weight"): bits for n in (names[0], names[-1])}
 
 
-def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
-                   model_spec_extra: Mapping[str, Any] | None = None, teacher: nn.Module | None = None,
-                   show_progress: bool = True, select_trained: bool = False) -> tuple[CompressResult, dict[str, Any]]:
-    """Compress at ``config``'s size target with the :func:`knob_grid` setting that is most accurate on
-    ``val`` (held out from the training data); fine-tuning, if any, runs only for the chosen setting.
-
-    ``select_trained`` (needs ``config.finetune.epochs`` > 0) fine-tunes every setting and compares them after
-    training instead: at 16x every setting is at chance before training, so the usual pick is blind there
-    (benchmarks/results/recovery.md). It costs one fine-tuning per setting."""
-    from .evaluation import accuracy
-
-    if select_trained and config.finetune.epochs == 0:
-        raise LrpcError("choosing the setting after fine-tuning needs fine-tuning epochs (--finetune-epochs N)")
-    if config.target_ratio is None and config.target_bytes is None:
-        if select_trained:
-            raise LrpcError("choosing the setting after fine-tuning needs a size target (--target-ratio or "
-                            "--target-bytes)")
-        return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
-                        show_progress=show_progress), {}
-    ratio = config.target_ratio or dense_bytes(model) / config.target_bytes
-    grid = resolve_knobs(model, fit, config, knob_grid(ratio), arch, model_spec_extra)
-    if len(grid) == 1:
-        return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
-                        show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
-    scores: dict[str, Any] = {}
-    best = None
-    trials: list[dict[str, Any]] = []
-    first_error: LrpcError | None = None
-    no_ft = replace(config, finetune=replace(config.finetune, epochs=0))
-    device = model_device(model)
-    for sparsity, min_bits in progress(grid, desc="size search", unit="setting", disable=not show_progress):
-        try:  # with select_trained each setting is fine-tuned as `compress` does it (room left for the codes)
-            res = compress(model, fit, with_knobs(config if select_trained else no_ft, sparsity, min_bits), arch,
-                           scores=scores, show_progress=select_trained and show_progress,
-                           model_spec_extra=model_spec_extra, teacher=teacher)
-        except LrpcError as exc:
-            first_error = first_error or exc
-            continue
-        acc = accuracy(res.compressed.to_module().to(device), val, show_progress=False)
-        trials.append({"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)})
-        if best is None or acc > best[0]:
-            best = (acc, sparsity, min_bits, res)
-    if best is None:  # the plain allocation's message says how far off the budget is
-        raise first_error or LrpcError("cannot fit the model into the asked size; ask for a smaller ratio")
-    acc, sparsity, min_bits, res = best
-    knobs = {"sparsity": sparsity, "min_bits": min_bits, "val_accuracy": round(acc, 4)}
-    if select_trained:
-        knobs["selected_after_finetuning"] = True
-        knobs["trials"] = trials  # held-out accuracy of every setting after its fine-tuning
-    if config.finetune.epochs > 0 and not select_trained:
-        res = compress(model, fit, with_knobs(config, sparsity, min_bits), arch, scores=scores,
-                       show_progress=show_progress, model_spec_extra=model_spec_extra, teacher=teacher)
-    return res, knobs
-
-
 def finetune_result(res: CompressResult, train: ImageData, config: FinetuneConfig, device: torch.device | str,
                     teacher: nn.Module, show_progress: bool = True) -> CompressResult:
     """``res`` after :func:`~lrpcompress.recovery.finetune` (what ``compress`` does when its config asks for
@@ -693,40 +561,6 @@ def finetune_result(res: CompressResult, train: ImageData, config: FinetuneConfi
         cm = shrink_to_budget(cm, res.target_bytes, res.quant, res.importance)
         size = len(cm.to_bytes())
     return replace(res, compressed=cm, file_bytes=size, seconds=res.seconds + time.perf_counter() - t0)
-
-
-MAX_DROP_RATIOS = (24.0, 20.0, 16.0, 14.0, 12.0, 10.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0)
-
-
-def compress_max_drop(model: nn.Module, fit: ImageData, val: ImageData, config: CompressConfig, arch: str,
-                      max_drop: float, model_spec_extra: Mapping[str, Any] | None = None,
-                      show_progress: bool = True, reference: nn.Module | None = None) -> tuple[CompressResult, float]:
-    """The smallest file whose accuracy on ``val`` (held out from training data) drops at most ``max_drop`` points.
-
-    Walks a ladder of size targets from the most compressed down and keeps the first that qualifies. The drop
-    is measured from ``reference`` (default ``model``; pass the dense model when ``model`` was slimmed), and
-    the ladder's ratios count from ``reference``'s float32 bytes too, so a slimmed model's file is "R× smaller"
-    than the model the user started from.
-    """
-    from .evaluation import accuracy
-
-    if config.quant.allocation != "optimal":
-        raise LrpcError("--max-drop needs the optimal bit allocation (--allocation optimal)")
-    ref = reference if reference is not None else model
-    base = accuracy(ref, val, show_progress=False)
-    ref_bytes = dense_bytes(ref)
-    scores: dict[str, Any] = {}  # filled by the first compress call, reused by the rest
-    for ratio in MAX_DROP_RATIOS:
-        try:
-            sized = replace(config, target_ratio=None, target_bytes=int(ref_bytes / ratio))
-            res = compress(model, fit, sized, arch, scores=scores,
-                           show_progress=False, model_spec_extra=model_spec_extra, teacher=reference)
-        except LrpcError:
-            continue
-        qmodel = res.compressed.to_module().to(model_device(model))
-        if base - accuracy(qmodel, val, show_progress=False) <= max_drop:
-            return res, ratio
-    raise LrpcError(f"no compression of at least 2x keeps the validation accuracy drop within {max_drop} points")
 
 
 def correct_biases_(cm: CompressedModel, model: nn.Module, canon: Canonical, data: ImageData,
@@ -855,7 +689,6 @@ def _default_widths(arch: str) -> list[int] | None:
     return [16] * n + [32] * n + [64] * n if n else None
 
 
-__all__ = ["CompressConfig", "QuantConfig", "CompressedModel", "CompressResult", "Scores", "compress",
-           "compress_tuned", "knob_grid", "fit_sparsity", "resolve_knobs", "with_knobs", "edge_overrides", "compress_max_drop",
+__all__ = ["CompressConfig", "QuantConfig", "CompressedModel", "CompressResult", "Scores", "compress", "edge_overrides",
            "compute_scores", "method_config", "load_compressed", "module_from_payload", "canonicalize",
            "channel_importance", "METHODS", "decode", "load_payload"]
