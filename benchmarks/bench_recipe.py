@@ -10,6 +10,7 @@ also reports the written file, loaded back, on the test split.
 
     python benchmarks/bench_recipe.py                                   # ResNet-20, 16x, 2 epochs
     python benchmarks/bench_recipe.py --recipes 0.01:64,0.005:64 --seeds 0,1 --append
+    python benchmarks/bench_recipe.py --recipes 0.01:128 --teacher resnet44 --append   # distil from a larger model
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 from lrpcompress.compress import compress  # noqa: E402
 from lrpcompress.search import with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
+from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 
@@ -61,7 +63,8 @@ def parse_knobs(text: str) -> tuple[float, int]:
 
 
 def row_key(row: dict) -> tuple:
-    return (row["model"], row["budget"], row["epochs"], row["method"], row["lr"], row["batch_size"], row["seed"])
+    return (row["model"], row["budget"], row["epochs"], row["method"], row["lr"], row["batch_size"], row["seed"],
+            row.get("teacher", row["model"]))
 
 
 def write(rows: list[dict], out: Path, commands: list[str], started: str) -> None:
@@ -69,15 +72,20 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
     (out / "recipes.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = provenance("Recovery fine-tuning recipes at equal bytes and epochs", commands, started, rows) + [
         "One size-search setting (`knobs`) trained with each recipe through the quantizers (learned scales, "
-        "distillation from the float model, pruned weights kept at zero), 2% room left for training as "
+        "distillation from the float model (`teacher`: from which), pruned weights kept at zero), 2% room left for "
+        "training as "
         "`compress` does. `held-out %`: training images never used for scores, calibration or training (choose "
         "by this column); `test %`: the written file, loaded back, on the test split.", ""]
+    for r in rows:
+        r.setdefault("teacher", r["model"])
     cols = (("method", "method"), ("knobs", "knobs"), ("lr", "lr"), ("batch_size", "batch"), ("seed", "seed"),
+            ("teacher", "teacher"),
             ("file_bytes", "file bytes"), ("ratio", "ratio"), ("val_accuracy", "held-out %"),
             ("accuracy", "test %"), ("drop", "drop"), ("seconds", "compress + train s"))
     for key in sorted({(r["model"], r["budget"], r["epochs"]) for r in rows}):
         group = sorted((r for r in rows if (r["model"], r["budget"], r["epochs"]) == key),
-                       key=lambda r: (r["method"], r["lr"], r["batch_size"], r["seed"]))
+                       key=lambda r: (r["method"], r["teacher"] != r["model"], r["teacher"], r["lr"], r["batch_size"],
+                                      r["seed"]))
         lines += [f"## {key[0]}, {key[1]:g}×, {key[2]} epoch(s)", "", markdown_table(group, cols), ""]
     (out / "recipes.md").write_text("\n".join(lines))
 
@@ -91,6 +99,8 @@ def main() -> None:
     ap.add_argument("--knobs", default="0:2", help="SPARSITY:FLOOR of the size search trained by every recipe")
     ap.add_argument("--recipes", default="0.01:128,0.01:64,0.02:128", help="LR:BATCH,...")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--teacher", default=None, help="distil from this model of ../shared/models instead of the "
+                    "uncompressed one (e.g. resnet44 for a resnet20 student)")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--fit-images", type=int, default=0, help="use only this many training images (smoke runs)")
@@ -121,23 +131,29 @@ def main() -> None:
     limit = int(r.dense_bytes() / args.budget)
     print(f"{args.model}: float test {r.base_test:.2f}%, held-out {r.base_val:.2f}%; cap {limit} B", flush=True)
     base = with_knobs(replace(r.cfg(args.method), target_ratio=args.budget), sparsity, floor)
+    teacher_name = args.teacher or args.model
+    teacher = r.model if args.teacher is None else load_model(
+        args.teacher, Path(args.shared) / "models" / f"{args.teacher}-cifar10jpeg.pt").to(r.device).eval()
+    if teacher is not r.model:
+        print(f"teacher {teacher_name}: held-out {accuracy(teacher, r.val, show_progress=False):.2f}%", flush=True)
     for seed in seeds:
         for lr, batch in recipes:
             ft = FinetuneConfig(epochs=args.epochs, lr=lr, batch_size=batch, seed=seed)
             t0 = time.perf_counter()
-            res = compress(r.model, r.fit, replace(base, finetune=ft), r.arch, scores=r.cache, show_progress=False)
+            res = compress(r.model, r.fit, replace(base, finetune=ft), r.arch, scores=r.cache, show_progress=False,
+                           teacher=teacher)
             seconds = round(time.perf_counter() - t0, 1)
             assert res.file_bytes <= limit, (res.file_bytes, limit)
             val = accuracy(res.compressed.to_module().to(r.device), r.val, show_progress=False)
             done = r.finish(args.method, args.budget, res, {})
             row = {"model": args.model, "budget": args.budget, "epochs": args.epochs, "method": args.method,
-                   "knobs": args.knobs, "lr": lr, "batch_size": batch, "seed": seed,
+                   "knobs": args.knobs, "lr": lr, "batch_size": batch, "seed": seed, "teacher": teacher_name,
                    "file_bytes": done["file_bytes"], "ratio": done["ratio"], "val_accuracy": round(val, 2),
                    "accuracy": done["accuracy"], "drop": round(r.base_test - done["accuracy"], 2),
                    "seconds": seconds, "machine": args.machine, "command": command}
             rows[:] = [x for x in rows if row_key(x) != row_key(row)] + [row]
             write(rows, out, commands, started)
-            print(f"  lr {lr:g} batch {batch} seed {seed}: held-out {val:.2f}, test {done['accuracy']:.2f}% "
+            print(f"  lr {lr:g} batch {batch} seed {seed} teacher {teacher_name}: held-out {val:.2f}, test {done['accuracy']:.2f}% "
                   f"{done['file_bytes']} B ({seconds} s)", flush=True)
     print(f"wrote {out}/recipes.md and recipes.json")
 
