@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
-from lrpcompress.compress import finetune_result  # noqa: E402
+from lrpcompress.compress import allocation_target, finetune_result  # noqa: E402
 from lrpcompress.search import knob_grid, resolve_knobs, with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.quantization import GRIDS  # noqa: E402
@@ -42,15 +42,16 @@ from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 
 
-def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], grid: str = "symmetric"
-               ) -> list[tuple[dict, object]]:
+def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], grid: str = "symmetric",
+               epochs: int = 1) -> list[tuple[dict, object]]:
     """(knobs, config) of ``method`` at ``budget`` on ``grid``: the allocator's size search plus a 2-bit floor,
     or magnitude pruning at the fitted sparsity of each of ``bits`` (with and without 8-bit first/last layers).
     Knobs name the grid when it is not the default; sparsities are fitted on that grid's own files."""
     tag = {} if grid == "symmetric" else {"grid": grid}
     if method == "magnitude":
         return [(dict(k, **tag), c) for k, c in r.magnitude_candidates(budget, grid) if k["bits"] in bits]
-    base = replace(r.cfg(method, grid), target_ratio=budget)
+    # the epochs make fitted sparsities leave fine-tuning its room, as `compress --finetune-epochs` does
+    base = replace(r.cfg(method, grid), target_ratio=budget, finetune=FinetuneConfig(epochs=epochs))
     knobs = resolve_knobs(r.model, r.fit, base, knob_grid(budget) + [(None, 2)], r.arch)
     return [({"sparsity": s, "min_bits": mb, **tag}, with_knobs(base, s, mb)) for s, mb in dict.fromkeys(knobs)]
 
@@ -66,12 +67,18 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
     log(f"{args.model}: float test {r.base_test:.2f}%, held-out {r.base_val:.2f}%")
     limit = int(r.dense_bytes() / args.budget)
     t_start = time.perf_counter()
-    cands = {m: [c for g in args.grids for c in candidates(r, m, args.budget, args.bits, g)] for m in args.methods}
+    cands = {m: [c for g in args.grids for c in candidates(r, m, args.budget, args.bits, g, args.epochs)]
+             for m in args.methods}
     for scales in args.scales:  # in the order asked: a deadline cuts the last
         ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=scales == "learned")
         for method in args.methods:
             for knobs, cfg in cands[method]:
-                res = r.run(cfg)
+                # the file before training is what `compress` trains: the allocator filled the target less the
+                # room fine-tuning needs (allocation_target); the trained file is then held to the full target
+                room = allocation_target(replace(cfg, finetune=ft), r.dense_bytes())
+                res = r.run(replace(cfg, target_ratio=None, target_bytes=room, finetune=FinetuneConfig(epochs=0)))
+                if res is not None and res.target_bytes is not None:
+                    res = replace(res, target_bytes=limit)
                 if res is None or res.file_bytes > limit:
                     log(f"  {method} {knobs}: does not fit")
                     continue

@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from lrpcompress.compress import CompressConfig, QuantConfig, compress, method_config
+from lrpcompress.compress import (FINETUNE_RESERVE, CompressConfig, QuantConfig, allocation_target, compress,
+                                  method_config)
 from lrpcompress.data import split_train_val
 from lrpcompress.errors import LrpcError
 from lrpcompress.evaluation import accuracy
@@ -111,6 +112,23 @@ def test_fitted_sparsity_is_the_smallest_that_fits_the_floor(digits):
     assert fit_sparsity(model, train, plain, 3, "digits_cnn", target_bytes=int(limit)) == s
     with pytest.raises(LrpcError, match="size target"):
         fit_sparsity(model, train, replace(cfg, target_ratio=None), 3, "digits_cnn")
+
+
+def test_a_fitted_sparsity_leaves_fine_tuning_its_room(digits):
+    """With fine-tuning the allocator fills the target less FINETUNE_RESERVE (entropy-coded codes grow in training);
+    a sparsity fitted for it must fit that, or the size search's fitted floor could not be built at all."""
+    model, train, _ = digits
+    cfg = replace(_small(method_config("lrp")), target_ratio=12.0, finetune=FinetuneConfig(epochs=1, lr=0.005))
+    target = int(dense_bytes(model) / 12.0)
+    assert allocation_target(cfg, dense_bytes(model)) == int(target * (1 - FINETUNE_RESERVE))
+    plain = replace(cfg, finetune=FinetuneConfig(epochs=0))
+    assert allocation_target(plain, dense_bytes(model)) == target
+    s_ft, s = fit_sparsity(model, train, cfg, 3, "digits_cnn"), fit_sparsity(model, train, plain, 3, "digits_cnn")
+    assert s_ft > s
+    res = compress(model, train, with_knobs(cfg, s_ft, 3), "digits_cnn", show_progress=False)
+    assert res.file_bytes <= target and all(set(np.unique(b)) <= set(range(3, 9)) for b in res.bits.values())
+    with pytest.raises(LrpcError, match="unreachable"):  # what the target without room did
+        compress(model, train, with_knobs(cfg, s, 3), "digits_cnn", show_progress=False)
 
 
 def test_size_target_search_picks_the_most_accurate_setting_on_held_out_data(digits):

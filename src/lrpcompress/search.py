@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import numpy as np
 
-from .compress import CompressConfig, CompressResult, compress
+from .compress import CompressConfig, CompressResult, allocation_target, compress
 from .data import ImageData
 from .errors import LrpcError
 from .models import dense_bytes, is_builtin_arch, model_device
@@ -50,13 +50,14 @@ def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min
                  step: float = 0.005, model_spec_extra: Mapping[str, Any] | None = None,
                  target_bytes: int | None = None) -> float:
     """The smallest magnitude sparsity (a multiple of ``step``) at which every weight at ``min_bits`` bits fits
-    ``target_bytes`` (default: ``config``'s size target), measured on the real file (no bias correction: it
-    never changes the size; the clip search stays, since with entropy coding the scales change the coded
-    size). The size falls about linearly with the sparsity (exactly, for bit-packed codes with a bitmap
+    ``target_bytes`` (default: the bytes ``config``'s size target leaves the allocator, which keeps room for
+    fine-tuning: :func:`~lrpcompress.compress.allocation_target`), measured on the real file (no bias
+    correction: it never changes the size; the clip search stays, since with entropy coding the scales change
+    the coded size). The size falls about linearly with the sparsity (exactly, for bit-packed codes with a bitmap
     index): two probes place a line, a few more confirm it."""
     if target_bytes is None and config.target_ratio is None and config.target_bytes is None:
         raise LrpcError("fitting a sparsity needs a size target (--target-ratio or --target-bytes)")
-    target = target_bytes or config.target_bytes or int(dense_bytes(model) / config.target_ratio)
+    target = target_bytes or allocation_target(config, dense_bytes(model))
     probe = replace(config, target_ratio=None, target_bytes=None, bias_correction=False,
                     finetune=replace(config.finetune, epochs=0),
                     quant=replace(config.quant, allocation="uniform", bits=min_bits, importance="none"))
