@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
 from lrpcompress.compress import FINETUNE_RESERVE, compress  # noqa: E402
-from lrpcompress.search import fit_sparsity  # noqa: E402
+from lrpcompress.search import fit_sparsity, with_knobs  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import count_macs  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402
@@ -168,7 +168,14 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
             res, cfg = _magnitude_finetuned(r, cfg, chosen["magnitude"][0], cap, log)
             setting = f"sparsity={cfg.prune.sparsity} (refitted with room for training)"
         elif channel is None:
-            res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
+            try:
+                res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
+            except LrpcError:  # a sparsity fitted without training's room: refit it with the room, as the CLI does
+                knobs = chosen[name][0]
+                s = fit_sparsity(r.model, r.fit, cfg, knobs["min_bits"], r.arch)
+                cfg = with_knobs(cfg, s, knobs["min_bits"])
+                res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
+                setting = f"sparsity={s} (refitted with room for training)"
         else:
             search = ChannelSearch(ChannelPruneConfig(0.0, channel[0], samples=args.samples, seed=args.seed),
                                    fractions=(channel[1],))
