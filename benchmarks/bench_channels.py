@@ -77,6 +77,11 @@ def budget_name(budget: Budget) -> str:
             + (f"@{budget[2]}" if budget[2] > 1 else ""))
 
 
+def checkpoint(arch: str, args: argparse.Namespace) -> Path:
+    """``arch``'s weights: ``--weights ARCH=PATH`` (a user's own network), else ../shared/models."""
+    return Path(args.weights.get(arch) or Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
+
+
 def measure_speed(arch: str, args: argparse.Namespace, train, example,
                   shapes: dict[str, dict] | None = None) -> dict[Budget | str, dict]:
     """CPU speed of the dense model and of its slim architecture at every layer-scope budget (and of every
@@ -85,7 +90,7 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
     A layer-scope slim architecture depends only on the budget, so it is measured once per model, before
     any other work. All architectures are timed in one alternation (so machine load hits them alike), in
     ``args.speed_passes`` passes; each latency is the median over passes of the per-pass medians."""
-    dense = load_model(arch, Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
+    dense = load_model(arch, checkpoint(arch, args))
     keys: list[Budget | str] = [b for b in args.budgets if b[3] == "layer"]
     slims = []
     for budget in keys:
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace, emit, log) -> None:
     example = test_all.tensor(np.arange(1))
     for arch in args.models:
         speed = measure_speed(arch, args, train_all, example)
-        dense_all = load_model(arch, Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
+        dense_all = load_model(arch, checkpoint(arch, args))
         for subset in args.subsets:
             classes = None if subset == "all" else [int(c) for c in subset.split(",")]
             dense = restrict_classes(dense_all, classes) if classes else dense_all
@@ -308,6 +313,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device for recovery fine-tuning (latency is always CPU)")
     ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--weights", action="append", default=[], metavar="ARCH=PATH",
+                    help="checkpoint of a model not in ../shared/models (your own network, e.g. "
+                         "--models usernet:vgg_small --weights usernet:vgg_small=/tmp/vgg_small.pt)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only rewrite channels.md/png from channels.json")
     ap.add_argument("--speed-passes", type=int, default=3, help="timing passes (median taken)")
@@ -326,6 +334,9 @@ def main() -> None:
                              (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",")
                              if b and b != "none"]
     args.finetune_criteria = args.finetune_criteria.split(",")
+    if any("=" not in w for w in args.weights):
+        sys.exit("--weights takes ARCH=PATH")
+    args.weights = dict(w.split("=", 1) for w in args.weights)
     unknown = set(args.criteria) - set(CRITERIA)
     if unknown:
         sys.exit(f"unknown criteria {sorted(unknown)}; choose from {', '.join(CRITERIA)}")

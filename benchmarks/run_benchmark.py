@@ -12,6 +12,7 @@ calibration use training images only.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -31,7 +32,7 @@ from lrpcompress.compress import CompressConfig, compress, edge_overrides, load_
 from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
-from lrpcompress.models import load_model, restrict_classes  # noqa: E402
+from lrpcompress.models import is_builtin_arch, load_model, restrict_classes  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
@@ -149,7 +150,8 @@ class Runner:
     def finish(self, method: str, budget: float, res, knobs: dict) -> dict:
         path = self.tmp / "m.lrpc"
         size = res.compressed.save(path)
-        loaded, _ = load_compressed(path)
+        # files never import code: a user's factory (package.module:function) is loaded into a copy of the model
+        loaded, _ = load_compressed(path, None if is_builtin_arch(self.arch) else copy.deepcopy(self.model).cpu())
         st = res.compressed.stats()
         return {"model": self.arch, "method": method, "budget": budget, "file_bytes": size,
                 "ratio": round(res.dense_bytes / size, 3),
