@@ -276,6 +276,16 @@ def test_user_factory_file_needs_explicit_arch(tmp_path, tiny_data, capsys, monk
     assert_one_line_error(code, err, "pass --arch")
     code, out_text, err = run(capsys, "evaluate", out, "--data", tiny_data, "--arch", "mypkg:net")
     assert code == 0 and "accuracy" in out_text
+    # channels removed from a network lrpcompress knows nothing about: the file stores the slim shapes
+    slim = tmp_path / "s.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "mypkg:net", "--weights", tmp_path / "w.pt", "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.5, "--no-speed", "--out", slim)
+    assert code == 0, err
+    code, out_text, err = run(capsys, "evaluate", slim, "--data", tiny_data, "--arch", "mypkg:net")
+    assert code == 0 and "accuracy" in out_text, err
+    from lrpcompress.packing import load_payload
+
+    assert load_payload(slim).model["shapes"]["0"] == [2, 3]  # out, in channels of the conv
 
 
 def test_rules_lists_composites(capsys):
