@@ -355,6 +355,9 @@ def main() -> None:
                 r.get("scope", "layer"), r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0))
 
     def emit(row: dict) -> None:
+        if row["criterion"] == "dense" and any(r["criterion"] == "dense" and (r["model"], r["setting"]) ==
+                                               (row["model"], row["setting"]) for r in kept):
+            return  # --append: the committed dense row stays (its latency pairs with the main rows' speed-ups)
         rows.append(dict(row, command=args.command))
         new = {key(r) for r in rows}
         everything = [r for r in kept if key(r) not in new] + rows
