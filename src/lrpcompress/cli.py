@@ -220,7 +220,6 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 def cmd_compress(a: argparse.Namespace) -> int:
     from .compress import compress, method_config
-    from .search import compress_max_drop, compress_tuned
     from .data import split_train_val
     from .evaluation import accuracy
     from .io import check_output_path
@@ -228,6 +227,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from .pruning import PruneConfig
     from .recovery import FinetuneConfig
     from .report import build_report, write_report
+    from .search import compress_max_drop, compress_tuned
 
     t0 = time.perf_counter()
     out = check_output_path(a.out, a.force)
