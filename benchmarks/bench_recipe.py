@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
 from lrpcompress.compress import compress  # noqa: E402
-from lrpcompress.search import with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.search import with_knobs  # noqa: E402
 
 
 def parse_recipes(text: str) -> list[tuple[float, int]]:

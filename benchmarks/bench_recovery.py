@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
 from lrpcompress.compress import allocation_target, finetune_result  # noqa: E402
-from lrpcompress.search import knob_grid, resolve_knobs, with_knobs  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.search import knob_grid, resolve_knobs, with_knobs  # noqa: E402
 
 
 def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], grid: str = "symmetric",

@@ -48,13 +48,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
 
 from lrpcompress.compress import FINETUNE_RESERVE, compress  # noqa: E402
-from lrpcompress.search import fit_sparsity, with_knobs  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import count_macs  # noqa: E402
 from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
-from lrpcompress.search import ChannelSearch, compress_channel_search  # noqa: E402
+from lrpcompress.search import ChannelSearch, compress_channel_search, fit_sparsity, with_knobs  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
