@@ -227,3 +227,21 @@ def test_shrink_to_budget_only_lowers_bits_and_keeps_the_other_groups_exactly(di
     assert lowered > 0
     with pytest.raises(LrpcError, match="unreachable"):
         shrink_to_budget(cm, size // 10, cfg.quant, imp)
+
+
+def test_shrink_to_budget_may_go_below_the_size_search_floor(digits):
+    """A 3-bit floor leaves nothing to give up at the floor; after training the fit-back lowers a few groups
+    below it instead of failing."""
+    from lrpcompress.compress import shrink_to_budget
+    from lrpcompress.quantization import QuantTensor
+    from lrpcompress.search import with_knobs
+
+    model, train, _ = digits
+    cfg = with_knobs(_small(method_config("lrp")), 0.0, 3)
+    cm = compress(model, train, cfg, "digits_cnn", show_progress=False).compressed
+    imp = {k: None for k, t in cm.tensors.items() if isinstance(t, QuantTensor)}
+    assert min(int(cm.tensors[k].bits[cm.tensors[k].bits > 0].min()) for k in imp) >= 3
+    target = int(len(cm.to_bytes()) * 0.8)  # below what 3 bits everywhere need
+    out = shrink_to_budget(cm, target, cfg.quant, imp)
+    assert len(out.to_bytes()) <= target
+    assert any(int(out.tensors[k].bits[out.tensors[k].bits > 0].min()) < 3 for k in imp)
