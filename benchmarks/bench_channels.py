@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
+
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
@@ -75,11 +77,6 @@ def budget_name(budget: Budget) -> str:
     suffix = {v: k for k, v in SUFFIX_SCOPE.items()}.get(budget[3], "")
     return (f"{budget[0]:g}" + (f"+{budget[1]:g}" if budget[1] else "") + suffix
             + (f"@{budget[2]}" if budget[2] > 1 else ""))
-
-
-def checkpoint(arch: str, args: argparse.Namespace) -> Path:
-    """``arch``'s weights: ``--weights ARCH=PATH`` (a user's own network), else ../shared/models."""
-    return Path(args.weights.get(arch) or Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
 
 
 def measure_speed(arch: str, args: argparse.Namespace, train, example,
@@ -313,9 +310,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device for recovery fine-tuning (latency is always CPU)")
     ap.add_argument("--shared", default=str(SHARED))
-    ap.add_argument("--weights", action="append", default=[], metavar="ARCH=PATH",
-                    help="checkpoint of a model not in ../shared/models (your own network, e.g. "
-                         "--models usernet:vgg_small --weights usernet:vgg_small=/tmp/vgg_small.pt)")
+    add_weights_option(ap)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only rewrite channels.md/png from channels.json")
     ap.add_argument("--speed-passes", type=int, default=3, help="timing passes (median taken)")
@@ -334,9 +329,6 @@ def main() -> None:
                              (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",")
                              if b and b != "none"]
     args.finetune_criteria = args.finetune_criteria.split(",")
-    if any("=" not in w for w in args.weights):
-        sys.exit("--weights takes ARCH=PATH")
-    args.weights = dict(w.split("=", 1) for w in args.weights)
     unknown = set(args.criteria) - set(CRITERIA)
     if unknown:
         sys.exit(f"unknown criteria {sorted(unknown)}; choose from {', '.join(CRITERIA)}")

@@ -67,7 +67,8 @@ def main() -> None:
         except Exception as exc:  # e.g. 3 bits cannot meet the cap
             print(f"| fit-back, no group below {lowest} bits | – | {exc} | |")
             continue
-        print(f"| fit-back, no group below {lowest} bits | {len(out.to_bytes())} | {held_out(out):.2f} | {widths(out)} |")
+        print(f"| fit-back, no group below {lowest} bits | {len(out.to_bytes())} | {held_out(out):.2f} "
+              f"| {widths(out)} |")
     out = shrink_to_budget(trained, cap, res.quant, res.importance)
     print(f"| fit-back, default | {len(out.to_bytes())} | {held_out(out):.2f} | test "
           f"{accuracy(out.to_module().to(r.device), r.test, show_progress=False):.2f}% |")

@@ -46,6 +46,25 @@ OPTIMAL = ("lrp", "taylor", "mse", "random")
 BITS_GRID = (8, 6, 5, 4, 3, 2)
 
 
+def add_weights_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--weights", action="append", default=[], metavar="ARCH=PATH", type=_arch_path,
+                    help="checkpoint of a model not in ../shared/models, e.g. your own network: "
+                         "--models usernet:vgg_small --weights usernet:vgg_small=/tmp/vgg_small.pt")
+
+
+def _arch_path(text: str) -> tuple[str, str]:
+    arch, sep, path = text.partition("=")
+    if not sep or not arch or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ARCH=PATH")
+    return arch, path
+
+
+def checkpoint(arch: str, args: argparse.Namespace) -> Path:
+    """``arch``'s weights: ``--weights ARCH=PATH`` (a user's own network), else ``--shared``/models."""
+    given = dict(getattr(args, "weights", None) or [])
+    return Path(given.get(arch) or Path(args.shared) / "models" / f"{arch}-cifar10jpeg.pt")
+
+
 class Runner:
     """One model (optionally cut to ``classes``: head, training and test images) with its held-out split and a
     cache of compression runs."""
@@ -56,8 +75,7 @@ class Runner:
         self.grid = getattr(args, "grid", "symmetric")  # of every method's 2..8-bit groups
         self.device = torch.device(args.device)
         shared = Path(args.shared)
-        weights = dict(getattr(args, "weights", None) or {}).get(arch, shared / "models" / f"{arch}-cifar10jpeg.pt")
-        self.model = load_model(arch, weights).to(self.device)
+        self.model = load_model(arch, checkpoint(arch, args)).to(self.device)
         train = load_data(shared / "data" / "cifar10-jpeg", "train")
         self.test = load_data(shared / "data" / "cifar10-jpeg", "test")
         if classes is not None:
@@ -355,9 +373,7 @@ def main() -> None:
     ap.add_argument("--no-entropy-coding", action="store_true",
                     help="every method's file bit-packed (format v1/v2; rows before 2026-11-26 evening were)")
     ap.add_argument("--shared", default=str(SHARED), help="folder with models/ and data/ (default ../shared)")
-    ap.add_argument("--weights", action="append", default=[], metavar="ARCH=PATH",
-                    help="checkpoint of a model not in ../shared/models, e.g. your own network: "
-                         "--models usernet:vgg_small --weights usernet:vgg_small=/tmp/vgg_small.pt")
+    add_weights_option(ap)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (forward/backward passes; the bytes are CPU work)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only rewrite the tables from --merge files")
@@ -369,10 +385,6 @@ def main() -> None:
     args.machine = _machine(args.device)
     args.models = [] if args.report_only else (args.models or ("resnet20" if args.quick else "resnet20,resnet44")).split(",")
     args.methods = [m for m in args.methods.split(",") if m and m != "none"]
-    bad = [w for w in args.weights if "=" not in w]
-    if bad:
-        sys.exit(f"--weights: {bad[0]!r} is not ARCH=PATH")
-    args.weights = dict(w.split("=", 1) for w in args.weights)
     args.budgets = [float(b) for b in (args.budgets or ("4,8" if args.quick else "2,4,6,8,12,16")).split(",")]
     args.model_budgets = {a.split(":")[0]: [float(b) for b in a.split(":")[1].split(",")] for a in args.budgets_for}
     ft = args.finetune if args.finetune is not None else ([] if args.quick else ["resnet20:12:1", "resnet20:16:2"])

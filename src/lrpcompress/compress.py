@@ -637,7 +637,6 @@ def _fit_budget(tables, fixed_bits: Mapping[str, np.ndarray], build, target: int
     return best
 
 
-
 def shrink_to_budget(cm: CompressedModel, target: int, quant: QuantConfig,
                      importance: Mapping[str, torch.Tensor | None]) -> CompressedModel:
     """Fit a fine-tuned model back into ``target`` bytes without training (:func:`_shrink`), lowering groups to
@@ -657,8 +656,8 @@ def shrink_to_budget(cm: CompressedModel, target: int, quant: QuantConfig,
 
 def _shrink(cm: CompressedModel, target: int, quant: QuantConfig, importance: Mapping[str, torch.Tensor | None],
             lowest: int) -> CompressedModel:
-    """Fit a fine-tuned model back into ``target`` bytes with no group below ``lowest`` bits: with entropy coding the file's
-    size follows the codes, and training moves them (learned scales shrink, more codes leave the zero level;
+    """Fit a fine-tuned model back into ``target`` bytes with no group below ``lowest`` bits: with entropy
+    coding the file's size follows the codes, and training moves them (learned scales shrink, more codes leave the zero level;
     ResNet-20 at 16x grew 2%). Groups may only lose bits (never all of them); a group that keeps its width
     keeps its trained codes and scale exactly, the others are requantized from their trained values. The
     choice minimises the same weighted error the allocator uses, on the real file. A floor the size search put
