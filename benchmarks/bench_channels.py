@@ -48,8 +48,11 @@ CRITERIA = {  # name -> ChannelPruneConfig overrides
     "l1": {"criterion": "l1"},
     "bn_scale": {"criterion": "bn_scale"},
     "taylor": {"criterion": "taylor"},
-    "lrp_eps": {"criterion": "lrp", "composite": "epsilon"},
-    "lrp_zplus": {"criterion": "lrp", "composite": "epsilon_plus"},
+    "lrp_eps": {"criterion": "lrp", "composite": "epsilon", "reference": "zero"},
+    "lrp_zplus": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "zero"},
+    # relevance measured from the channel's mean (what the compensated removal leaves); lrp_mean is the default
+    "lrp_zplus_mean": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "mean"},
+    "lrp_mean": {"criterion": "lrp", "composite": "epsilon", "reference": "mean"},
 }
 
 
@@ -297,7 +300,7 @@ def main() -> None:
                          "channels to, e.g. 0.3,0.5+0.25,0.3@8")
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--finetune-budgets", default=None, help="budgets that also get recovery rows (none: no such rows)")
-    ap.add_argument("--finetune-criteria", default="l1,taylor,lrp_zplus")
+    ap.add_argument("--finetune-criteria", default="l1,taylor,lrp_zplus,lrp_mean")
     ap.add_argument("--lr", type=float, default=RECOVERY_RECIPE.lr)
     ap.add_argument("--batch-size", type=int, default=RECOVERY_RECIPE.batch_size)
     ap.add_argument("--epochs", type=int, default=1, help="recovery epochs of the fine-tuned rows")
@@ -324,7 +327,7 @@ def main() -> None:
     args.subsets = (args.subsets or ("0,1,8" if args.quick else "all;0,1,8;3,4,5")).split(";")
     args.budgets = [parse_budget(b) for b in
                     (args.budgets or ("0.3" if args.quick else "0.2,0.3,0.5,0.5+0.125,0.5+0.25")).split(",")]
-    args.criteria = args.criteria.split(",") if not args.quick else ["l1", "lrp_zplus"]
+    args.criteria = args.criteria.split(",") if not args.quick else ["l1", "lrp_mean"]
     args.finetune_budgets = [parse_budget(b) for b in
                              (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",")
                              if b and b != "none"]

@@ -30,7 +30,7 @@ from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E
 
 SHARED = ROOT.parent / "shared"
 VARIANTS = {  # label -> ChannelPruneConfig overrides
-    "LRP-z⁺, true class, 512 images (default)": {},
+    "LRP-ε from the mean, true class, 512 images (default)": {},
     "· seed 1": {"seed": 1},
     "· seed 2": {"seed": 2},
     "· 2,048 images": {"samples": 2048},
@@ -44,10 +44,12 @@ VARIANTS = {  # label -> ChannelPruneConfig overrides
     "· MAC-aware ranking, seed 1": {"scope": "macs", "seed": 1},
     "· MAC-aware ranking, seed 2": {"scope": "macs", "seed": 2},
     "· MAC-aware ranking, raw relevance": {"scope": "macs", "normalise": False},
-    "· no mean compensation": {"compensate": False},
-    "LRP-ε": {"composite": "epsilon"},
-    "LRP α2β1 on conv": {"composite": "epsilon_alpha2_beta1"},
-    "LRP γ on conv": {"composite": "epsilon_gamma"},
+    "· from zero (plain LRP-ε)": {"reference": "zero"},
+    "· no mean compensation (so from zero)": {"compensate": False, "reference": "zero"},
+    "LRP-z⁺ from the mean": {"composite": "epsilon_plus"},
+    "LRP-z⁺ from zero (the default until 2026-11-27)": {"composite": "epsilon_plus", "reference": "zero"},
+    "LRP α2β1 on conv, from the mean": {"composite": "epsilon_alpha2_beta1"},
+    "LRP γ on conv, from the mean": {"composite": "epsilon_gamma"},
     "Taylor": {"criterion": "taylor"},
     "Taylor, 3 rounds": {"criterion": "taylor", "steps": 3},
     "filter L1": {"criterion": "l1"},

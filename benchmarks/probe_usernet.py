@@ -42,7 +42,9 @@ def main() -> None:
     data = Path(args.shared) / "data" / "cifar10-jpeg"
     train, test = load_data(data, "train").restrict_classes(cls), load_data(data, "test").restrict_classes(cls)
     groups = prunable_groups(model, train.tensor(np.arange(1)))
-    scores = {c: channel_scores(model, train, groups, ChannelPruneConfig(args.fraction, c), show_progress=False)
+    plain_zplus = {"composite": "epsilon_plus", "reference": "zero"}  # what this probe traced (FINDINGS §10)
+    scores = {c: channel_scores(model, train, groups, ChannelPruneConfig(args.fraction, c, **plain_zplus),
+                                show_progress=False)
               for c in ("l1", "lrp")}
     mods = dict(model.named_modules())
     bn = {g.root: mods[f"{g.root.rpartition('.')[0]}.{int(g.root.rpartition('.')[2]) + 1}"] for g in groups}

@@ -250,3 +250,60 @@ def test_config_validation_names_the_fix():
         RelevanceConfig(start="loss?")
     with pytest.raises(LrpcError, match="samples"):
         RelevanceConfig(samples=0)
+
+
+def _uint8_images(n: int, seed: int = 0):
+    import numpy as np
+
+    from lrpcompress.data import ImageData
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    return ImageData(x, np.arange(n) % 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple(str(i) for i in range(10)))
+
+
+def test_referenced_channel_relevance_is_the_first_order_change_of_the_logit():
+    """LRP-ε with ε → 0 propagates the gradient, so the score must equal Σ_n |Σ_pos (a − ā)·∂z_y/∂a| computed
+    with plain autograd; a tensor read by two layers of one key counts once."""
+    import numpy as np
+
+    from lrpcompress.models import build_model
+    from lrpcompress.relevance import referenced_channel_relevance
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    data = _uint8_images(12)
+    readers = {"inner": ["layer1.0.conv2"], "stream": ["layer2.0.conv1", "layer2.0.shortcut"]}
+    ref = {"layer1.0.conv2": torch.rand(16, dtype=torch.float64), "layer2.0.conv1": torch.rand(16, dtype=torch.float64),
+           "layer2.0.shortcut": torch.rand(16, dtype=torch.float64)}
+    ref["layer2.0.shortcut"] = ref["layer2.0.conv1"]
+    got = referenced_channel_relevance(model, data, readers, ref,
+                                       RelevanceConfig(composite="epsilon", epsilon=1e-12, samples=12),
+                                       show_progress=False)
+    mods = dict(model.named_modules())
+    seen = {}
+    hs = [mods[n].register_forward_pre_hook(lambda _m, inp, n=n: seen.__setitem__(n, inp[0]))
+          for n in ("layer1.0.conv2", "layer2.0.conv1")]
+    x = data.tensor(np.arange(12)).double()
+    y = torch.as_tensor(data.y)
+    logits = model(x)
+    for h in hs:
+        h.remove()
+    z = logits.gather(1, y[:, None]).sum()
+    g1, g2 = torch.autograd.grad(z, [seen["layer1.0.conv2"], seen["layer2.0.conv1"]])
+    for key, name, g in (("inner", "layer1.0.conv2", g1), ("stream", "layer2.0.conv1", g2)):
+        d = (seen[name].detach() - ref[name].view(1, -1, 1, 1)) * g
+        torch.testing.assert_close(got[key], d.sum((2, 3)).abs().sum(0), rtol=1e-6, atol=1e-9)
+
+
+def test_referenced_channel_relevance_refuses_unknown_layers():
+    from lrpcompress.models import build_model
+    from lrpcompress.relevance import referenced_channel_relevance
+
+    model = build_model("resnet20", 10).eval()
+    with pytest.raises(LrpcError, match="no such layer or no reference input for: layer9.conv"):
+        referenced_channel_relevance(model, _uint8_images(4), {"k": ["layer9.conv"]}, {}, show_progress=False)

@@ -93,6 +93,57 @@ def test_mean_compensation_is_exact_for_constant_channels():
     assert model.conv1.out_channels == 8  # the input model is untouched
 
 
+def test_mean_referenced_lrp_removes_constant_channels_that_plain_lrp_ranks_high():
+    """A constant channel carries much relevance measured from zero, none measured from its mean: the default
+    (relevance from the mean a compensated removal leaves) drops it, and the cut is exact."""
+    torch.manual_seed(0)
+    model = trained_like(OneByOne())
+    with torch.no_grad():
+        model.conv1.weight[[2, 5]] = 0
+        model.bn1.bias[[2, 5]] = torch.tensor([3.0, 5.0])
+        model.conv2.weight.abs_()  # positive evidence everywhere, so z+ relevance is large for big inputs
+        model.bn2.bias.fill_(5.0)  # the last ReLU passes everything
+        model.fc.weight.abs_()  # and every class logit grows with it
+    data = random_data(16)
+    x = data.tensor(np.arange(16))
+    res = prune_channels(model, data, ChannelPruneConfig(0.25, samples=16), show_progress=False)
+    assert res.removed == {"conv1": [2, 5]}
+    assert float(res.scores["conv1"][[2, 5]].abs().max()) < 1e-9 < float(res.scores["conv1"].max())
+    torch.testing.assert_close(res.model(x), model(x), rtol=1e-5, atol=1e-5)
+    plain = prune_channels(model, data, ChannelPruneConfig(0.25, composite="epsilon_plus", reference="zero", samples=16),
+                           show_progress=False)
+    order = torch.argsort(plain.scores["conv1"], descending=True)[:2]
+    assert sorted(order.tolist()) == [2, 5]  # measured from zero, the constants are the most relevant channels
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_reader_behind_a_flatten_is_scored_and_compensated_per_channel(steps):
+    """A linear layer reading the flattened feature map sees each channel as a block of features: constant
+    channels must still score zero and their removal stay exact (in one cut and in rounds)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        net[0].weight[[1, 2]] = 0
+        net[1].bias[[1, 2]] = torch.tensor([2.0, 3.0])
+    data = random_data(16)
+    x = data.tensor(np.arange(16))
+    res = prune_channels(net, data, ChannelPruneConfig(0.5, samples=16, steps=steps), show_progress=False)
+    assert res.removed == {"0": [1, 2]} and res.shapes["4"] == [10, 128]
+    torch.testing.assert_close(res.model(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_config_names_the_fix():
+    with pytest.raises(LrpcError, match="set compensate=True or reference='zero'"):
+        ChannelPruneConfig(0.3, compensate=False)
+    ChannelPruneConfig(0.3, compensate=False, reference="zero")
+    ChannelPruneConfig(0.3, criterion="l1", compensate=False)  # the reference only concerns lrp
+    with pytest.raises(LrpcError, match="unknown LRP composite 'zplus'; choose one of epsilon"):
+        ChannelPruneConfig(0.3, composite="zplus")
+    with pytest.raises(LrpcError, match="channel reference must be one of mean, zero"):
+        ChannelPruneConfig(0.3, reference="median")
+
+
 @pytest.mark.parametrize("criterion", ["lrp", "l1", "bn_scale", "taylor", "random"])
 def test_every_criterion_slims_a_cifar_resnet_that_still_runs(criterion):
     model = trained_like(build_model("resnet20", 10))

@@ -140,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float fine-tuning epochs right after channel pruning, before quantization (distillation "
                         "from the unpruned model, BatchNorm statistics updated, lr 0.01, batch 64)")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
-                   help="how channels are ranked for --prune-channels (lrp uses --composite)")
+                   help="how channels are ranked for --prune-channels")
+    c.add_argument("--channel-composite", default="epsilon", help="LRP composite of the lrp channel criterion")
+    c.add_argument("--channel-reference", default="mean", choices=("mean", "zero"),
+                   help="lrp channel relevance measured from the channel's mean input (what a removal with mean "
+                        "compensation leaves; default) or from zero (plain LRP)")
     c.add_argument("--channel-scope", default="layer", choices=("layer", "global", "macs", "auto"),
                    help="layer: every layer loses the fraction; global: one threshold over all layers; macs: remove "
                         "that fraction of the prunable MACs, lowest score per MAC first; auto: the most accurate of "
@@ -290,7 +294,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         from .search import DEFAULT_FRACTIONS, ChannelSearch, compress_channel_search
         from .structured import ChannelPruneConfig
 
-        ccfg = ChannelPruneConfig(0.0, a.channel_criterion, composite=a.composite, start=a.start,
+        ccfg = ChannelPruneConfig(0.0, a.channel_criterion, composite=a.channel_composite,
+                                  reference=a.channel_reference, start=a.start,
                                   scope=a.channel_scope, samples=a.samples, batch_size=a.batch_size, seed=a.seed,
                                   stream_fraction=a.prune_streams, round_to=a.channel_round_to)
         csearch = ChannelSearch(ccfg, a.channel_fractions or DEFAULT_FRACTIONS)
@@ -311,7 +316,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     elif a.prune_channels > 0 or a.prune_streams > 0:
         from .structured import ChannelPruneConfig, prune_channels, prune_channels_auto
 
-        ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.composite, start=a.start,
+        ccfg = ChannelPruneConfig(a.prune_channels, a.channel_criterion, composite=a.channel_composite,
+                                  reference=a.channel_reference, start=a.start,
                                   scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
                                   batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams,
                                   round_to=a.channel_round_to)

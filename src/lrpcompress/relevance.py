@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -362,6 +362,70 @@ def compute_relevance(model: nn.Module, data: ImageData, config: RelevanceConfig
     return replace(rel, samples=len(idx))
 
 
+def referenced_channel_relevance(model: nn.Module, data: ImageData, readers: Mapping[str, Sequence[str]],
+                        reference: Mapping[str, torch.Tensor], config: RelevanceConfig = RelevanceConfig(),
+                        show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """Relevance of each input channel of the ``readers`` layers measured from a reference input, per key.
+
+    For every reference sample and every input channel ``c`` of a reader: ``|Σ_positions (a − ā_c) · g|``,
+    where ``a`` is the reader's input, ``ā = reference[layer]`` (one value per input channel) and ``g`` the
+    relevance per unit of that input under ``config``'s composite (the gradient, for ε → 0), summed over
+    samples. It is the first-order change of the start relevance when channel ``c`` is replaced by ``ā_c``:
+    what removing the channel with mean compensation does, where plain relevance measures the distance to
+    zero (Deep Taylor decomposition with the root point at ``ā``). A tensor read by several layers of one
+    key counts once. Float64 on CPU, keyed like ``readers``.
+    """
+    idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    composite = get_composite(config.composite, config.epsilon)
+    dev = model_device(model)
+    dtype = next(model.parameters()).dtype
+    mods = dict(model.named_modules())
+    missing = sorted({n for ls in readers.values() for n in ls if n not in mods or n not in reference})
+    if missing:
+        raise LrpcError(f"no such layer or no reference input for: {', '.join(missing)}")
+    seen: dict[str, torch.Tensor] = {}
+    handles = [mods[n].register_forward_pre_hook(lambda _m, inp, n=n: seen.__setitem__(n, inp[0]))
+               for n in {n for ls in readers.values() for n in ls}]
+    acc: dict[str, torch.Tensor] = {}
+    try:
+        with lrp_pass(model, composite, data.tensor(idx[:1], dev).to(dtype)) as states:
+            bar = progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
+                           desc="relevance", unit="batch", disable=not show_progress)
+            for x, y in bar:
+                seen.clear()
+                for st in states.values():
+                    st.weight_leaves.clear()
+                    st.bias_leaves.clear()
+                    st.pending = None
+                logits = model(x.to(dtype))
+                pairs = []  # (key, layer, tensor), each tensor once per key
+                for key, layers in readers.items():
+                    ids: set[int] = set()
+                    for n in layers:
+                        t = seen.get(n)
+                        if t is not None and t.requires_grad and id(t) not in ids:
+                            ids.add(id(t))
+                            pairs.append((key, n, t))
+                grads = torch.autograd.grad(logits, [t for _, _, t in pairs],
+                                            grad_outputs=_start_grad(logits, y, config.start), allow_unused=True)
+                for (key, n, t), g in zip(pairs, grads):
+                    if g is None:
+                        continue
+                    ref = reference[n].to(dev, torch.float64).view((1, -1) + (1,) * (t.dim() - 2))
+                    d = (t.detach().double() - ref) * g.double()
+                    if d.dim() > 2:  # positions; a flat input (N × features) has none
+                        d = d.sum(tuple(range(2, d.dim())))
+                    s = d.abs().sum(0)
+                    acc[key] = acc[key] + s if key in acc else s
+    finally:
+        for h in handles:
+            h.remove()
+    for key, layers in readers.items():
+        if key not in acc:
+            raise LrpcError(f"no relevance reached the inputs of {', '.join(layers)}: are they on the path to the output?")
+    return {k: v.cpu() for k, v in acc.items()}
+
+
 def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_size: int = 64, seed: int = 0,
                   show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Gradient×weight scores of the true-class logit, summed over samples (the first-order Taylor baseline)."""
@@ -470,5 +534,5 @@ def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[s
         raise LrpcError(f"cannot read relevance file {path}: {exc}") from None
 
 
-__all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores",
+__all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores", "referenced_channel_relevance",
            "lrp_pass", "layer_names", "activation_stats", "ActivationStats", "check_supported", "load_relevance", "START_POINTS"]

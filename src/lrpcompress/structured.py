@@ -29,9 +29,12 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import OptionAShortcut, model_device
 from .progress import progress
+from .relevance import START_POINTS
+from .rules import COMPOSITES
 
 CHANNEL_CRITERIA = ("lrp", "l1", "bn_scale", "taylor", "random")
 CHANNEL_SCOPES = ("layer", "global", "macs")  # "auto" (a config value) tries these on held-out images
+CHANNEL_REFERENCES = ("mean", "zero")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -47,7 +50,10 @@ class ChannelPruneConfig:
     each layer's scores by their mean before a global or macs ranking (LRP relevance is conserved from layer
     to layer, so its raw values looked comparable without it; measured worse, docs/FINDINGS.md §5).
     ``steps`` > 1 prunes in that many rounds and rescores in between.
-    ``composite``/``start`` configure LRP; ``samples`` reference training images feed every data-driven
+    ``composite``/``start`` configure LRP; ``reference`` is where LRP channel relevance is measured from:
+    ``mean`` (the channel's mean input to its readers, which is what a removal with mean compensation
+    leaves in its place: ``referenced_channel_relevance``) or ``zero`` (the relevance the channel receives, as plain
+    LRP has it). ``samples`` reference training images feed every data-driven
     criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
     the nearest multiple of it (at least one multiple; layers smaller than it are left alone), for hardware
     that wants aligned widths (tensor cores, NPUs; on a 2-core x86 CPU it gained nothing beyond the MACs);
@@ -56,8 +62,9 @@ class ChannelPruneConfig:
 
     fraction: float
     criterion: str = "lrp"
-    composite: str = "epsilon_plus"
+    composite: str = "epsilon"
     start: str = "true"
+    reference: str = "mean"
     scope: str = "layer"
     steps: int = 1
     compensate: bool = True
@@ -79,6 +86,15 @@ class ChannelPruneConfig:
             raise LrpcError(f"channel scope must be one of {', '.join(CHANNEL_SCOPES)} or auto, got {self.scope!r}")
         if not self.normalise and self.scope == "layer":
             raise LrpcError("normalise=False only changes a global or macs ranking; set scope='global' or 'macs'")
+        if self.composite not in COMPOSITES:
+            raise LrpcError(f"unknown LRP composite {self.composite!r}; choose one of {', '.join(COMPOSITES)}")
+        if self.start not in START_POINTS:
+            raise LrpcError(f"unknown start point {self.start!r}; choose one of {', '.join(START_POINTS)}")
+        if self.reference not in CHANNEL_REFERENCES:
+            raise LrpcError(f"channel reference must be one of {', '.join(CHANNEL_REFERENCES)}, got {self.reference!r}")
+        if self.reference == "mean" and not self.compensate and self.criterion == "lrp":
+            raise LrpcError("reference='mean' scores a removal with mean compensation; set compensate=True or "
+                            "reference='zero'")
         if self.steps < 1:
             raise LrpcError(f"steps must be at least 1, got {self.steps}")
         if self.samples < 1 or self.batch_size < 1:
@@ -233,7 +249,7 @@ def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup]
 
     A residual stream's channel is scored by the sum over every convolution that writes to it.
     """
-    from .relevance import RelevanceConfig, _find_folds, compute_relevance, taylor_scores
+    from .relevance import RelevanceConfig, _find_folds, compute_relevance, referenced_channel_relevance, taylor_scores
 
     mods = dict(model.named_modules())
     c = config
@@ -241,6 +257,18 @@ def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup]
     def per_producer(fn) -> dict[str, torch.Tensor]:
         return {g.root: sum(fn(p) for p in g.producers) for g in groups}
 
+    if c.criterion == "lrp" and c.reference == "mean":
+        readers = {g.root: list(g.consumers) for g in groups}
+        means = _input_means(model, data, [n for g in groups for n in g.consumers], c)
+        got = referenced_channel_relevance(model, data, readers, means,
+                                           RelevanceConfig(composite=c.composite, start=c.start, samples=c.samples,
+                                                           batch_size=c.batch_size, seed=c.seed), show_progress)
+        # a reader behind a flatten sees each channel as a block of features (channel-major)
+        odd = [g.root for g in groups if got[g.root].numel() % g.size]
+        if odd:
+            raise LrpcError(f"the layers reading {odd[0]} see {got[odd[0]].numel()} features, not a multiple of its "
+                            "channels: use another channel criterion or reference='zero'")
+        return {g.root: got[g.root].view(g.size, -1).sum(1) for g in groups}
     if c.criterion == "lrp":
         rel = compute_relevance(model, data, RelevanceConfig(composite=c.composite, start=c.start, samples=c.samples,
                                                              batch_size=c.batch_size, seed=c.seed), show_progress)
@@ -384,6 +412,14 @@ def _input_means(model: nn.Module, data: ImageData, layers: list[str], config: C
     return {k: (v / count["n"]).cpu() for k, v in sums.items()}
 
 
+def _features(channels: list[int], per_channel: int) -> list[int]:
+    """Input indices of a reader for these channels: the channels themselves, or each channel's block of
+    ``per_channel`` features where the reader sees them flattened (channel-major)."""
+    if per_channel <= 1:
+        return list(channels)
+    return [c * per_channel + j for c in channels for j in range(per_channel)]
+
+
 @torch.no_grad()
 def _compensate(model: nn.Module, groups: list[ChannelGroup], remove: Mapping[str, list[int]],
                 means: Mapping[str, torch.Tensor], example: torch.Tensor) -> None:
@@ -403,9 +439,10 @@ def _compensate(model: nn.Module, groups: list[ChannelGroup], remove: Mapping[st
                 continue
             if isinstance(layer, nn.Conv2d) and layer.groups != 1:
                 continue  # depthwise consumers lose the matching outputs too
-            m = means[cname][idx].to(layer.weight)
-            w = layer.weight[:, idx]
-            delta = (w.reshape(w.shape[0], len(idx), -1).sum(2) * m).sum(1)
+            fidx = _features(idx, len(means[cname]) // g.size)
+            m = means[cname][fidx].to(layer.weight)
+            w = layer.weight[:, fidx]
+            delta = (w.reshape(w.shape[0], len(fidx), -1).sum(2) * m).sum(1)
             bn = bn_of.get(layer)
             if bn is not None and bn.running_mean is not None:
                 bn.running_mean -= delta.to(bn.running_mean)
@@ -589,7 +626,8 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
                                          {r: min(kept[r], sizes[r]) for r in roots}, "layer")
             remove.update(picked)
         if config.compensate:
-            means = {c: means0[c][alive[g.root]] for g in groups for c in g.consumers}
+            means = {c: means0[c][_features(alive[g.root], len(means0[c]) // original[g.root])]
+                     for g in groups for c in g.consumers}
             _compensate(net, groups, remove, means, example)
         mods = dict(net.named_modules())
         for g in groups:
