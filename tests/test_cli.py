@@ -436,6 +436,8 @@ def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_
     (("--prune-streams", "-0.1"), "[0, 1)"),
     (("--channel-criterion", "magic"), "invalid choice"),
     (("--prune-channels", "0.3", "--channel-round-to", "0"), "--channel-round-to"),
+    (("--prune-channels", "0.3", "--channel-composite", "zplus"), "unknown LRP composite 'zplus'"),
+    (("--prune-channels", "0.3", "--channel-reference", "median"), "invalid choice"),
     (("--device", "tpu"), "device"),
 ])
 def test_bad_channel_and_device_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
