@@ -9,7 +9,7 @@ a·g that plain LRP assigns it. This probe scores the inner channels of every re
 the ε rule (≈ the gradient) and the z⁺ rule above the channel, aggregated four ways, and removes the lowest
 scores with the library's cut (mean compensation on, no fine-tuning). Accuracy is on training images of the
 classes held out from scoring (never the test split). The library's default (``ChannelPruneConfig()``:
-ε, mean, per image |Σ|) is recomputed through the library as a cross-check.
+ε, mean, per image abs(Σ)) is recomputed through the library as a cross-check.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ SHARED = ROOT.parent / "shared"
 COMPOSITES = {"ε (≈ gradient)": "epsilon", "z⁺": "epsilon_plus"}
 AGGREGATES = {  # name -> (reference is the mean, reduction of d = (a − ref)·g of shape N×C×H×W)
     "zero, Σ (plain LRP)": (False, lambda d: d.sum((0, 2, 3))),
-    "zero, per image |Σ|": (False, lambda d: d.sum((2, 3)).abs().sum(0)),
+    "zero, per image abs(Σ)": (False, lambda d: d.sum((2, 3)).abs().sum(0)),
     "mean, Σ": (True, lambda d: d.sum((0, 2, 3)).abs()),
-    "mean, per image |Σ|": (True, lambda d: d.sum((2, 3)).abs().sum(0)),
-    "mean, per position |·|": (True, lambda d: d.abs().sum((0, 2, 3))),
+    "mean, per image abs(Σ)": (True, lambda d: d.sum((2, 3)).abs().sum(0)),
+    "mean, per position abs(·)": (True, lambda d: d.abs().sum((0, 2, 3))),
     "mean, per image (Σ)²": (True, lambda d: d.sum((2, 3)).pow(2).sum(0)),
 }
 
@@ -94,7 +94,7 @@ def main() -> None:
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
     dense_all = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
     rows = {f"{c} · {a}": {"score": f"{c} · {a}"} for c in COMPOSITES for a in AGGREGATES}
-    rows.update({k: {"score": k} for k in ("library default (ε, mean, per image |Σ|)", "filter L1")})
+    rows.update({k: {"score": k} for k in ("library default (ε, mean, per image abs(Σ))", "filter L1")})
     heads = []
     for sub in args.subsets.split(";"):
         classes = None if sub == "all" else [int(c) for c in sub.split(",")]
@@ -116,7 +116,7 @@ def main() -> None:
 
                 for label, s in got.items():
                     rows[label][col] = cut(ChannelPruneConfig(f, seed=seed), s)
-                rows["library default (ε, mean, per image |Σ|)"][col] = cut(ChannelPruneConfig(f, seed=seed))
+                rows["library default (ε, mean, per image abs(Σ))"][col] = cut(ChannelPruneConfig(f, seed=seed))
                 rows["filter L1"][col] = cut(ChannelPruneConfig(f, criterion="l1", seed=seed))
                 print(col, {k: v[col] for k, v in rows.items()}, flush=True)
     cols = [("score", "score")] + [(k, k) for k in rows["filter L1"] if k != "score"]
