@@ -247,7 +247,8 @@ def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup]
                    show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Score of every channel of each group (keyed by its root; higher = more important), float64 on CPU.
 
-    A residual stream's channel is scored by the sum over every convolution that writes to it.
+    A residual stream's channel is scored by the sum over every convolution that writes to it; LRP measured
+    from the mean (``reference='mean'``) scores every group at its readers' inputs instead.
     """
     from .relevance import RelevanceConfig, _find_folds, compute_relevance, referenced_channel_relevance, taylor_scores
 
