@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lrpcompress.data import ImageData, load_data, sample_indices  # noqa: E402
 from lrpcompress.models import build_model, load_model  # noqa: E402
 from lrpcompress.relevance import RelevanceConfig, compute_relevance  # noqa: E402
-from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -83,8 +83,7 @@ def main() -> None:
             "Composite epsilon_plus (z⁺ on convolutions, ε on dense layers), BatchNorm folded, start at the true "
             "class. The gradient pass is one cross-entropy forward+backward over the same samples and batches.",
             "", markdown_table(rows, cols), ""]
-    (out / "relevance_timing.md").write_text("\n".join(text))
-    print("\n".join(text))
+    write_page(out / "relevance_timing.md", text)
 
 
 if __name__ == "__main__":

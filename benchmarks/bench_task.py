@@ -13,7 +13,7 @@ with the model loaded back from the file. Pipelines:
   weights tilted by gradient×weight, not tilted, or tilted by random scores (is it relevance or the
   activation-aware allocator on the subset's images that wins?); ``--power P`` scales their tilt
   (relevance per unit of activation to the power P, default 0.25; rows ``lrp power P``);
-- ``l1 F`` / ``lrp F``: a fraction F of the inner channels removed (filter L1 or LRP-z⁺ channel relevance from
+- ``l1 F`` / ``lrp F``: a fraction F of the inner channels removed (filter L1 or the default LRP channel relevance from
   the subset's images), then the same allocator and size search on the slimmer model;
 - ``lrp auto`` / ``l1 auto``: what ``compress --prune-channels auto`` does — the fraction (0 or one of the F)
   most accurate on held-out images (ties to the smaller fraction).

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from lrpcompress.evaluation import accuracy, count_macs  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
-from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -99,9 +99,7 @@ def main() -> None:
             "MAC-aware rows remove the same MACs as the fraction does in layer scope, spread by score per MAC "
             "(`scope='macs'`).", "",
             markdown_table(list(rows.values()), cols), ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(text))
-    print("\n".join(text))
+    write_page(args.out, text)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from lrpcompress.data import ImageData, load_data, sample_indices, split_train_v
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.relevance import _start_grad, lrp_pass  # noqa: E402
-from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.rules import get_composite  # noqa: E402
 from lrpcompress.structured import (ChannelPruneConfig, _graph, _input_means, prunable_groups,  # noqa: E402
                                    prune_channels)
@@ -128,9 +128,7 @@ def main() -> None:
             "images, relevance started at the true class; d = (a − ref)·g at each block's inner activation a, "
             "g the relevance per unit of a under the rule (the gradient for ε), ref = 0 or the channel's mean.", "",
             markdown_table(list(rows.values()), cols), ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(text))
-    print("\n".join(text))
+    write_page(args.out, text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.pruning import PruneConfig, apply_masks_, prune_masks  # noqa: E402
 from lrpcompress.relevance import RelevanceConfig, compute_relevance  # noqa: E402
-from lrpcompress.report import markdown_table  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "models" / "resnet20-cifar10jpeg.pt"
@@ -75,9 +75,7 @@ def main() -> None:
             "## Unstructured pruning by ranking (global; each layer's scores divided by their mean |score|)", "",
             markdown_table(prune_rows, [(k, k) for k in prune_rows[0]]), ""]
     out = ROOT / "benchmarks" / "results" / "relevance_probe.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(text))
-    print("\n".join(text))
+    write_page(out, text)
 
 
 if __name__ == "__main__":

@@ -78,10 +78,20 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    head = "| " + " | ".join(t for _, t in columns) + " |"
+    """A GitHub-flavoured markdown table; a ``|`` inside a cell is escaped so it cannot split the cell."""
+    cell = lambda v: v.replace("|", "\\|")  # noqa: E731
+    head = "| " + " | ".join(cell(t) for _, t in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(cell(_fmt(r.get(k))) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def write_page(path: str | Path, lines: Sequence[str]) -> None:
+    """Write a results page (lines joined by newlines; folders created; atomic) and echo it to stdout."""
+    text = "\n".join(lines)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode())
+    print(text)
 
 
 def _fmt(v: Any) -> str:

@@ -1,0 +1,23 @@
+"""Report helpers: markdown tables that cannot be split by a cell's text, results pages written whole."""
+
+from __future__ import annotations
+
+from lrpcompress.report import markdown_table, write_page
+
+
+def test_markdown_table_escapes_pipes_and_formats_missing_values():
+    text = markdown_table([{"score": "per image |Σ|", "acc": 96.7312}, {"score": "l1"}],
+                          [("score", "score | kind"), ("acc", "accuracy")])
+    lines = text.splitlines()
+    assert lines[0] == "| score \\| kind | accuracy |"
+    assert lines[2].startswith("| per image \\|Σ\\| | 96.73")
+    assert lines[3] == "| l1 | – |"
+    assert all(line.replace("\\|", "").count("|") == 3 for line in lines)
+
+
+def test_write_page_creates_folders_and_echoes(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "page.md"
+    write_page(out, ["# title", "", "body"])
+    assert out.read_text() == "# title\n\nbody"
+    assert capsys.readouterr().out == "# title\n\nbody\n"
+    assert [p.name for p in out.parent.iterdir()] == ["page.md"]  # no temporary file left behind
