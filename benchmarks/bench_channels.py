@@ -150,7 +150,8 @@ def run(args: argparse.Namespace, emit, log) -> None:
                     if name not in args.criteria:
                         continue
                     cfg = replace(ChannelPruneConfig(fraction, samples=args.samples, seed=args.seed, scope=scope,
-                                                     stream_fraction=streams, round_to=round_to), **kw)
+                                                     stream_fraction=streams, round_to=round_to, steps=args.steps),
+                                  **kw)
                     t0 = time.perf_counter()
                     extra: dict = {"scope": scope}
                     if scope == "auto":  # scored on the rest, chosen on held-out training images
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace, emit, log) -> None:
                         sp = paired_speed(arch, args, train, example, budget, res.shapes)
                     common = dict(sp, model=arch, setting=tag, criterion=name, fraction=fraction, streams=streams,
                                   round_to=round_to, kept=round(res.kept_fraction, 4), prune_s=round(secs, 1),
-                                  samples=args.samples, seed=args.seed, **extra)
+                                  samples=args.samples, seed=args.seed, steps=args.steps, **extra)
                     acc = accuracy(res.model, test, show_progress=False)
                     emit(dict(common, epochs=0, accuracy=round(acc, 2), drop=round(base - acc, 2)))
                     log(f"{arch} {tag} {name:9s} {budget_name(budget)}: {acc:.2f}% (dense {base:.2f}%), "
@@ -198,7 +199,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (m, s) in zip(axes[0], panels):
         sub = [r for r in rows if r["model"] == m and r["setting"] == s  # the main runs; other seeds: table only
-               and r.get("samples", 512) == 512 and r.get("seed", 0) == 0 and r.get("round_to", 1) == 1]
+               and r.get("samples", 512) == 512 and r.get("seed", 0) == 0 and r.get("round_to", 1) == 1
+               and r.get("steps", 1) == 1]
         base = next(r["accuracy"] for r in sub if r["criterion"] == "dense")
         dense_macs = next(r["macs"] for r in sub if r["criterion"] == "dense")
         for crit in [c for c in CRITERIA if any(r["criterion"] == c for r in sub)]:
@@ -231,6 +233,7 @@ def normalise(row: dict) -> dict:
     row.setdefault("seed", 0)
     row.setdefault("round_to", 1)
     row.setdefault("scope", "layer")
+    row.setdefault("steps", 1)
     row.setdefault("command", "python benchmarks/bench_channels.py` (accuracy), then "
                               "`python benchmarks/bench_channels.py --speed-only")
     if row["epochs"] and "recipe" not in row:
@@ -242,7 +245,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = (("criterion", "criterion"), ("fraction", "inner removed"), ("streams", "streams removed"),
-            ("scope", "scope"), ("chosen_scope", "chosen"), ("round_to", "kept rounded to"), ("kept", "channels kept"),
+            ("scope", "scope"), ("steps", "scoring rounds"), ("chosen_scope", "chosen"), ("round_to", "kept rounded to"), ("kept", "channels kept"),
             ("epochs", "recovery epochs"), ("recipe", "recovery"), ("samples", "scored images"), ("seed", "seed"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
@@ -309,6 +312,7 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="keep the committed rows of channels.json, replacing only the ones this run re-measures")
     ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=1, help="cut in this many rounds, rescoring in between (no training)")
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images for auto-scope budgets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="device for recovery fine-tuning (latency is always CPU)")
@@ -332,6 +336,8 @@ def main() -> None:
                              (args.finetune_budgets or ("" if args.quick else "0.5,0.5+0.125,0.5+0.25")).split(",")
                              if b and b != "none"]
     args.finetune_criteria = args.finetune_criteria.split(",")
+    if args.steps < 1:
+        sys.exit("--steps must be at least 1 (1 = one cut)")
     unknown = set(args.criteria) - set(CRITERIA)
     if unknown:
         sys.exit(f"unknown criteria {sorted(unknown)}; choose from {', '.join(CRITERIA)}")
@@ -347,7 +353,8 @@ def main() -> None:
 
     def key(r: dict) -> tuple:
         return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r.get("round_to", 1),
-                r.get("scope", "layer"), r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0))
+                r.get("scope", "layer"), r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0),
+                r.get("steps", 1))
 
     def emit(row: dict) -> None:
         if row["criterion"] == "dense" and any(r["criterion"] == "dense" and (r["model"], r["setting"]) ==
