@@ -61,9 +61,7 @@ def scores(model: torch.nn.Module, data: ImageData, groups, composite: str, seed
         with lrp_pass(model, get_composite(composite), data.tensor(idx[:1])) as states:
             for x, y in data.batches(64, idx, "cpu"):
                 for st in states.values():
-                    st.weight_leaves.clear()
-                    st.bias_leaves.clear()
-                    st.pending = None
+                    st.reset()
                 logits = model(x)
                 acts = [seen[c] for c in reader]
                 grads = torch.autograd.grad(logits, acts, grad_outputs=_start_grad(logits, y, "true"))

@@ -198,6 +198,12 @@ class _LayerState:
     bias_leaves: list[torch.Tensor] = field(default_factory=list)
     pending: torch.Tensor | None = None  # the layer's input, kept until its BatchNorm runs
 
+    def reset(self) -> None:
+        """Forget the previous batch's leaves and pending input (call before each forward pass)."""
+        self.weight_leaves.clear()
+        self.bias_leaves.clear()
+        self.pending = None
+
 
 def _effective_params(st: _LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = st.module.weight.detach()
@@ -321,9 +327,7 @@ def relevance_batches(
         for x, y in bar:
             x, y = x.to(dev, dtype), y.to(dev)
             for st in states.values():
-                st.weight_leaves.clear()
-                st.bias_leaves.clear()
-                st.pending = None
+                st.reset()
             logits = model(x)
             g = _start_grad(logits, y, config.start)
             start_total += float((logits.detach() * g).sum())
@@ -363,8 +367,8 @@ def compute_relevance(model: nn.Module, data: ImageData, config: RelevanceConfig
 
 
 def referenced_channel_relevance(model: nn.Module, data: ImageData, readers: Mapping[str, Sequence[str]],
-                        reference: Mapping[str, torch.Tensor], config: RelevanceConfig = RelevanceConfig(),
-                        show_progress: bool = True) -> dict[str, torch.Tensor]:
+                                 reference: Mapping[str, torch.Tensor], config: RelevanceConfig = RelevanceConfig(),
+                                 show_progress: bool = True) -> dict[str, torch.Tensor]:
     """Relevance of each input channel of the ``readers`` layers measured from a reference input, per key.
 
     For every reference sample and every input channel ``c`` of a reader: ``|Σ_positions (a − ā_c) · g|``,
@@ -394,9 +398,7 @@ def referenced_channel_relevance(model: nn.Module, data: ImageData, readers: Map
             for x, y in bar:
                 seen.clear()
                 for st in states.values():
-                    st.weight_leaves.clear()
-                    st.bias_leaves.clear()
-                    st.pending = None
+                    st.reset()
                 logits = model(x.to(dtype))
                 pairs = []  # (key, layer, tensor), each tensor once per key
                 for key, layers in readers.items():
@@ -534,5 +536,5 @@ def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[s
         raise LrpcError(f"cannot read relevance file {path}: {exc}") from None
 
 
-__all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores", "referenced_channel_relevance",
-           "lrp_pass", "layer_names", "activation_stats", "ActivationStats", "check_supported", "load_relevance", "START_POINTS"]
+__all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores",
+           "referenced_channel_relevance", "lrp_pass", "layer_names", "activation_stats", "ActivationStats", "check_supported", "load_relevance", "START_POINTS"]

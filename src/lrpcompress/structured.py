@@ -29,8 +29,7 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import OptionAShortcut, model_device
 from .progress import progress
-from .relevance import START_POINTS
-from .rules import COMPOSITES
+from .relevance import RelevanceConfig
 
 CHANNEL_CRITERIA = ("lrp", "l1", "bn_scale", "taylor", "random")
 CHANNEL_SCOPES = ("layer", "global", "macs")  # "auto" (a config value) tries these on held-out images
@@ -86,10 +85,6 @@ class ChannelPruneConfig:
             raise LrpcError(f"channel scope must be one of {', '.join(CHANNEL_SCOPES)} or auto, got {self.scope!r}")
         if not self.normalise and self.scope == "layer":
             raise LrpcError("normalise=False only changes a global or macs ranking; set scope='global' or 'macs'")
-        if self.composite not in COMPOSITES:
-            raise LrpcError(f"unknown LRP composite {self.composite!r}; choose one of {', '.join(COMPOSITES)}")
-        if self.start not in START_POINTS:
-            raise LrpcError(f"unknown start point {self.start!r}; choose one of {', '.join(START_POINTS)}")
         if self.reference not in CHANNEL_REFERENCES:
             raise LrpcError(f"channel reference must be one of {', '.join(CHANNEL_REFERENCES)}, got {self.reference!r}")
         if self.reference == "mean" and not self.compensate and self.criterion == "lrp":
@@ -101,6 +96,12 @@ class ChannelPruneConfig:
             raise LrpcError("samples and batch_size must be positive")
         if self.round_to < 1:
             raise LrpcError(f"round_to must be at least 1 (1 = no rounding), got {self.round_to}")
+        self.relevance_config()  # composite and start, checked where the LRP settings are defined
+
+    def relevance_config(self) -> RelevanceConfig:
+        """The LRP scoring settings of the ``lrp`` criterion."""
+        return RelevanceConfig(composite=self.composite, start=self.start, samples=self.samples,
+                               batch_size=self.batch_size, seed=self.seed)
 
 
 @dataclass
@@ -244,13 +245,15 @@ def prunable_groups(model: nn.Module, example: torch.Tensor, graph=None, streams
 # ------------------------------------------------------------------ scores
 
 def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup], config: ChannelPruneConfig,
-                   show_progress: bool = True) -> dict[str, torch.Tensor]:
+                   show_progress: bool = True, means: Mapping[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Score of every channel of each group (keyed by its root; higher = more important), float64 on CPU.
 
     A residual stream's channel is scored by the sum over every convolution that writes to it; LRP measured
-    from the mean (``reference='mean'``) scores every group at its readers' inputs instead.
+    from the mean (``reference='mean'``) scores every group at its readers' inputs instead, from ``means`` (each
+    reader's mean input on ``config``'s samples, measured here when not given).
     """
-    from .relevance import RelevanceConfig, _find_folds, compute_relevance, referenced_channel_relevance, taylor_scores
+    from .relevance import _find_folds, compute_relevance, referenced_channel_relevance, taylor_scores
 
     mods = dict(model.named_modules())
     c = config
@@ -260,10 +263,9 @@ def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup]
 
     if c.criterion == "lrp" and c.reference == "mean":
         readers = {g.root: list(g.consumers) for g in groups}
-        means = _input_means(model, data, [n for g in groups for n in g.consumers], c)
-        got = referenced_channel_relevance(model, data, readers, means,
-                                           RelevanceConfig(composite=c.composite, start=c.start, samples=c.samples,
-                                                           batch_size=c.batch_size, seed=c.seed), show_progress)
+        if means is None:
+            means = _input_means(model, data, [n for g in groups for n in g.consumers], c)
+        got = referenced_channel_relevance(model, data, readers, means, c.relevance_config(), show_progress)
         # a reader behind a flatten sees each channel as a block of features (channel-major)
         odd = [g.root for g in groups if got[g.root].numel() % g.size]
         if odd:
@@ -271,8 +273,7 @@ def channel_scores(model: nn.Module, data: ImageData, groups: list[ChannelGroup]
                             "channels: use another channel criterion or reference='zero'")
         return {g.root: got[g.root].view(g.size, -1).sum(1) for g in groups}
     if c.criterion == "lrp":
-        rel = compute_relevance(model, data, RelevanceConfig(composite=c.composite, start=c.start, samples=c.samples,
-                                                             batch_size=c.batch_size, seed=c.seed), show_progress)
+        rel = compute_relevance(model, data, c.relevance_config(), show_progress)
         return per_producer(lambda p: rel.channels[f"{p}.weight"].double())
     if c.criterion == "taylor":
         t = taylor_scores(model, data, c.samples, c.batch_size, c.seed, show_progress)
@@ -607,8 +608,9 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
                 raise LrpcError("the given channel scores do not match this model's prunable channels")
             scores = dict(given)
         else:
+            # the first round scores the input model on the compensation's samples: its means are measured
             scores = channel_scores(net, data, groups, replace(config, seed=config.seed + step - 1),
-                                    show_progress=show_progress)
+                                    show_progress=show_progress, means=means0 if step == 1 and means0 else None)
         score_s += time.perf_counter() - t0
         remove = {}
         for kind in (False, True):
