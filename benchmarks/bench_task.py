@@ -8,6 +8,7 @@ with the model loaded back from the file. Pipelines:
 - ``magnitude``: magnitude pruning + uniform bits (fitted sparsity per bit-width, first/last layer at 8 bits
   or not), the best on held-out images;
 - ``uniform``: uniform bits (with and without 8-bit first/last layers);
+- ``gptq``: the candidates of both, rounded with GPTQ instead of to nearest (the strongest non-XAI baseline);
 - ``lrp``: the default allocator and its size search, no channels removed;
 - ``taylor`` / ``mse`` / ``random`` (opt-in with ``--methods``): the same allocator and search with the error
   weights tilted by gradient×weight, not tilted, or tilted by random scores (is it relevance or the
@@ -60,7 +61,7 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 
 
 # pipelines without channel removal: two fixed grids, then the allocator with each tilt of its error weights
-METHODS = ("magnitude", "uniform", "lrp", "taylor", "mse", "random")
+METHODS = ("magnitude", "uniform", "gptq", "lrp", "taylor", "mse", "random")
 
 
 def _setting(knobs: dict) -> str:
@@ -100,6 +101,8 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                 cands = r.magnitude_candidates(budget)
             elif method == "uniform":
                 cands = r.uniform_candidates()
+            elif method == "gptq":
+                cands = r.uniform_candidates("gptq") + r.magnitude_candidates(budget, method="gptq")
             else:
                 cands = r.optimal_candidates(method, budget)
                 if args.power is not None and method in ("lrp", "taylor", "random"):  # mse has no tilt to scale
@@ -163,8 +166,8 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
         jobs.append((f"{criterion} {f:g}", (criterion, f), replace(r.cfg("lrp"), target_ratio=budget, finetune=ft)))
     for name, channel, cfg in jobs:
         setting = "as without fine-tuning"
-        if name == "magnitude":
-            res, cfg = _magnitude_finetuned(r, cfg, chosen["magnitude"][0], cap, log)
+        if name in ("magnitude", "gptq"):
+            res, cfg = _magnitude_finetuned(r, cfg, chosen[name][0], cap, log, name)
             setting = f"sparsity={cfg.prune.sparsity} (refitted with room for training)"
         elif channel is None:
             try:
@@ -188,12 +191,12 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
         log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {row['file_bytes']} B")
 
 
-def _magnitude_finetuned(r: Runner, cfg, knobs: dict, cap: int, log):
-    """Magnitude pruning + uniform bits, trained, under ``cap``. Training moves the entropy-coded size and a
+def _magnitude_finetuned(r: Runner, cfg, knobs: dict, cap: int, log, method: str = "magnitude"):
+    """Magnitude pruning + uniform bits (``method``'s rounding), trained, under ``cap``. Training moves the entropy-coded size and a
     fixed grid has no allocator to take bytes back, so the pick's sparsity is refitted with the room the
     allocator gets (FINETUNE_RESERVE); if the trained file still overflows, once more with the room that
     overflow measured (ResNet-20, 10 classes, 16x: +3.4%). Returns the result and its config."""
-    probe = r.with_quant("magnitude", knobs["bits"], keep_edges="edges" in knobs)
+    probe = r.with_quant(method, knobs["bits"], keep_edges="edges" in knobs)
 
     def trained(room: float):
         fit_to = int(cap * (1 - room))
@@ -204,7 +207,7 @@ def _magnitude_finetuned(r: Runner, cfg, knobs: dict, cap: int, log):
     res, c, fit_to = trained(FINETUNE_RESERVE)
     if res.file_bytes > cap:
         grown = res.file_bytes / fit_to - 1
-        log(f"  magnitude trained at {c.prune.sparsity:.1%} sparsity grew {grown:.1%} to {res.file_bytes} B "
+        log(f"  {method} trained at {c.prune.sparsity:.1%} sparsity grew {grown:.1%} to {res.file_bytes} B "
             f"(cap {cap}): refitting with {grown + 0.005:.1%} room")
         res, c, _ = trained(grown + 0.005)
     return res, c

@@ -107,35 +107,37 @@ class Runner:
         q = replace(c.quant, bits=bits, overrides=edge_overrides(self.model, 8) if keep_edges else c.quant.overrides)
         return replace(c, quant=q, prune=prune or c.prune)
 
-    def uniform_candidates(self) -> list:
-        """Uniform bits, with and without the first and last layer at 8 bits."""
-        return ([({"bits": b}, self.with_quant("uniform", b)) for b in BITS_GRID]
-                + [({"bits": b, "edges": 8}, self.with_quant("uniform", b, keep_edges=True)) for b in BITS_GRID if b < 8])
+    def uniform_candidates(self, method: str = "uniform") -> list:
+        """Uniform bits, with and without the first and last layer at 8 bits (``method``: ``uniform`` rounds to
+        nearest, ``gptq`` with GPTQ)."""
+        return ([({"bits": b}, self.with_quant(method, b)) for b in BITS_GRID]
+                + [({"bits": b, "edges": 8}, self.with_quant(method, b, keep_edges=True)) for b in BITS_GRID if b < 8])
 
-    def magnitude_candidates(self, budget: float, grid: str | None = None) -> list:
+    def magnitude_candidates(self, budget: float, grid: str | None = None, method: str = "magnitude") -> list:
         """Magnitude pruning × uniform bits: for every bit-width the smallest magnitude sparsity at which the
         file fits the cap (0 where the dense file fits), with and without the first and last layer kept at
         8 bits (the usual practice; `edges` in the knobs). Sparser settings at the same bits are not tried:
         pruning past the smallest sparsity that fits only loses accuracy (FINDINGS.md §3). Sparsities are fitted
-        on ``grid``'s own files (default: the runner's grid; a midrise header is longer)."""
+        on ``grid``'s own files (default: the runner's grid; a midrise header is longer). ``method``: ``magnitude``
+        rounds to nearest, ``gptq`` with GPTQ (SparseGPT's setting with magnitude masks)."""
         grid = grid or self.grid
         out = []
         for keep in (False, True):
             for b in BITS_GRID:
                 if keep and b == 8:
                     continue
-                key = ("magnitude", budget, b, keep, grid)
+                key = (method, budget, b, keep, grid)
                 if key not in self.fitted:
                     try:
                         self.fitted[key] = fit_sparsity(self.model, self.fit,
-                                                        self.with_quant("magnitude", b, keep_edges=keep, grid=grid),
+                                                        self.with_quant(method, b, keep_edges=keep, grid=grid),
                                                         b, self.arch, target_bytes=int(self.dense_bytes() / budget))
                     except LrpcError:
                         self.fitted[key] = None
                 s = self.fitted[key]
                 if s is not None:
                     out.append(({"sparsity": s, "bits": b, **({"edges": 8} if keep else {})},
-                                self.with_quant("magnitude", b, PruneConfig("fraction", s), keep_edges=keep,
+                                self.with_quant(method, b, PruneConfig("fraction", s), keep_edges=keep,
                                                 grid=grid)))
         return out
 
@@ -177,6 +179,7 @@ class Runner:
                 "drop": None, "sparsity": round(st["sparsity"], 4), "mean_bits": round(st["mean_bits"], 3),
                 "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1),
                 "knobs": dict(knobs, **({} if self.grid == "symmetric" else {"grid": self.grid}),
+                              **({"rounding": res.quant.rounding} if res.quant and res.quant.rounding != "nearest" else {}),
                               **({"coding": "packed"} if getattr(self.args, "no_entropy_coding", False) else {})),
                 "machine": self.args.machine}
 
@@ -222,6 +225,8 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
         cand = {
             "uniform": r.uniform_candidates(),
             "magnitude": r.magnitude_candidates(budget) if "magnitude" in args.methods else [],
+            "gptq": (r.uniform_candidates("gptq") + r.magnitude_candidates(budget, method="gptq")
+                     if "gptq" in args.methods else []),
             "paper": [({"bits": b}, r.with_quant("paper", b)) for b in (7, 6, 5, 4, 3, 2)],
             "deeplift": [({"bits": b, "filter_prune": p},
                           r.with_quant("deeplift", b, PruneConfig("fraction", p, scope="layer")))
@@ -295,7 +300,7 @@ def summary_table(rows: list[dict]) -> str:
         base = next(r for r in mrows if r["method"] == "float32")
         head = f"| {m} (float32 {base['accuracy']:.2f}%) | " + " | ".join(f"{b:g}×" for b in budgets) + " |"
         out += [head, "|---" * (len(budgets) + 1) + "|"]
-        order = ["lrp", "mse", "taylor", "random", "magnitude", "uniform", "deeplift", "paper"]
+        order = ["lrp", "mse", "taylor", "random", "gptq", "magnitude", "uniform", "deeplift", "paper"]
         methods = [x for x in order if any(r["method"] == x for r in mrows)]
         methods += sorted({r["method"] for r in mrows} - set(order) - {"float32"})
         for method in methods:
@@ -359,7 +364,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default=None)
-    ap.add_argument("--methods", default="lrp,mse,taylor,random,magnitude,uniform,paper,deeplift")
+    ap.add_argument("--methods", default="lrp,mse,taylor,random,gptq,magnitude,uniform,paper,deeplift")
     ap.add_argument("--budgets", default=None)
     ap.add_argument("--budgets-for", action="append", default=[], metavar="ARCH:B1,B2",
                     help="budgets for one model, e.g. resnet44:4,8,12 (overrides --budgets for it)")

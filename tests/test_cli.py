@@ -506,6 +506,7 @@ def test_prune_channels_auto_searches_fractions_under_the_size_target(tmp_path, 
     (("--target-ratio", "8", "--tune-finetuned", "--finetune-epochs", "1", "--prune-channels", "auto"), "fraction"),
     (("--target-ratio", "8", "--finetune-scales", "sometimes"), "invalid choice"),
     (("--target-ratio", "8", "--grid", "nf4"), "invalid choice"),
+    (("--target-ratio", "8", "--rounding", "adaround"), "invalid choice"),
 ])
 def test_bad_channel_search_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
@@ -540,3 +541,18 @@ def test_tune_finetuned_trains_every_setting_and_reports_the_pick(tmp_path, tiny
     assert out.stat().st_size == r["file_bytes"] <= r["dense_bytes"] / 12
     trials = r["tuned"]["trials"]  # one training per setting of the size search
     assert len(trials) >= 2 and max(t["val_accuracy"] for t in trials) == r["tuned"]["val_accuracy"]
+
+
+def test_rounding_is_reported_and_nearest_is_the_plain_file(tmp_path, tiny_data, resnet20_weights, capsys):
+    reports = {}
+    for rounding in ("gptq", "nearest"):
+        out = tmp_path / f"{rounding}.lrpc"
+        args = ("--rounding", rounding) if rounding == "nearest" else ()  # gptq is the default
+        code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                           "--samples", 8, "--allocation", "uniform", "--bits", "3", "--no-speed", "--out", out,
+                           "--report", tmp_path / f"{rounding}.json", *args)
+        assert code == 0, err
+        reports[rounding] = json.loads((tmp_path / f"{rounding}.json").read_text())
+        assert reports[rounding]["settings"]["quant"]["rounding"] == rounding
+    assert (tmp_path / "gptq.lrpc").read_bytes() != (tmp_path / "nearest.lrpc").read_bytes()
+    assert reports["gptq"]["mean_bits"] == reports["nearest"]["mean_bits"] == 3.0

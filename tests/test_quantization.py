@@ -108,3 +108,138 @@ def test_unknown_grid_is_a_clear_error():
         QuantConfig(grid="nf4")
     with pytest.raises(LrpcError, match="unknown quantization grid"):
         quantize_tensor(torch.ones(2, 2), 2, grid="asym")
+
+
+# ------------------------------------------------------------------ error-compensating rounding (GPTQ)
+
+def _reference_obq(W: torch.Tensor, H: torch.Tensor, quant, damp: float = 0.01) -> torch.Tensor:
+    """Optimal Brain Quantization written from its update rule (Frantar & Alistarh 2022, eq. 2-3), without
+    GPTQ's Cholesky and block tricks: quantize the most active remaining input of every row, move the rest of
+    the row by -(w_i - q_i) / [H⁻¹]_ii · H⁻¹[:, i], remove input i from H⁻¹ by Gaussian elimination."""
+    W = W.double().clone()
+    H = H.double().clone()
+    H += damp * float(torch.diag(H).mean()) * torch.eye(len(H), dtype=H.dtype)
+    order = torch.argsort(torch.diag(H), descending=True, stable=True).tolist()
+    Hinv = torch.linalg.inv(H)
+    Q = torch.zeros_like(W)
+    for i in order:
+        q = quant(W[:, i], i)
+        Q[:, i] = q
+        W -= ((W[:, i] - q) / Hinv[i, i])[:, None] * Hinv[:, i][None, :]
+        Hinv = Hinv - Hinv[:, i:i + 1] @ Hinv[i:i + 1, :] / Hinv[i, i]
+    return Q
+
+
+def _correlated_inputs(cols: int, n: int = 4000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.3 + torch.rand(cols, generator=g)
+    return (X.T @ X / n).double()
+
+
+def _output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    D = (W - Q).double()
+    return float((D @ H * D).sum())
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "midrise"])
+def test_gptq_round_matches_an_independent_obq_reference(grid):
+    from lrpcompress.quantization import gptq_round
+
+    torch.manual_seed(0)
+    W = torch.randn(8, 40)
+    H = _correlated_inputs(40)
+    bits = np.array([2, 3, 4, 1, 3, 8, 2, 5])
+    qt = quantize_tensor(W, bits, grid=grid)
+    s = torch.from_numpy(qt.scales.astype(np.float64))
+    h = torch.tensor([2.0 ** (b - 1) - (0.5 if grid == "midrise" else 1) for b in bits], dtype=torch.float64)
+
+    def quant(w, i):
+        b1 = torch.from_numpy(bits == 1)
+        v = (w / s).clamp(-h, h)
+        lev = (torch.floor(v) + 0.5 if grid == "midrise" else torch.round(v)).clamp(-h, h)
+        return torch.where(b1, torch.where(w >= 0, s, -s), lev * s)
+
+    ref = _reference_obq(W, H, quant)
+    got = gptq_round(W, qt, H, block=16).dequantize().double()  # blocks smaller than the row: lazy updates tested
+    assert torch.allclose(got, ref.float().double(), atol=1e-5)
+    assert np.array_equal(gptq_round(W, qt, H, block=128).codes, gptq_round(W, qt, H, block=16).codes)
+
+
+def test_gptq_round_keeps_the_quantizer_and_lowers_the_output_error():
+    from lrpcompress.quantization import gptq_round
+
+    torch.manual_seed(1)
+    W = torch.randn(32, 72)
+    mask = torch.rand(32, 72) > 0.3
+    H = _correlated_inputs(72, seed=1)
+    bits = np.r_[np.full(30, 3), 0, 16]
+    qt = quantize_tensor(W, bits, mask=mask)
+    g = gptq_round(W, qt, H)
+    assert np.array_equal(g.bits, qt.bits) and np.array_equal(g.scales, qt.scales)
+    assert np.array_equal(g.mask, qt.mask) and g.grid == qt.grid
+    deq = g.dequantize()
+    assert torch.all(deq[~mask] == 0) and torch.all(deq[30] == 0)
+    # a float16 group stores float16 values (moved by the compensation of its pruned weights' error)
+    assert torch.equal(deq[31], deq[31].half().float()) and not torch.equal(deq[31][mask[31]], W[31][mask[31]])
+    # the removed row costs the same either way; the others lose a fifth of their error or more
+    assert _output_error(W[:30], deq[:30], H) < 0.8 * _output_error(W[:30], qt.dequantize()[:30], H)
+
+
+def test_gptq_round_is_nearest_rounding_when_inputs_are_uncorrelated():
+    from lrpcompress.quantization import gptq_round
+
+    torch.manual_seed(2)
+    W = torch.randn(6, 30)
+    qt = quantize_tensor(W, 3)
+    H = torch.diag(torch.rand(30, dtype=torch.float64) + 0.5)  # no cross terms: nothing to compensate
+    assert np.array_equal(gptq_round(W, qt, H).codes, qt.codes)
+
+
+def test_gptq_round_refuses_a_hessian_of_the_wrong_size():
+    from lrpcompress.quantization import gptq_round
+
+    qt = quantize_tensor(torch.randn(4, 9), 3)
+    with pytest.raises(LrpcError, match="9x9 Hessian"):
+        gptq_round(torch.randn(4, 9), qt, torch.eye(8))
+
+
+def test_unknown_rounding_is_a_clear_error():
+    from lrpcompress.compress import QuantConfig
+
+    with pytest.raises(LrpcError, match="choose one of nearest, gptq"):
+        QuantConfig(rounding="adaround")
+
+
+def test_gptq_round_many_is_gptq_round_per_quantizer():
+    from lrpcompress.quantization import gptq_round, gptq_round_many
+
+    torch.manual_seed(3)
+    W = torch.randn(5, 27)
+    H = _correlated_inputs(27, seed=3)
+    qts = [quantize_tensor(W, b) for b in (1, 2, 3, 6)] + [quantize_tensor(W, np.array([0, 16, 2, 3, 4]))]
+    many = gptq_round_many(W, qts, H)
+    for qt, got in zip(qts, many):
+        assert np.array_equal(got.codes, gptq_round(W, qt, H).codes)
+
+
+def test_error_tables_under_a_hessian_are_the_output_errors_of_gptq_rounding():
+    from lrpcompress.quantization import group_errors_and_rates, gptq_round
+
+    torch.manual_seed(4)
+    W = torch.randn(6, 36)
+    mask = torch.rand(6, 36) > 0.2
+    H = _correlated_inputs(36, seed=4)
+    tilt = torch.arange(1.0, 7.0)[:, None].expand(6, 36)
+    lay = GroupLayout((6, 36), 36)
+    errs, rates = group_errors_and_rates(W, mask, lay, (0, 2, 3, 16), tilt, hessian=H)
+    for b in (2, 3):
+        q = gptq_round(W, quantize_tensor(W, b, mask=mask), H).dequantize()
+        D = (W - q).double()
+        assert torch.allclose(errs[b], (D @ H * D).sum(1) * torch.arange(1.0, 7.0, dtype=torch.float64))
+        assert np.array_equal(rates[b], mask.sum(1).numpy() * b)
+    row_tilt = torch.arange(1.0, 7.0, dtype=torch.float64)
+    for b, kept in ((0, torch.zeros_like(W)), (16, (W * mask).half().float())):  # nothing to round
+        D = (W - kept).double()
+        assert torch.allclose(errs[b], (D @ H * D).sum(1) * row_tilt)
+    with pytest.raises(LrpcError, match="one group per output channel"):
+        group_errors_and_rates(W, mask, GroupLayout((6, 36), 12), (2,), hessian=H)

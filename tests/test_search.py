@@ -109,6 +109,7 @@ def test_fitted_sparsity_is_the_smallest_that_fits_the_floor(digits):
     assert res.file_bytes <= limit and all(set(np.unique(b)) <= set(range(3, 9)) for b in res.bits.values())
     # a method without a size target of its own (uniform bits) is fitted to an explicit byte count alike
     plain = replace(method_config("magnitude"), relevance=cfg.relevance)
+    plain = replace(plain, quant=replace(plain.quant, rounding=cfg.quant.rounding))  # rounding moves the coded size
     assert fit_sparsity(model, train, plain, 3, "digits_cnn", target_bytes=int(limit)) == s
     with pytest.raises(LrpcError, match="size target"):
         fit_sparsity(model, train, replace(cfg, target_ratio=None), 3, "digits_cnn")

@@ -90,7 +90,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compress import METHODS
+    from .compress import METHODS, ROUNDINGS
     from .quantization import GRIDS
 
     ap = _Parser(prog="lrpcompress", description="Compress trained PyTorch models with LRP.")
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--group-size", type=_positive_int, default=None, help="weights per scale (default: per channel)")
     c.add_argument("--grid", default=None, choices=GRIDS,
                    help="levels of 2..8-bit groups: symmetric (zero is a level) or midrise (all 2^b codes used)")
+    c.add_argument("--rounding", default=None, choices=ROUNDINGS,
+                   help="gptq: error-compensating rounding against each layer's input Hessian (the default of the "
+                        "allocator methods); nearest: every weight to its nearest level (the plain baselines')")
     c.add_argument("--no-entropy-coding", action="store_true",
                    help="store plain bit-packed codes and survivor masks (format version 1/2) instead of rANS "
                         "where that is shorter (version 3); the allocator then prices b bits per code")
@@ -252,6 +255,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         q = replace(q, grid=a.grid)
     if a.no_entropy_coding:
         q = replace(q, entropy_coding=False)
+    if a.rounding:
+        q = replace(q, rounding=a.rounding)
     p = cfg.prune
     if a.prune:
         p = replace(p, criterion=a.prune)

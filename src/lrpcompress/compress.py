@@ -25,13 +25,14 @@ from .models import build_model, dense_bytes, is_builtin_arch, model_device
 from .packing import Payload, decode, encode, load_payload, quant_bytes, save_payload
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
-from .quantization import VALID_BITS, GroupLayout, QuantTensor, check_grid, quantize_tensor
-from .relevance import (ActivationStats, RelevanceConfig, _bn_affine, _find_folds, activation_stats, compute_relevance,
-                        layer_names, taylor_scores)
+from .calibration import ActivationStats, activation_stats, input_hessians
+from .quantization import VALID_BITS, GroupLayout, QuantTensor, check_grid, gptq_round, quantize_tensor
+from .relevance import RelevanceConfig, _bn_affine, _find_folds, compute_relevance, layer_names, taylor_scores
 
 SCORES = ("lrp", "taylor", "deeplift", "magnitude", "random", "none")
 ALLOCATIONS = ("uniform", "tiers", "optimal")
 PRUNE_SCORES = ("relevance", "abs_relevance", "magnitude", "taylor", "deeplift", "random")
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class QuantConfig:
     ``midrise`` (all 2^b codes, no zero level; 2 bits then give 4 levels instead of 3).
     ``entropy_coding``: the file may store survivor masks and codes with rANS (format version 3) where that
     is shorter, and the allocator prices codes by their estimated coded size instead of ``b`` bits each.
+    ``rounding``: ``gptq`` (error-compensating rounding against each layer's input Hessian on the reference
+    data, :func:`~lrpcompress.quantization.gptq_round`; the allocator then measures each channel's error at the
+    layer's output through that Hessian) or ``nearest`` (every weight to its nearest level). Same bit-widths,
+    scales and file layout either way; other codes.
     """
 
     allocation: str = "optimal"
@@ -63,9 +68,12 @@ class QuantConfig:
     float_dtype: str = "float16"
     grid: str = "symmetric"
     entropy_coding: bool = True
+    rounding: str = "gptq"
 
     def __post_init__(self) -> None:
         check_grid(self.grid)
+        if self.rounding not in ROUNDINGS:
+            raise LrpcError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         if self.allocation not in ALLOCATIONS:
             raise LrpcError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.importance not in SCORES:
@@ -118,11 +126,12 @@ def method_config(method: str, **overrides: Any) -> CompressConfig:
         "paper": CompressConfig(relevance=replace(rel, composite="epsilon"), prune=PruneConfig("nonpositive"),
                                 prune_score="relevance", bias_correction=False,
                                 quant=QuantConfig(allocation="tiers", importance="lrp", bits=4, power=1.0,
-                                                  activation_aware=False)),
+                                                  activation_aware=False, rounding="nearest")),
         # the project's default: z+ channel relevance weights the quantization error of an optimal allocation
         "lrp": CompressConfig(relevance=rel, quant=QuantConfig(allocation="optimal", importance="lrp")),
+        # plain baselines round to nearest, as their tools do; `gptq` is uniform bits with GPTQ's rounding
         "magnitude": CompressConfig(prune=PruneConfig("fraction", 0.0), prune_score="magnitude",
-                                    quant=QuantConfig(allocation="uniform", importance="none")),
+                                    quant=QuantConfig(allocation="uniform", importance="none", rounding="nearest")),
         "taylor": CompressConfig(quant=QuantConfig(allocation="optimal", importance="taylor")),
         "random": CompressConfig(quant=QuantConfig(allocation="optimal", importance="random")),
         "mse": CompressConfig(quant=QuantConfig(allocation="optimal", importance="none")),
@@ -130,15 +139,17 @@ def method_config(method: str, **overrides: Any) -> CompressConfig:
         "deeplift": CompressConfig(prune=PruneConfig("fraction", 0.0, scope="layer"), prune_score="deeplift",
                                    bias_correction=False,
                                    quant=QuantConfig(allocation="tiers", importance="deeplift", bits=4, power=1.0,
-                                                     activation_aware=False)),
-        "uniform": CompressConfig(quant=QuantConfig(allocation="uniform", importance="none")),
+                                                     activation_aware=False, rounding="nearest")),
+        "uniform": CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", rounding="nearest")),
+        "gptq": CompressConfig(prune=PruneConfig("fraction", 0.0), prune_score="magnitude",
+                               quant=QuantConfig(allocation="uniform", importance="none", rounding="gptq")),
     }
     if method not in table:
         raise LrpcError(f"unknown method {method!r}; choose one of {', '.join(table)}")
     return replace(table[method], method=method, **overrides)
 
 
-METHODS = ("paper", "lrp", "magnitude", "taylor", "deeplift", "random", "mse", "uniform")
+METHODS = ("paper", "lrp", "magnitude", "taylor", "deeplift", "random", "mse", "uniform", "gptq")
 
 
 # ------------------------------------------------------------------ canonical (BN-folded) weights
@@ -364,18 +375,20 @@ def compute_scores(source: str, model: nn.Module, data: ImageData, config: Compr
 
 
 def channel_importance(weights: Mapping[str, torch.Tensor], stats: ActivationStats | None,
-                       channels: Mapping[str, torch.Tensor] | None, power: float) -> dict[str, torch.Tensor]:
+                       channels: Mapping[str, torch.Tensor] | None, power: float,
+                       input_power: bool = True) -> dict[str, torch.Tensor]:
     """Per-element weights of the squared quantization error.
 
     ``E[a_i²] · (ρ_c / mean_layer ρ)^power`` where ``a_i`` is the input feeding weight ``i`` (so the error is
     measured at the layer's output, as in activation-aware quantization) and ``ρ_c = |score_c| / E|z_c|`` is
     the score of output channel ``c`` per unit of its activation. ``channels=None`` drops the score factor;
-    ``stats=None`` drops the activation factor (plain weight MSE).
+    ``stats=None`` drops the activation factor (plain weight MSE); ``input_power=False`` drops ``E[a_i²]`` only
+    (for errors measured through the input Hessian, whose diagonal it is).
     """
     out = {}
     for k, w in weights.items():
         imp = torch.ones_like(w)
-        if stats is not None and k in stats.input_power:
+        if input_power and stats is not None and k in stats.input_power:
             p = stats.input_power[k].float()
             if w.dim() >= 2 and p.numel() == w.shape[1]:
                 imp = imp * p.view((1, -1) + (1,) * (w.dim() - 2))
@@ -476,6 +489,14 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     if not spec.get("shapes"):
         spec.pop("shapes", None)
 
+    hessians: Mapping[str, torch.Tensor] = {}
+    if q.rounding == "gptq":
+        if score_key("hessians", config) not in scores:
+            r = config.relevance
+            scores[score_key("hessians", config)] = input_hessians(
+                model, train, sample_indices(len(train), r.samples, r.seed, train.y), r.batch_size)
+        hessians = scores[score_key("hessians", config)]
+
     def build(bits_map: Mapping[str, np.ndarray], correct: bool = False) -> CompressedModel:
         tensors: dict[str, Any] = {}
         state = model.state_dict()
@@ -483,6 +504,8 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             if k in canon.weights:
                 tensors[k] = quantize_tensor(canon.weights[k], bits_map[k], layouts[k].group_size, masks[k],
                                              q.search_clip, q.grid, q.entropy_coding)
+                if k in hessians:
+                    tensors[k] = gptq_round(canon.weights[k], tensors[k], hessians[k])
             elif k in canon.floats:
                 tensors[k] = canon.floats[k]
         cm = CompressedModel(spec, tensors, {k: q.float_dtype for k in canon.floats}, {})
@@ -509,8 +532,11 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     else:
         imp = channel_importance({k: canon.weights[k] for k in free}, stats, imp_channels, q.power)
         options = tuple(b for b in q.bit_options)
-        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip, q.grid,
-                              q.entropy_coding) for k in free]
+        # under GPTQ rounding a channel's error is measured through the input Hessian (per-channel groups)
+        via_h = [k for k in free if k in hessians and layouts[k].per_row == 1]
+        tilt = channel_importance({k: canon.weights[k] for k in via_h}, stats, imp_channels, q.power, input_power=False)
+        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, tilt.get(k, imp[k]), q.search_clip,
+                              q.grid, q.entropy_coding, hessians.get(k) if k in tilt else None) for k in free]
         target = allocation_target(config, d_bytes)
         if target is None:  # the budget of uniform `bits`
             budget_bits = float(sum(t.costs[:, options.index(q.bits)].sum() for t in tables)) if q.bits in options \

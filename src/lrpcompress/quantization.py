@@ -194,14 +194,21 @@ def group_errors(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, 
 
 def group_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout,
                            bit_options: tuple[int, ...], importance: torch.Tensor | None = None,
-                           search_clip: bool = True, grid: str = "symmetric",
-                           entropy: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
+                           search_clip: bool = True, grid: str = "symmetric", entropy: bool = False,
+                           hessian: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
     """:func:`group_errors` and, per bit-width, the bits each group's surviving codes take: ``b`` per code,
     or with ``entropy`` their rANS cost under the table of the whole tensor quantized at ``b`` (the table
     the file would store if every group had that width; a subset coded with its own table costs no more
-    than this estimate, up to the table and the lanes' states)."""
+    than this estimate, up to the table and the lanes' states).
+
+    With ``hessian`` (one group per row only) the rounding is :func:`gptq_round`'s and a row's error is its
+    output error ``(√imp ⊙ d)ᵀ H (√imp ⊙ d)`` with ``d = w − q``: the importance then should not carry the
+    input power again (``H``'s diagonal is that power)."""
     from .entropy import code_lengths, normalize_freqs
 
+    if hessian is not None:
+        return _gptq_errors_and_rates(weight, mask, layout, bit_options, importance, search_clip, grid, entropy,
+                                      hessian)
     groups, valid = layout.to_groups(weight.detach().float())
     mgroups, _ = layout.to_groups(mask.float())
     imp = layout.to_groups(importance.float())[0] if importance is not None else valid.float()
@@ -218,6 +225,36 @@ def group_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: Gro
             k = keep.numpy()
             lengths = code_lengths(normalize_freqs(np.bincount(c[k], minlength=1 << b)))
             rates[b] = np.where(k, lengths[c.clip(0, (1 << b) - 1)], 0.0).sum(1)
+        else:
+            rates[b] = survivors * b
+    return errors, rates
+
+
+def _gptq_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout,
+                           bit_options: tuple[int, ...], importance: torch.Tensor | None, search_clip: bool,
+                           grid: str, entropy: bool,
+                           hessian: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
+    from .entropy import code_lengths, normalize_freqs
+
+    if layout.per_row != 1:
+        raise LrpcError("output errors under a Hessian need one group per output channel (group_size=None)")
+    rows, cols = layout.rows, layout.cols
+    w = weight.detach().float().reshape(rows, cols)
+    root = importance.detach().double().reshape(rows, cols).sqrt() if importance is not None else 1.0
+    H = hessian.detach().double()
+    survivors = mask.reshape(rows, cols).sum(1).numpy().astype(np.float64)
+    qts = {b: quantize_tensor(w, b, None, mask.reshape(rows, cols), search_clip, grid) for b in bit_options}
+    rounded = [b for b in bit_options if 1 <= b <= 8]  # 0 and 16 bits have nothing to round
+    if rounded:
+        qts.update(zip(rounded, gptq_round_many(w, [qts[b] for b in rounded], H)))
+    errors, rates = {}, {}
+    for b, qt in qts.items():
+        d = (w - qt.dequantize()).double() * root
+        errors[b] = (d @ H * d).sum(1)
+        if entropy and 1 <= b <= 8 and qt.codes.size:
+            lengths = code_lengths(normalize_freqs(np.bincount(qt.codes, minlength=1 << b)))[qt.codes]
+            row = np.repeat(np.arange(rows), cols)[qt.mask]
+            rates[b] = np.bincount(row, weights=lengths, minlength=rows)
         else:
             rates[b] = survivors * b
     return errors, rates
@@ -254,3 +291,104 @@ def quantize_tensor(weight: torch.Tensor, bits: np.ndarray | int, group_size: in
     flat_codes = layout.from_groups(codes).reshape(-1).numpy()
     return QuantTensor(layout, bits_arr.astype(np.uint8), scales.numpy().astype(np.float16), flat_keep,
                        flat_codes[flat_keep].astype(np.int64), grid, entropy)
+
+
+def requantize(w: torch.Tensor, qt: QuantTensor) -> QuantTensor:
+    """Codes of ``w`` under ``qt``'s fixed bits, scales, mask and grid."""
+    lay = qt.layout
+    g, _ = lay.to_groups(w.detach().float())
+    b = torch.from_numpy(qt.bits.astype(np.int64))[:, None]
+    s = torch.from_numpy(qt.scales.astype(np.float32))[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    h = half_range(b.clamp(min=1).float(), qt.grid).clamp(min=0.5)
+    mid = nearest_level(g / safe, h, qt.grid) + h
+    one = (g >= 0).long()
+    half = torch.from_numpy(g.clamp(-65504, 65504).half().numpy().view(np.uint16).astype(np.int64))
+    codes = torch.where(b == 1, one, mid.long())
+    codes = torch.where(b == 16, half, codes)
+    flat = lay.from_groups(codes).reshape(-1).numpy()
+    return QuantTensor(lay, qt.bits.copy(), qt.scales.copy(), qt.mask.copy(), flat[qt.mask].astype(np.int64),
+                       qt.grid, qt.entropy)
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, bits: torch.Tensor, scales: torch.Tensor, keep: torch.Tensor,
+          grid: str, damp: float, block: int) -> torch.Tensor:
+    """GPTQ's column loop on ``[R, cols]`` float64 weights with per-element quantizers; returns the values."""
+    cols = W.shape[1]
+    W = W.clone()
+    H = H.detach().double().clone()
+    dead = torch.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H += damp * float(torch.diag(H).mean()) * torch.eye(cols, dtype=H.dtype)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    W, bits, scales, keep = W[:, perm], bits[:, perm], scales[:, perm], keep[:, perm]
+    H = H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # the decoder's arithmetic per element, prepared once: level = clamp(round(w / s), ±h), value = level · s
+    inv = torch.where(scales > 0, 1.0 / torch.where(scales > 0, scales, torch.ones_like(scales)), torch.zeros_like(scales))
+    h = half_range(bits.clamp(min=1).double(), grid).clamp(min=0.5)
+    live = (keep & (bits > 0)).double()
+    one, f16 = bits == 1, bits == 16
+    has_one, has_f16 = one.any(0).tolist(), f16.any(0).tolist()
+    Q = torch.zeros_like(W)
+    for i0 in range(0, cols, block):
+        i1 = min(i0 + block, cols)
+        Wb = W[:, i0:i1].clone()
+        Eb = torch.zeros_like(Wb)
+        for j in range(i1 - i0):
+            i = i0 + j
+            w = Wb[:, j]
+            v = w * inv[:, i]
+            lev = (torch.floor(v) + 0.5 if grid == "midrise" else torch.round(v))
+            q = torch.minimum(torch.maximum(lev, -h[:, i]), h[:, i]) * scales[:, i]
+            if has_one[i]:
+                q = torch.where(one[:, i], torch.where(w >= 0, scales[:, i], -scales[:, i]), q)
+            if has_f16[i]:
+                q = torch.where(f16[:, i], w.clamp(-65504, 65504).half().double(), q)
+            q = q * live[:, i]
+            Q[:, i] = q
+            e = (w - q) / U[i, i]
+            Wb[:, j:] -= e[:, None] * U[i, i:i1][None, :]
+            Eb[:, j] = e
+        W[:, i1:] -= Eb @ U[i0:i1, i1:]
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return out
+
+
+def _element_quantizer(qt: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qt``'s bits, scales (float64) and survivors per element, as ``[rows, cols]``."""
+    lay = qt.layout
+    el = lay.group_of_element().reshape(lay.rows, lay.cols)
+    return (torch.from_numpy(qt.bits.astype(np.int64)[el]), torch.from_numpy(qt.scales.astype(np.float64)[el]),
+            torch.from_numpy(qt.mask.reshape(lay.rows, lay.cols)))
+
+
+def gptq_round(weight: torch.Tensor, qt: QuantTensor, hessian: torch.Tensor, damp: float = 0.01,
+               block: int = 128) -> QuantTensor:
+    """Error-compensating rounding (GPTQ, Frantar et al. 2023; OBQ for CNNs, Frantar & Alistarh 2022).
+
+    Keeps ``qt``'s bit-widths, scales, survivor mask and grid and chooses new codes for ``weight`` (its
+    ``[rows, cols]`` view) that minimise the layer's output error ``Σ_rows (w − q)ᵀ H (w − q)`` greedily:
+    columns are rounded one at a time, most active input first, and each rounding error is spread over the
+    columns not yet rounded through the inverse Hessian. ``hessian`` is ``E[x xᵀ]`` over the layer's
+    inputs (``[cols, cols]``; for a convolution, its unfolded patches). Pruned weights are set to zero and
+    their error compensated like any other. ``damp`` × mean(diag H) is added to the diagonal for stability.
+    Rows are independent: each row's result depends only on that row, ``H`` and its quantizer.
+    """
+    return gptq_round_many(weight, [qt], hessian, damp, block)[0]
+
+
+def gptq_round_many(weight: torch.Tensor, qts: list[QuantTensor], hessian: torch.Tensor, damp: float = 0.01,
+                    block: int = 128) -> list[QuantTensor]:
+    """:func:`gptq_round` of one weight under several quantizers (e.g. every candidate bit-width) in one pass:
+    rows are independent, so the quantizers' rows are stacked and share one factorisation of ``H``."""
+    lay = qts[0].layout
+    rows, cols = lay.rows, lay.cols
+    if tuple(hessian.shape) != (cols, cols):
+        raise LrpcError(f"GPTQ needs a {cols}x{cols} Hessian for weight {tuple(weight.shape)}, "
+                        f"got {tuple(hessian.shape)}")
+    W = weight.detach().reshape(1, rows, cols).double().expand(len(qts), rows, cols).reshape(-1, cols)
+    bits, scales, keep = (torch.cat(t) for t in zip(*(_element_quantizer(qt) for qt in qts)))
+    Q = _gptq(W, hessian, bits, scales, keep, qts[0].grid, damp, block).float()
+    return [requantize(Q[k * rows:(k + 1) * rows].reshape(lay.shape), qt) for k, qt in enumerate(qts)]

@@ -23,7 +23,7 @@ from .data import ImageData
 from .errors import LrpcError, LrpcWarning
 from .models import model_device
 from .progress import progress
-from .quantization import GroupLayout, QuantTensor, half_range, nearest_level
+from .quantization import GroupLayout, QuantTensor, half_range, nearest_level, requantize
 
 
 @dataclass(frozen=True)
@@ -146,24 +146,6 @@ class _STE(nn.Module):
     def stored_scales(self) -> np.ndarray:
         """The float16 scales the file stores after training."""
         return self.current_scales().detach().cpu().numpy().astype(np.float16)
-
-
-def requantize(w: torch.Tensor, qt: QuantTensor) -> QuantTensor:
-    """Codes of ``w`` under ``qt``'s fixed bits, scales, mask and grid."""
-    lay = qt.layout
-    g, _ = lay.to_groups(w.detach().float())
-    b = torch.from_numpy(qt.bits.astype(np.int64))[:, None]
-    s = torch.from_numpy(qt.scales.astype(np.float32))[:, None]
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    h = half_range(b.clamp(min=1).float(), qt.grid).clamp(min=0.5)
-    mid = nearest_level(g / safe, h, qt.grid) + h
-    one = (g >= 0).long()
-    half = torch.from_numpy(g.clamp(-65504, 65504).half().numpy().view(np.uint16).astype(np.int64))
-    codes = torch.where(b == 1, one, mid.long())
-    codes = torch.where(b == 16, half, codes)
-    flat = lay.from_groups(codes).reshape(-1).numpy()
-    return QuantTensor(lay, qt.bits.copy(), qt.scales.copy(), qt.mask.copy(), flat[qt.mask].astype(np.int64),
-                       qt.grid, qt.entropy)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -452,78 +452,6 @@ def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_s
     return {f"{n}.weight": a.cpu() for n, a in zip(names, acc)}
 
 
-@dataclass
-class ActivationStats:
-    """Reference-data statistics per layer with weights (BatchNorm folded): ``input_power[name]`` is the mean
-    squared input per input channel; ``output_abs[name]`` the mean |output| per output channel."""
-
-    input_power: dict[str, torch.Tensor]
-    output_abs: dict[str, torch.Tensor]
-    output_mean: dict[str, torch.Tensor]
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.no_grad()
-def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batch_size: int = 64, seed: int = 0,
-                     indices=None, stop_at: str | None = None) -> ActivationStats:
-    """One forward pass over reference samples collecting per-channel input power and output magnitude.
-
-    ``stop_at`` (a layer name) ends each forward pass once that layer's output is recorded; the layers
-    before it get the same statistics as in a full pass."""
-    idx = sample_indices(len(data), samples, seed, data.y) if indices is None else indices
-    dev = model_device(model)
-    folds = {v: k for k, v in _find_folds(model, data.tensor(idx[:1], dev)).items()}
-    power: dict[str, torch.Tensor] = {}
-    absz: dict[str, torch.Tensor] = {}
-    meanz: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def chan(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(0, 1).reshape(t.shape[1], -1).double()
-
-    def pre(name: str):
-        def hook(mod: nn.Module, inp: tuple) -> None:
-            x = inp[0]
-            power[name] = power.get(name, 0) + chan(x * x).mean(1)
-            counts[name] = counts.get(name, 0) + 1
-        return hook
-
-    def post(name: str):
-        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            c = chan(out)
-            absz[name] = absz.get(name, 0) + c.abs().mean(1)
-            meanz[name] = meanz.get(name, 0) + c.mean(1)
-            if name == stop_at:
-                raise _StopForward
-        return hook
-
-    handles = []
-    was = model.training
-    model.eval()
-    try:
-        for name, m in model.named_modules():
-            if isinstance(m, WEIGHTED):
-                handles.append(m.register_forward_pre_hook(pre(name)))
-                handles.append(folds.get(m, m).register_forward_hook(post(name)))
-        for x, _ in data.batches(batch_size, idx, dev):
-            try:
-                model(x)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    key = lambda n: f"{n}.weight"  # noqa: E731
-    absz = {n: v for n, v in absz.items() if n in counts}
-    return ActivationStats({key(n): (v / counts[n]).cpu() for n, v in power.items()},
-                           {key(n): (v / counts[n]).cpu() for n, v in absz.items()},
-                           {key(n): (v / counts[n]).cpu() for n, v in meanz.items()})
-
-
 def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[str, str]]:
     """Read a relevance file written by :meth:`Relevance.save` (weights only) and its metadata."""
     from safetensors import safe_open
@@ -537,4 +465,4 @@ def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[s
 
 
 __all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores",
-           "referenced_channel_relevance", "lrp_pass", "layer_names", "activation_stats", "ActivationStats", "check_supported", "load_relevance", "START_POINTS"]
+           "referenced_channel_relevance", "lrp_pass", "layer_names", "check_supported", "load_relevance", "START_POINTS"]
