@@ -232,14 +232,32 @@ def test_error_tables_under_a_hessian_are_the_output_errors_of_gptq_rounding():
     tilt = torch.arange(1.0, 7.0)[:, None].expand(6, 36)
     lay = GroupLayout((6, 36), 36)
     errs, rates = group_errors_and_rates(W, mask, lay, (0, 2, 3, 16), tilt, hessian=H)
-    for b in (2, 3):
+    row_tilt = torch.arange(1.0, 7.0, dtype=torch.float64)
+    for b in (2, 3, 16):  # float16 rows too: their pruned weights' error is compensated
         q = gptq_round(W, quantize_tensor(W, b, mask=mask), H).dequantize()
         D = (W - q).double()
-        assert torch.allclose(errs[b], (D @ H * D).sum(1) * torch.arange(1.0, 7.0, dtype=torch.float64))
-        assert np.array_equal(rates[b], mask.sum(1).numpy() * b)
-    row_tilt = torch.arange(1.0, 7.0, dtype=torch.float64)
-    for b, kept in ((0, torch.zeros_like(W)), (16, (W * mask).half().float())):  # nothing to round
-        D = (W - kept).double()
         assert torch.allclose(errs[b], (D @ H * D).sum(1) * row_tilt)
+        assert np.array_equal(rates[b], mask.sum(1).numpy() * b)
+    assert torch.allclose(errs[0], (W.double() @ H * W.double()).sum(1) * row_tilt)  # a removed row
     with pytest.raises(LrpcError, match="one group per output channel"):
         group_errors_and_rates(W, mask, GroupLayout((6, 36), 12), (2,), hessian=H)
+
+
+def test_a_row_wise_pick_of_gptq_candidates_is_gptq_at_mixed_widths():
+    """GPTQ's rows are independent: the allocator's per-width results composed row by row are exactly what
+    rounding the mixed allocation again gives, bytes included."""
+    from lrpcompress.packing import quant_bytes
+    from lrpcompress.quantization import compose_rows, gptq_candidates, gptq_round
+
+    torch.manual_seed(5)
+    W = torch.randn(9, 4, 3, 3)
+    mask = torch.rand(9, 4, 3, 3) > 0.25
+    H = _correlated_inputs(36, seed=5)
+    lay = GroupLayout((9, 4, 3, 3), 36)
+    cands = gptq_candidates(W, mask, lay, (0, 1, 2, 3, 5, 8, 16), H, grid="symmetric", entropy=True)
+    bits = np.array([0, 1, 2, 3, 5, 8, 16, 3, 2])
+    got = compose_rows(cands, bits)
+    ref = gptq_round(W, quantize_tensor(W, bits, None, mask, entropy=True), H)
+    for f in ("bits", "scales", "mask", "codes"):
+        assert np.array_equal(getattr(got, f), getattr(ref, f)), f
+    assert got.shape == (9, 4, 3, 3) and got.entropy and quant_bytes(got) == quant_bytes(ref)

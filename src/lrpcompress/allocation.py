@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import LrpcError
-from .quantization import GroupLayout, group_errors_and_rates
+from .quantization import GroupLayout, QuantTensor, group_errors_and_rates
 
 GROUP_OVERHEAD_BITS = 16 + 8
 
@@ -36,11 +36,12 @@ class LayerCosts:
 
 def layer_costs(name: str, weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, options: tuple[int, ...],
                 importance: torch.Tensor | None, search_clip: bool = True, grid: str = "symmetric",
-                entropy: bool = False, hessian: torch.Tensor | None = None) -> LayerCosts:
+                entropy: bool = False, hessian: torch.Tensor | None = None,
+                candidates: Mapping[int, QuantTensor] | None = None) -> LayerCosts:
     """Error and cost tables of one tensor (``hessian``: errors at the layer's output under GPTQ rounding,
-    :func:`~lrpcompress.quantization.group_errors_and_rates`)."""
+    ``candidates`` the GPTQ results if already computed: :func:`~lrpcompress.quantization.group_errors_and_rates`)."""
     errs, rates = group_errors_and_rates(weight, mask, layout, options, importance, search_clip, grid, entropy,
-                                         hessian)
+                                         hessian, candidates)
     E = np.stack([errs[b].numpy() for b in options], 1)
     C = np.stack([rates[b] + GROUP_OVERHEAD_BITS for b in options], 1)
     return LayerCosts(name, layout, options, E, C)

@@ -26,7 +26,8 @@ from .packing import Payload, decode, encode, load_payload, quant_bytes, save_pa
 from .pruning import PruneConfig, prune_masks
 from .recovery import FinetuneConfig, finetune
 from .calibration import ActivationStats, activation_stats, input_hessians
-from .quantization import VALID_BITS, GroupLayout, QuantTensor, check_grid, gptq_round, quantize_tensor
+from .quantization import (VALID_BITS, GroupLayout, QuantTensor, check_grid, compose_rows, gptq_candidates, gptq_round,
+                           quantize_tensor)
 from .relevance import RelevanceConfig, _bn_affine, _find_folds, compute_relevance, layer_names, taylor_scores
 
 SCORES = ("lrp", "taylor", "deeplift", "magnitude", "random", "none")
@@ -496,12 +497,25 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
             scores[score_key("hessians", config)] = input_hessians(
                 model, train, sample_indices(len(train), r.samples, r.seed, train.y), r.batch_size)
         hessians = scores[score_key("hessians", config)]
+    # per-channel layers under GPTQ: every width's result is computed once; an allocation picks rows of them
+    rowwise = {k for k in canon.weights if k in hessians and layouts[k].per_row == 1}
+    rounded: dict[str, dict[int, QuantTensor]] = {}
+
+    def candidates(k: str, widths) -> dict[int, QuantTensor]:
+        have = rounded.setdefault(k, {})
+        missing = sorted(set(int(b) for b in widths) - set(have))
+        if missing:
+            have.update(gptq_candidates(canon.weights[k], masks[k], layouts[k], missing, hessians[k], q.search_clip,
+                                        q.grid, q.entropy_coding))
+        return have
 
     def build(bits_map: Mapping[str, np.ndarray], correct: bool = False) -> CompressedModel:
         tensors: dict[str, Any] = {}
         state = model.state_dict()
         for k in state:
-            if k in canon.weights:
+            if k in rowwise:
+                tensors[k] = compose_rows(candidates(k, np.unique(bits_map[k])), bits_map[k])
+            elif k in canon.weights:
                 tensors[k] = quantize_tensor(canon.weights[k], bits_map[k], layouts[k].group_size, masks[k],
                                              q.search_clip, q.grid, q.entropy_coding)
                 if k in hessians:
@@ -533,10 +547,12 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         imp = channel_importance({k: canon.weights[k] for k in free}, stats, imp_channels, q.power)
         options = tuple(b for b in q.bit_options)
         # under GPTQ rounding a channel's error is measured through the input Hessian (per-channel groups)
-        via_h = [k for k in free if k in hessians and layouts[k].per_row == 1]
-        tilt = channel_importance({k: canon.weights[k] for k in via_h}, stats, imp_channels, q.power, input_power=False)
-        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, tilt.get(k, imp[k]), q.search_clip,
-                              q.grid, q.entropy_coding, hessians.get(k) if k in tilt else None) for k in free]
+        tilt = channel_importance({k: canon.weights[k] for k in free if k in rowwise}, stats, imp_channels, q.power,
+                                  input_power=False)
+        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, tilt[k], q.search_clip, q.grid,
+                              q.entropy_coding, hessians[k], candidates(k, options)) if k in rowwise else
+                  layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip, q.grid,
+                              q.entropy_coding) for k in free]
         target = allocation_target(config, d_bytes)
         if target is None:  # the budget of uniform `bits`
             budget_bits = float(sum(t.costs[:, options.index(q.bits)].sum() for t in tables)) if q.bits in options \

@@ -11,6 +11,7 @@ the zeros); ``±s`` for 1 bit, raw float16 for 16 bits, nothing for 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -195,20 +196,24 @@ def group_errors(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, 
 def group_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout,
                            bit_options: tuple[int, ...], importance: torch.Tensor | None = None,
                            search_clip: bool = True, grid: str = "symmetric", entropy: bool = False,
-                           hessian: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
+                           hessian: torch.Tensor | None = None,
+                           candidates: Mapping[int, QuantTensor] | None = None,
+                           ) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
     """:func:`group_errors` and, per bit-width, the bits each group's surviving codes take: ``b`` per code,
     or with ``entropy`` their rANS cost under the table of the whole tensor quantized at ``b`` (the table
     the file would store if every group had that width; a subset coded with its own table costs no more
     than this estimate, up to the table and the lanes' states).
 
-    With ``hessian`` (one group per row only) the rounding is :func:`gptq_round`'s and a row's error is its
-    output error ``(√imp ⊙ d)ᵀ H (√imp ⊙ d)`` with ``d = w − q``: the importance then should not carry the
-    input power again (``H``'s diagonal is that power)."""
+    With ``hessian`` (one group per row only) the rounding is GPTQ's (:func:`gptq_candidates`, or the given
+    ``candidates``) and a row's error is its output error ``(√imp ⊙ d)ᵀ H (√imp ⊙ d)`` with ``d = w − q``: the
+    importance then should not carry the input power again (``H``'s diagonal is that power)."""
     from .entropy import code_lengths, normalize_freqs
 
     if hessian is not None:
-        return _gptq_errors_and_rates(weight, mask, layout, bit_options, importance, search_clip, grid, entropy,
-                                      hessian)
+        if candidates is None:
+            candidates = gptq_candidates(weight, mask, layout, bit_options, hessian, search_clip, grid)
+        return _output_errors_and_rates(weight, {b: candidates[b] for b in bit_options}, hessian, importance,
+                                        entropy)
     groups, valid = layout.to_groups(weight.detach().float())
     mgroups, _ = layout.to_groups(mask.float())
     imp = layout.to_groups(importance.float())[0] if importance is not None else valid.float()
@@ -230,33 +235,26 @@ def group_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: Gro
     return errors, rates
 
 
-def _gptq_errors_and_rates(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout,
-                           bit_options: tuple[int, ...], importance: torch.Tensor | None, search_clip: bool,
-                           grid: str, entropy: bool,
-                           hessian: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
+def _output_errors_and_rates(weight: torch.Tensor, candidates: Mapping[int, QuantTensor], hessian: torch.Tensor,
+                             importance: torch.Tensor | None,
+                             entropy: bool) -> tuple[dict[int, torch.Tensor], dict[int, np.ndarray]]:
     from .entropy import code_lengths, normalize_freqs
 
-    if layout.per_row != 1:
-        raise LrpcError("output errors under a Hessian need one group per output channel (group_size=None)")
-    rows, cols = layout.rows, layout.cols
+    lay = next(iter(candidates.values())).layout
+    rows, cols = lay.rows, lay.cols
     w = weight.detach().float().reshape(rows, cols)
     root = importance.detach().double().reshape(rows, cols).sqrt() if importance is not None else 1.0
     H = hessian.detach().double()
-    survivors = mask.reshape(rows, cols).sum(1).numpy().astype(np.float64)
-    qts = {b: quantize_tensor(w, b, None, mask.reshape(rows, cols), search_clip, grid) for b in bit_options}
-    rounded = [b for b in bit_options if 1 <= b <= 8]  # 0 and 16 bits have nothing to round
-    if rounded:
-        qts.update(zip(rounded, gptq_round_many(w, [qts[b] for b in rounded], H)))
+    row_of = np.repeat(np.arange(rows), cols)
     errors, rates = {}, {}
-    for b, qt in qts.items():
-        d = (w - qt.dequantize()).double() * root
+    for b, qt in candidates.items():
+        d = (w - qt.dequantize().reshape(rows, cols)).double() * root
         errors[b] = (d @ H * d).sum(1)
         if entropy and 1 <= b <= 8 and qt.codes.size:
             lengths = code_lengths(normalize_freqs(np.bincount(qt.codes, minlength=1 << b)))[qt.codes]
-            row = np.repeat(np.arange(rows), cols)[qt.mask]
-            rates[b] = np.bincount(row, weights=lengths, minlength=rows)
+            rates[b] = np.bincount(row_of[qt.mask], weights=lengths, minlength=rows)
         else:
-            rates[b] = survivors * b
+            rates[b] = qt.mask.reshape(rows, cols).sum(1).astype(np.float64) * b
     return errors, rates
 
 
@@ -392,3 +390,39 @@ def gptq_round_many(weight: torch.Tensor, qts: list[QuantTensor], hessian: torch
     bits, scales, keep = (torch.cat(t) for t in zip(*(_element_quantizer(qt) for qt in qts)))
     Q = _gptq(W, hessian, bits, scales, keep, qts[0].grid, damp, block).float()
     return [requantize(Q[k * rows:(k + 1) * rows].reshape(lay.shape), qt) for k, qt in enumerate(qts)]
+
+
+def gptq_candidates(weight: torch.Tensor, mask: torch.Tensor, layout: GroupLayout, bit_options,
+                    hessian: torch.Tensor, search_clip: bool = True, grid: str = "symmetric",
+                    entropy: bool = False) -> dict[int, QuantTensor]:
+    """``weight`` rounded by GPTQ with every row at each width of ``bit_options`` (one group per output channel;
+    scales from the clip search, as :func:`quantize_tensor`'s), in one pass. GPTQ's rows are independent, so
+    any per-row mix of these widths is a row-wise pick of them: :func:`compose_rows`."""
+    if layout.per_row != 1:
+        raise LrpcError("output errors under a Hessian need one group per output channel (group_size=None)")
+    qts = {b: quantize_tensor(weight, b, None, mask, search_clip, grid, entropy) for b in bit_options}
+    rounded = [b for b in qts if b > 0]
+    if rounded:
+        qts.update(zip(rounded, gptq_round_many(weight, [qts[b] for b in rounded], hessian)))
+    return qts
+
+
+def compose_rows(candidates: Mapping[int, QuantTensor], bits: np.ndarray) -> QuantTensor:
+    """The tensor whose row ``r`` is ``candidates[bits[r]]``'s row ``r`` (:func:`gptq_candidates`): what
+    :func:`gptq_round` gives at those mixed widths, without rounding again."""
+    first = next(iter(candidates.values()))
+    lay = first.layout
+    rows, cols = lay.rows, lay.cols
+    bits = np.asarray(bits, dtype=np.int64)
+    codes = np.zeros((rows, cols), np.int64)
+    keep = np.zeros((rows, cols), bool)
+    scales = np.zeros(rows, np.float16)
+    for b in np.unique(bits).tolist():
+        qt, sel = candidates[b], bits == b
+        full = np.zeros(rows * cols, np.int64)
+        full[qt.mask] = qt.codes
+        codes[sel] = full.reshape(rows, cols)[sel]
+        keep[sel] = qt.mask.reshape(rows, cols)[sel]
+        scales[sel] = qt.scales[sel]
+    flat = keep.reshape(-1)
+    return QuantTensor(lay, bits.astype(np.uint8), scales, flat, codes.reshape(-1)[flat], first.grid, first.entropy)
