@@ -131,7 +131,8 @@ class Runner:
                     try:
                         self.fitted[key] = fit_sparsity(self.model, self.fit,
                                                         self.with_quant(method, b, keep_edges=keep, grid=grid),
-                                                        b, self.arch, target_bytes=int(self.dense_bytes() / budget))
+                                                        b, self.arch, target_bytes=int(self.dense_bytes() / budget),
+                                                        scores=self.cache)
                     except LrpcError:
                         self.fitted[key] = None
                 s = self.fitted[key]
@@ -146,7 +147,8 @@ class Runner:
         base = replace(self.cfg(method), target_ratio=budget)
         key = ("knobs", budget)
         if key not in self.fitted:
-            self.fitted[key] = resolve_knobs(self.model, self.fit, base, knob_grid(budget), self.arch)
+            self.fitted[key] = resolve_knobs(self.model, self.fit, base, knob_grid(budget), self.arch,
+                                             scores=self.cache)
         return [({"target_ratio": budget, "sparsity": s, "min_bits": mb}, with_knobs(base, s, mb))
                 for s, mb in self.fitted[key]]
 

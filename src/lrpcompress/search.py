@@ -48,13 +48,14 @@ def knob_grid(ratio: float) -> list[tuple[float | None, int]]:
 
 def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min_bits: int, arch: str,
                  step: float = 0.005, model_spec_extra: Mapping[str, Any] | None = None,
-                 target_bytes: int | None = None) -> float:
+                 target_bytes: int | None = None, scores: dict[str, Any] | None = None) -> float:
     """The smallest magnitude sparsity (a multiple of ``step``) at which every weight at ``min_bits`` bits fits
     ``target_bytes`` (default: the bytes ``config``'s size target leaves the allocator, which keeps room for
     fine-tuning: :func:`~lrpcompress.compress.allocation_target`), measured on the real file (no bias
     correction: it never changes the size; the clip search stays, since with entropy coding the scales change
     the coded size). The size falls about linearly with the sparsity (exactly, for bit-packed codes with a bitmap
-    index): two probes place a line, a few more confirm it."""
+    index): two probes place a line, a few more confirm it. ``scores``: a cache shared with other
+    :func:`~lrpcompress.compress.compress` calls (the probes need only the calibration Hessians of GPTQ rounding)."""
     if target_bytes is None and config.target_ratio is None and config.target_bytes is None:
         raise LrpcError("fitting a sparsity needs a size target (--target-ratio or --target-bytes)")
     target = target_bytes or allocation_target(config, dense_bytes(model))
@@ -62,8 +63,10 @@ def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min
                     finetune=replace(config.finetune, epochs=0),
                     quant=replace(config.quant, allocation="uniform", bits=min_bits, importance="none"))
 
+    scores = {} if scores is None else scores
+
     def size(s: float) -> int:
-        return compress(model, train, with_knobs(probe, s, 1), arch, show_progress=False,
+        return compress(model, train, with_knobs(probe, s, 1), arch, scores=scores, show_progress=False,
                         model_spec_extra=model_spec_extra).file_bytes
 
     if size(0.0) <= target:
@@ -82,13 +85,16 @@ def fit_sparsity(model: nn.Module, train: ImageData, config: CompressConfig, min
 
 
 def resolve_knobs(model: nn.Module, train: ImageData, config: CompressConfig, grid: list[tuple[float | None, int]],
-                  arch: str, model_spec_extra: Mapping[str, Any] | None = None) -> list[tuple[float, int]]:
-    """:func:`knob_grid` with fitted sparsities computed; settings that cannot fit at all are dropped."""
+                  arch: str, model_spec_extra: Mapping[str, Any] | None = None,
+                  scores: dict[str, Any] | None = None) -> list[tuple[float, int]]:
+    """:func:`knob_grid` with fitted sparsities computed (``scores``: a cache, :func:`fit_sparsity`); settings that
+    cannot fit at all are dropped."""
     out = []
     for sparsity, min_bits in grid:
         if sparsity is None:
             try:
-                sparsity = fit_sparsity(model, train, config, min_bits, arch, model_spec_extra=model_spec_extra)
+                sparsity = fit_sparsity(model, train, config, min_bits, arch, model_spec_extra=model_spec_extra,
+                                        scores=scores)
             except LrpcError:
                 continue
         if (sparsity, min_bits) not in out:
@@ -128,11 +134,11 @@ def compress_tuned(model: nn.Module, fit: ImageData, val: ImageData, config: Com
         return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
                         show_progress=show_progress), {}
     ratio = config.target_ratio or dense_bytes(model) / config.target_bytes
-    grid = resolve_knobs(model, fit, config, knob_grid(ratio), arch, model_spec_extra)
-    if len(grid) == 1:
-        return compress(model, fit, config, arch, model_spec_extra=model_spec_extra, teacher=teacher,
-                        show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
     scores: dict[str, Any] = {}
+    grid = resolve_knobs(model, fit, config, knob_grid(ratio), arch, model_spec_extra, scores)
+    if len(grid) == 1:
+        return compress(model, fit, config, arch, scores=scores, model_spec_extra=model_spec_extra, teacher=teacher,
+                        show_progress=show_progress), {"sparsity": grid[0][0], "min_bits": grid[0][1]}
     best = None
     trials: list[dict[str, Any]] = []
     first_error: LrpcError | None = None
