@@ -549,10 +549,9 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
         # under GPTQ rounding a channel's error is measured through the input Hessian (per-channel groups)
         tilt = channel_importance({k: canon.weights[k] for k in free if k in rowwise}, stats, imp_channels, q.power,
                                   input_power=False)
-        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, tilt[k], q.search_clip, q.grid,
-                              q.entropy_coding, hessians[k], candidates(k, options)) if k in rowwise else
-                  layer_costs(k, canon.weights[k], masks[k], layouts[k], options, imp[k], q.search_clip, q.grid,
-                              q.entropy_coding) for k in free]
+        tables = [layer_costs(k, canon.weights[k], masks[k], layouts[k], options, tilt.get(k, imp[k]), q.search_clip,
+                              q.grid, q.entropy_coding, hessians[k] if k in tilt else None,
+                              candidates(k, options) if k in tilt else None) for k in free]
         target = allocation_target(config, d_bytes)
         if target is None:  # the budget of uniform `bits`
             budget_bits = float(sum(t.costs[:, options.index(q.bits)].sum() for t in tables)) if q.bits in options \
