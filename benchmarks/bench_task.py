@@ -68,6 +68,12 @@ def _setting(knobs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "target_ratio")
 
 
+def _candidate(cands: list, knobs: dict):
+    """The config of the candidate a row's knobs name (``Runner.finish`` adds the grid, rounding and coding)."""
+    shown = {k: v for k, v in knobs.items() if k not in ("grid", "rounding", "coding")}
+    return next(c for k, c in cands if k == shown)
+
+
 def _measured(r: Runner, res, base: dict, budget: float, pipeline: str, example, dense_macs: int, **fields) -> dict:
     """A row for ``res``: its written file's bytes and test accuracy (``Runner.finish``) and its MACs; the
     ratio counts from the unpruned model (``finish``'s counts from the model ``res`` was made from)."""
@@ -113,7 +119,7 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                 log(f"  {pipeline} @ {budget:g}x: no setting fits")
                 continue
             setting = _setting(row["knobs"])
-            chosen[pipeline] = (row["knobs"], next(c for k, c in cands if k == row["knobs"]))
+            chosen[pipeline] = (row["knobs"], _candidate(cands, row["knobs"]))
             measured[pipeline] = dict(base, budget=budget, pipeline=pipeline, file_bytes=row["file_bytes"],
                                       ratio=round(r.dense_bytes() / row["file_bytes"], 3), macs=1.0,
                                       val_accuracy=row["val_accuracy"], accuracy=row["accuracy"], setting=setting)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lrpcompress.calibration import hessian_supported, input_hessians
+from lrpcompress.calibration import activation_stats, hessian_supported, input_hessians
 from lrpcompress.data import ImageData
 
 
@@ -63,3 +63,29 @@ def test_hessian_sums_over_batches_like_one_batch():
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     x = F.unfold(data.tensor(np.arange(12)), 3).transpose(1, 2).reshape(-1, 27).double()
     assert torch.allclose(a["0.weight"], x.T @ x / len(x), atol=1e-6)
+
+
+class _Fails(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("broken forward")
+
+
+def test_a_failing_forward_leaves_no_hooks_and_restores_the_training_mode():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _Fails())
+    model.train()
+    for measure in (lambda: input_hessians(model, _images(), np.arange(4)),
+                    lambda: activation_stats(model, _images(), indices=np.arange(4))):
+        with pytest.raises(RuntimeError, match="broken forward"):
+            measure()
+        assert model.training
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_stop_at_gives_the_earlier_layers_the_statistics_of_a_full_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    full = activation_stats(model, _images(), indices=np.arange(8))
+    early = activation_stats(model, _images(), indices=np.arange(8), stop_at="0")
+    assert set(early.output_abs) == {"0.weight"}
+    assert torch.allclose(full.input_power["0.weight"], early.input_power["0.weight"])
+    assert torch.allclose(full.output_mean["0.weight"], early.output_mean["0.weight"])

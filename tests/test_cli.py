@@ -327,7 +327,7 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     out, rep = tmp_path / "s.lrpc", tmp_path / "s.json"
     code, text, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                           "--samples", 8, "--classes", "0,1,8", "--prune-channels", 0.5, "--finetune-epochs", 1,
-                          "--out", out, "--report", rep)
+                          "--finetune-batch", 6, "--out", out, "--report", rep)
     assert code == 0, err
     assert "speed-up" in text
     report = json.loads(rep.read_text())
@@ -339,10 +339,10 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert report["speedup"] == pytest.approx(report["latency_ms"]["dense"]["64"] / report["latency_ms"]["compressed"]["64"],
                                               rel=1e-2)
     assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
-    # 12 training images of the 3 classes, one epoch: one step, which the user is told in one line
-    assert report["finetune_steps"] == 1
+    # 12 training images of the 3 classes, one epoch in batches of 6: two steps, which the user is told in one line
+    assert report["finetune_steps"] == 2
     warned = [ln for ln in err.splitlines() if "warning" in ln]
-    assert len(warned) == 1 and warned[0].startswith("lrpcompress: warning: fine-tuning runs only 1 optimizer steps")
+    assert len(warned) == 1 and warned[0].startswith("lrpcompress: warning: fine-tuning runs only 2 optimizer steps")
     from lrpcompress.compress import load_compressed
 
     net, payload = load_compressed(out)
@@ -507,6 +507,7 @@ def test_prune_channels_auto_searches_fractions_under_the_size_target(tmp_path, 
     (("--target-ratio", "8", "--finetune-scales", "sometimes"), "invalid choice"),
     (("--target-ratio", "8", "--grid", "nf4"), "invalid choice"),
     (("--target-ratio", "8", "--rounding", "adaround"), "invalid choice"),
+    (("--target-ratio", "8", "--finetune-epochs", "1", "--finetune-batch", "0"), "--finetune-batch"),
 ])
 def test_bad_channel_search_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,

@@ -10,6 +10,8 @@ Hooks are removed and the model's training mode restored in ``finally``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,24 @@ class ActivationStats:
 
 class _StopForward(Exception):
     pass
+
+
+@contextmanager
+def _hooked_eval(model: nn.Module, pre: list[tuple[nn.Module, Callable]],
+                 post: list[tuple[nn.Module, Callable]] = ()) -> Iterator[None]:
+    """The model in eval mode with forward pre-hooks and forward hooks on the given modules; all removed and
+    the training mode restored on exit, whatever happened inside."""
+    handles = []
+    was = model.training
+    model.eval()
+    try:
+        handles += [m.register_forward_pre_hook(h) for m, h in pre]
+        handles += [m.register_forward_hook(h) for m, h in post]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
 
 
 @torch.no_grad()
@@ -70,23 +90,13 @@ def activation_stats(model: nn.Module, data: ImageData, samples: int = 512, batc
                 raise _StopForward
         return hook
 
-    handles = []
-    was = model.training
-    model.eval()
-    try:
-        for name, m in model.named_modules():
-            if isinstance(m, WEIGHTED):
-                handles.append(m.register_forward_pre_hook(pre(name)))
-                handles.append(folds.get(m, m).register_forward_hook(post(name)))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, WEIGHTED)]
+    with _hooked_eval(model, [(m, pre(n)) for n, m in layers], [(folds.get(m, m), post(n)) for n, m in layers]):
         for x, _ in data.batches(batch_size, idx, dev):
             try:
                 model(x)
             except _StopForward:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
     key = lambda n: f"{n}.weight"  # noqa: E731
     absz = {n: v for n, v in absz.items() if n in counts}
     return ActivationStats({key(n): (v / counts[n]).cpu() for n, v in power.items()},
@@ -128,17 +138,8 @@ def input_hessians(model: nn.Module, data: ImageData, indices, batch_size: int =
             counts[name] = counts.get(name, 0) + X.shape[0]
         return hook
 
-    handles = []
-    was = model.training
-    model.eval()
-    try:
-        for name, m in model.named_modules():
-            if isinstance(m, WEIGHTED) and hessian_supported(m):
-                handles.append(m.register_forward_pre_hook(pre(name)))
+    pres = [(m, pre(n)) for n, m in model.named_modules() if isinstance(m, WEIGHTED) and hessian_supported(m)]
+    with _hooked_eval(model, pres):
         for x, _ in data.batches(batch_size, indices, dev):
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
     return {f"{n}.weight": s / counts[n] for n, s in sums.items()}

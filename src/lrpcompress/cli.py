@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
     c.add_argument("--finetune-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0, help="recovery fine-tuning epochs through the quantizers")
     c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=0.01)
+    c.add_argument("--finetune-batch", type=_positive_int, default=128, help="fine-tuning batch size")
     c.add_argument("--finetune-scales", default="learned", choices=("learned", "fixed"),
                    help="fine-tuning trains each group's scale too (LSQ), or keeps the allocator's scales")
     c.add_argument("--distill", type=_nonneg_float, default=1.0,
@@ -265,7 +266,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     cfg = replace(cfg, quant=q, prune=p if isinstance(p, PruneConfig) else cfg.prune,
                   prune_score=a.prune_score or cfg.prune_score,
                   target_ratio=a.target_ratio, target_bytes=a.target_bytes,
-                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, distill=a.distill, seed=a.seed,
+                  finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.finetune_batch,
+                                           distill=a.distill, seed=a.seed,
                                            learn_scales=a.finetune_scales == "learned"))
     extra_spec: dict = {"classes": list(classes)} if classes else {}
     sized = a.target_ratio is not None or a.target_bytes is not None
