@@ -557,3 +557,15 @@ def test_rounding_is_reported_and_nearest_is_the_plain_file(tmp_path, tiny_data,
         assert reports[rounding]["settings"]["quant"]["rounding"] == rounding
     assert (tmp_path / "gptq.lrpc").read_bytes() != (tmp_path / "nearest.lrpc").read_bytes()
     assert reports["gptq"]["mean_bits"] == reports["nearest"]["mean_bits"] == 3.0
+
+
+def test_demo_compresses_the_embedded_model_to_8x_without_losing_accuracy(capsys):
+    """README's first command: trains on scikit-learn's digits (no download), writes and reloads each file."""
+    code, out, err = run(capsys, "demo", "--epochs", 2)
+    assert code == 0, err
+    rows = {ln[:31].strip(): ln[31:].split() for ln in out.splitlines() if "%" in ln and "x " in ln}
+    assert set(rows) == {"float32 (trained)", "lrp (default)", "magnitude 30% + uniform 4-bit", "uniform 4-bit"}
+    dense, lrp = int(rows["float32 (trained)"][0]), rows["lrp (default)"]
+    assert int(lrp[0]) <= dense / 8 * 1.02 and float(lrp[1].rstrip("x")) >= 8 * 0.98
+    float_acc = float(rows["float32 (trained)"][2].rstrip("%"))
+    assert float(lrp[2].rstrip("%")) >= float_acc - 1.0
