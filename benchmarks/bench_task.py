@@ -68,12 +68,6 @@ def _setting(knobs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in knobs.items() if k != "target_ratio")
 
 
-def _candidate(cands: list, knobs: dict):
-    """The config of the candidate a row's knobs name (``Runner.finish`` adds the grid, rounding and coding)."""
-    shown = {k: v for k, v in knobs.items() if k not in ("grid", "rounding", "coding")}
-    return next(c for k, c in cands if k == shown)
-
-
 def _measured(r: Runner, res, base: dict, budget: float, pipeline: str, example, dense_macs: int, **fields) -> dict:
     """A row for ``res``: its written file's bytes and test accuracy (``Runner.finish``) and its MACs; the
     ratio counts from the unpruned model (``finish``'s counts from the model ``res`` was made from)."""
@@ -114,12 +108,13 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
                 if args.power is not None and method in ("lrp", "taylor", "random"):  # mse has no tilt to scale
                     pipeline = f"{method} power {args.power:g}"
                     cands = [(k, replace(c, quant=replace(c.quant, power=args.power))) for k, c in cands]
-            row = r.best_of(pipeline, budget, cands)
-            if row is None:
+            picked = r.pick(pipeline, budget, cands)
+            if picked is None:
                 log(f"  {pipeline} @ {budget:g}x: no setting fits")
                 continue
+            row, cfg = picked
             setting = _setting(row["knobs"])
-            chosen[pipeline] = (row["knobs"], _candidate(cands, row["knobs"]))
+            chosen[pipeline] = (row["knobs"], cfg)
             measured[pipeline] = dict(base, budget=budget, pipeline=pipeline, file_bytes=row["file_bytes"],
                                       ratio=round(r.dense_bytes() / row["file_bytes"], 3), macs=1.0,
                                       val_accuracy=row["val_accuracy"], accuracy=row["accuracy"], setting=setting)

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.calibration import _patches, hessian_supported  # noqa: E402
+from lrpcompress.calibration import _hooked_eval, _patches, hessian_supported  # noqa: E402
 from lrpcompress.compress import compress, method_config, score_key  # noqa: E402
 from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
@@ -52,19 +52,20 @@ def weighted_hessians(model, data, indices, weight: str, composite: str, batch_s
     sums: dict[str, torch.Tensor] = {}
     totals: dict[str, float] = {}
     caught: dict = {}
-    handles = []
-    with lrp_pass(model, get_composite(composite, 1e-6), data.tensor(indices[:1])) as states:
-        try:
-            for name, st in states.items():
-                if not hessian_supported(st.module):
-                    continue
-                handles.append(st.module.register_forward_pre_hook(
-                    lambda mod, inp, name=name: caught.__setitem__((name, "x"), inp[0].detach())))
 
-                def post(mod, inp, out, name=name):  # registered after the pass's hook: `out` is the surrogate
-                    caught[(name, "z")] = out.detach()
-                    out.register_hook(lambda g, name=name: caught.__setitem__((name, "g"), g.detach()))
-                handles.append((st.fold or st.module).register_forward_hook(post))
+    def pre(name: str):
+        return lambda mod, inp: caught.__setitem__((name, "x"), inp[0].detach())
+
+    def post(name: str):
+        def hook(mod, inp, out):  # registered after the pass's hook: `out` is the surrogate
+            caught[(name, "z")] = out.detach()
+            out.register_hook(lambda g: caught.__setitem__((name, "g"), g.detach()))
+        return hook
+
+    with lrp_pass(model, get_composite(composite, 1e-6), data.tensor(indices[:1])) as states:
+        covered = [(name, st) for name, st in states.items() if hessian_supported(st.module)]
+        with _hooked_eval(model, [(st.module, pre(n)) for n, st in covered],
+                          [(st.fold or st.module, post(n)) for n, st in covered]):
             for x, y in data.batches(batch_size, indices):
                 for st in states.values():
                     st.reset()
@@ -80,9 +81,6 @@ def weighted_hessians(model, data, indices, weight: str, composite: str, batch_s
                     s = ((g * g) if weight == "grad2" else (g * z).abs()).sum(1).reshape(-1)
                     sums[name] = sums.get(name, 0) + (X * s[:, None]).T @ X
                     totals[name] = totals.get(name, 0.0) + float(s.sum())
-        finally:
-            for h in handles:
-                h.remove()
     return {f"{n}.weight": v / totals[n] for n, v in sums.items()}
 
 

@@ -186,7 +186,12 @@ class Runner:
                 "machine": self.args.machine}
 
     def best_of(self, method: str, budget: float, candidates) -> dict | None:
-        """Among (knobs, config) candidates, the best validation accuracy that fits the budget.
+        """Among (knobs, config) candidates, the best validation accuracy that fits the budget (its row)."""
+        picked = self.pick(method, budget, candidates)
+        return None if picked is None else picked[0]
+
+    def pick(self, method: str, budget: float, candidates) -> tuple[dict, CompressConfig] | None:
+        """:meth:`best_of`'s row and the candidate config it measured.
 
         Every method gets the same cap, ``dense / budget`` bytes (what ``--target-ratio`` aims at). The file
         size does not depend on the bias correction (shifts are stored floats), so a cheap run without it
@@ -203,12 +208,12 @@ class Runner:
                 continue
             acc = self.val_acc(repr(cfg), res)
             if best is None or acc > best[0]:
-                best = (acc, knobs, res)
+                best = (acc, knobs, res, cfg)
         if best is None:
             return None
         row = self.finish(method, budget, best[2], best[1])
         row["val_accuracy"] = round(best[0], 2)
-        return row
+        return row, best[3]
 
     def dense_bytes(self) -> int:
         if self.dense is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -563,7 +564,8 @@ def test_demo_compresses_the_embedded_model_to_8x_without_losing_accuracy(capsys
     """README's first command: trains on scikit-learn's digits (no download), writes and reloads each file."""
     code, out, err = run(capsys, "demo", "--epochs", 2)
     assert code == 0, err
-    rows = {ln[:31].strip(): ln[31:].split() for ln in out.splitlines() if "%" in ln and "x " in ln}
+    cells = [re.split(r"\s{2,}", ln.strip()) for ln in out.splitlines() if "%" in ln and "x " in ln]
+    rows = {c[0]: c[1:] for c in cells}
     assert set(rows) == {"float32 (trained)", "lrp (default)", "magnitude 30% + uniform 4-bit", "uniform 4-bit"}
     dense, lrp = int(rows["float32 (trained)"][0]), rows["lrp (default)"]
     assert int(lrp[0]) <= dense / 8 * 1.02 and float(lrp[1].rstrip("x")) >= 8 * 0.98
