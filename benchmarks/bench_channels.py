@@ -45,14 +45,20 @@ from lrpcompress.structured import (ChannelPruneConfig, apply_shapes, prune_chan
 
 SHARED = ROOT.parent / "shared"
 CRITERIA = {  # name -> ChannelPruneConfig overrides
-    "l1": {"criterion": "l1"},
-    "bn_scale": {"criterion": "bn_scale"},
-    "taylor": {"criterion": "taylor"},
-    "lrp_eps": {"criterion": "lrp", "composite": "epsilon", "reference": "zero"},
-    "lrp_zplus": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "zero"},
-    # relevance measured from the channel's mean (what the compensated removal leaves); lrp_mean is the default
-    "lrp_zplus_mean": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "mean"},
-    "lrp_mean": {"criterion": "lrp", "composite": "epsilon", "reference": "mean"},
+    "l1": {"criterion": "l1", "reconstruct": False},
+    "bn_scale": {"criterion": "bn_scale", "reconstruct": False},
+    "taylor": {"criterion": "taylor", "reconstruct": False},
+    "lrp_eps": {"criterion": "lrp", "composite": "epsilon", "reference": "zero", "reconstruct": False},
+    "lrp_zplus": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "zero", "reconstruct": False},
+    # relevance measured from the channel's mean (what the compensated removal leaves); lrp_mean_refit is the
+    # library's default since 2026-12-01 (lrp_mean until then); the rows without _refit: mean compensation only
+    "lrp_zplus_mean": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "mean",
+                       "reconstruct": False},
+    "lrp_mean": {"criterion": "lrp", "composite": "epsilon", "reference": "mean", "reconstruct": False},
+    # the same cut, then every reader of a removed channel refitted by least squares (reconstruct=True)
+    "l1_refit": {"criterion": "l1", "reconstruct": True},
+    "taylor_refit": {"criterion": "taylor", "reconstruct": True},
+    "lrp_mean_refit": {"criterion": "lrp", "composite": "epsilon", "reference": "mean", "reconstruct": True},
 }
 
 
@@ -94,7 +100,8 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
     keys: list[Budget | str] = [b for b in args.budgets if b[3] == "layer"]
     slims = []
     for budget in keys:
-        cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, samples=8, seed=args.seed,
+        cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, reconstruct=False, samples=8,
+                                 seed=args.seed,
                                  stream_fraction=budget[1], round_to=budget[2])
         slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
     for k, shape in (shapes or {}).items():

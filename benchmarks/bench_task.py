@@ -55,7 +55,7 @@ from lrpcompress.pruning import PruneConfig  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 from lrpcompress.search import ChannelSearch, compress_channel_search, fit_sparsity, with_knobs  # noqa: E402
-from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
+from lrpcompress.structured import CHANNEL_CRITERIA, ChannelPruneConfig  # noqa: E402
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -125,8 +125,7 @@ def bench_subset(arch: str, subset: list[int] | None, args: argparse.Namespace, 
             found = {}
             for f in args.fractions:
                 # one fraction per call, so every candidate's file is measured; the auto row is their best
-                search = ChannelSearch(ChannelPruneConfig(0.0, criterion, samples=args.samples, seed=args.seed),
-                                       fractions=(f,))
+                search = ChannelSearch(channel_config(criterion, args), fractions=(f,))
                 try:
                     res = compress_channel_search(r.model, r.fit, r.val, replace(r.cfg("lrp"), target_ratio=budget),
                                                   arch, search, show_progress=False)
@@ -180,8 +179,7 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
                 res = compress(r.model, r.fit, cfg, r.arch, scores=r.cache, show_progress=False)
                 setting = f"sparsity={s} (refitted with room for training)"
         else:
-            search = ChannelSearch(ChannelPruneConfig(0.0, channel[0], samples=args.samples, seed=args.seed),
-                                   fractions=(channel[1],))
+            search = ChannelSearch(channel_config(channel[0], args), fractions=(channel[1],))
             res = compress_channel_search(r.model, r.fit, r.val, cfg, r.arch, search, show_progress=False).result
         if res.file_bytes > cap:
             log(f"  {name} {tag} @ {budget:g}x: {res.file_bytes} B after training, over the {cap} B cap: no row")
@@ -238,6 +236,14 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
     (out / "task.md").write_text("\n".join(lines))
 
 
+def channel_config(criterion: str, args: argparse.Namespace) -> ChannelPruneConfig:
+    """A channel criterion of ``--criteria``: ``lrp``, ``l1``, ... cut with mean compensation only (as the committed
+    rows before 2026-12-01 were measured); ``lrp_refit``, ``l1_refit``, ...: then the least-squares refit (the
+    library's default since then)."""
+    return ChannelPruneConfig(0.0, criterion.removesuffix("_refit"), samples=args.samples, seed=args.seed,
+                              reconstruct=criterion.endswith("_refit"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20")
@@ -249,7 +255,8 @@ def main() -> None:
     ap.add_argument("--power", type=float, default=None,
                     help="exponent of the relevance tilt of the allocator pipelines (default: the method's, 0.25); "
                          "rows are named e.g. 'lrp power 0.5'")
-    ap.add_argument("--criteria", default="l1,lrp", help="channel criteria of the channel pipelines ('' for none)")
+    ap.add_argument("--criteria", default="l1,lrp", help="channel criteria of the channel pipelines ('' for none; lrp_refit, l1_refit, ...: "
+                         "with the least-squares refit after the cut)")
     ap.add_argument("--fractions", default="0.3,0.5", help="inner-channel fractions of the channel pipelines")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
@@ -277,6 +284,9 @@ def main() -> None:
     if args.power is not None and not args.power >= 0:
         ap.error(f"--power must be >= 0, got {args.power}")
     args.criteria = [c for c in args.criteria.split(",") if c]
+    bad = [c for c in args.criteria if c.removesuffix("_refit") not in CHANNEL_CRITERIA]
+    if bad:
+        ap.error(f"unknown --criteria {','.join(bad)}; choose from {', '.join(CHANNEL_CRITERIA)} (each optionally _refit)")
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.machine = _machine(args.device)
     subsets = [None if s == "all" else [int(c) for c in s.split(",")] for s in args.subsets.split(";")]

@@ -8,7 +8,7 @@ causes is (a − ā)·g summed over positions (g: relevance per unit of input, t
 a·g that plain LRP assigns it. This probe scores the inner channels of every residual block both ways, with
 the ε rule (≈ the gradient) and the z⁺ rule above the channel, aggregated four ways, and removes the lowest
 scores with the library's cut (mean compensation on, no fine-tuning). Accuracy is on training images of the
-classes held out from scoring (never the test split). The library's default (``ChannelPruneConfig()``:
+classes held out from scoring (never the test split). The library's default scoring (``ChannelPruneConfig(reconstruct=False)``:
 ε, mean, per image abs(Σ)) is recomputed through the library as a cross-check.
 """
 
@@ -113,9 +113,10 @@ def main() -> None:
                     return f"{accuracy(res.model, val, show_progress=False):.2f}"
 
                 for label, s in got.items():
-                    rows[label][col] = cut(ChannelPruneConfig(f, seed=seed), s)
-                rows["library default (ε, mean, per image abs(Σ))"][col] = cut(ChannelPruneConfig(f, seed=seed))
-                rows["filter L1"][col] = cut(ChannelPruneConfig(f, criterion="l1", seed=seed))
+                    rows[label][col] = cut(ChannelPruneConfig(f, seed=seed, reconstruct=False), s)
+                rows["library default (ε, mean, per image abs(Σ))"][col] = cut(
+                    ChannelPruneConfig(f, seed=seed, reconstruct=False))
+                rows["filter L1"][col] = cut(ChannelPruneConfig(f, criterion="l1", seed=seed, reconstruct=False))
                 print(col, {k: v[col] for k, v in rows.items()}, flush=True)
     cols = [("score", "score")] + [(k, k) for k in rows["filter L1"] if k != "score"]
     text = ["# Channel relevance measured from zero or from the mean (held-out training images)", "",

@@ -287,6 +287,18 @@ def test_user_factory_file_needs_explicit_arch(tmp_path, tiny_data, capsys, monk
     from lrpcompress.packing import load_payload
 
     assert load_payload(slim).model["shapes"]["0"] == [2, 3]  # out, in channels of the conv
+    # the same cut without the least-squares refit: same shapes, other weights
+    plain = tmp_path / "p.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "mypkg:net", "--weights", tmp_path / "w.pt", "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.5, "--no-channel-reconstruct", "--no-speed", "--out", plain)
+    assert code == 0, err
+    assert load_payload(plain).model["shapes"] == load_payload(slim).model["shapes"]
+    from lrpcompress.compress import load_compressed
+    from lrpcompress.structured import apply_shapes
+
+    shapes = load_payload(slim).model["shapes"]
+    w = {f: load_compressed(f, apply_shapes(mod.net(), shapes))[0].state_dict()["4.weight"] for f in (slim, plain)}
+    assert not torch.equal(w[slim], w[plain])  # the classifier reading the cut channels was refitted
 
 
 def test_rules_lists_composites(capsys):
@@ -340,6 +352,7 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert report["speedup"] == pytest.approx(report["latency_ms"]["dense"]["64"] / report["latency_ms"]["compressed"]["64"],
                                               rel=1e-2)
     assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
+    assert report["channel_pruning"]["settings"]["reconstruct"] is True  # the least-squares refit, by default
     # 12 training images of the 3 classes, one epoch in batches of 6: two steps, which the user is told in one line
     assert report["finetune_steps"] == 2
     warned = [ln for ln in err.splitlines() if "warning" in ln]

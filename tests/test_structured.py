@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -82,12 +84,13 @@ def test_mean_compensation_is_exact_for_constant_channels():
     data = random_data(16)
     x = data.tensor(np.arange(16))
     ref = model(x)
-    cfg = ChannelPruneConfig(0.25, criterion="l1", samples=16)
+    cfg = ChannelPruneConfig(0.25, criterion="l1", samples=16, reconstruct=False)
     res = prune_channels(model, data, cfg, show_progress=False)
     assert res.removed == {"conv1": [2, 5]}
     assert res.shapes == {"conv1": [6, 3], "bn1": [6], "conv2": [1, 6]}
     torch.testing.assert_close(res.model(x), ref, rtol=1e-5, atol=1e-5)
-    plain = prune_channels(model, data, ChannelPruneConfig(0.25, criterion="l1", samples=16, compensate=False),
+    plain = prune_channels(model, data, ChannelPruneConfig(0.25, criterion="l1", samples=16, compensate=False,
+                                                             reconstruct=False),
                            show_progress=False)
     assert (plain.model(x) - ref).abs().max() > 1e-2  # without compensation the constant is lost
     assert model.conv1.out_channels == 8  # the input model is untouched
@@ -106,7 +109,7 @@ def test_mean_referenced_lrp_removes_constant_channels_that_plain_lrp_ranks_high
         model.fc.weight.abs_()  # and every class logit grows with it
     data = random_data(16)
     x = data.tensor(np.arange(16))
-    res = prune_channels(model, data, ChannelPruneConfig(0.25, samples=16), show_progress=False)
+    res = prune_channels(model, data, ChannelPruneConfig(0.25, samples=16, reconstruct=False), show_progress=False)
     assert res.removed == {"conv1": [2, 5]}
     assert float(res.scores["conv1"][[2, 5]].abs().max()) < 1e-9 < float(res.scores["conv1"].max())
     torch.testing.assert_close(res.model(x), model(x), rtol=1e-5, atol=1e-5)
@@ -128,7 +131,7 @@ def test_a_reader_behind_a_flatten_is_scored_and_compensated_per_channel(steps):
         net[1].bias[[1, 2]] = torch.tensor([2.0, 3.0])
     data = random_data(16)
     x = data.tensor(np.arange(16))
-    res = prune_channels(net, data, ChannelPruneConfig(0.5, samples=16, steps=steps), show_progress=False)
+    res = prune_channels(net, data, ChannelPruneConfig(0.5, samples=16, steps=steps, reconstruct=False), show_progress=False)
     assert res.removed == {"0": [1, 2]} and res.shapes["4"] == [10, 128]
     torch.testing.assert_close(res.model(x), net(x), rtol=1e-5, atol=1e-5)
 
@@ -502,7 +505,7 @@ def test_stream_compensation_keeps_outputs_closer():
     err = {}
     for comp in (True, False):
         res = prune_channels(model, data, ChannelPruneConfig(0.0, stream_fraction=0.25, criterion="l1", samples=32,
-                                                             compensate=comp), show_progress=False)
+                                                             compensate=comp, reconstruct=False), show_progress=False)
         with torch.no_grad():
             err[comp] = float((res.model(x) - ref).pow(2).mean())
     assert err[True] < err[False]
@@ -538,3 +541,78 @@ def test_gradual_pruning_reaches_the_one_shot_shapes_within_the_same_training_bu
     assert model.conv1.out_channels == 16  # the input model is untouched
     with pytest.raises(LrpcError, match="rounds"):
         prune_gradually(model, data, cfg, ft, rounds=0, show_progress=False)
+
+
+def test_refit_recovers_a_removed_channel_that_copies_a_kept_one():
+    """Independent reference: channel 2 is an exact copy of channel 0 after BatchNorm and ReLU, channel 5 of
+    channel 1. Removing 2 and 5 and refitting the reader by least squares must give the dense output back
+    (the reader's weights of 0 and 1 absorb those of 2 and 5); mean compensation alone cannot."""
+    torch.manual_seed(0)
+    model = trained_like(OneByOne())
+    with torch.no_grad():
+        for copy_, src in ((2, 0), (5, 1)):
+            model.conv1.weight[copy_] = model.conv1.weight[src]
+            for t in (model.bn1.running_mean, model.bn1.running_var, model.bn1.weight, model.bn1.bias):
+                t[copy_] = t[src]
+    data = random_data(16)
+    x = data.tensor(np.arange(16))
+    ref = model(x)
+    scores = {"conv1": torch.tensor([1.0, 1, 0, 1, 1, 0, 1, 1])}
+    cfg = ChannelPruneConfig(0.25, criterion="l1", samples=16, reconstruct=True, damp=1e-10)
+    res = prune_channels(model, data, cfg, show_progress=False, scores=scores)
+    assert res.removed == {"conv1": [2, 5]}
+    torch.testing.assert_close(res.model(x), ref, rtol=1e-4, atol=1e-4)
+    w = model.conv2.weight.detach().flatten()
+    expect = torch.cat([w[:2] + w[[2, 5]], w[[3, 4, 6, 7]]])
+    torch.testing.assert_close(res.model.conv2.weight.detach().flatten(), expect, rtol=1e-4, atol=1e-4)
+    mean_only = prune_channels(model, data, ChannelPruneConfig(0.25, criterion="l1", samples=16, reconstruct=False),
+                               show_progress=False,
+                               scores=scores)
+    assert (mean_only.model(x) - ref).abs().max() > 1e-2
+
+
+def _bn_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    box = {}
+    h = model.get_submodule(name).register_forward_hook(lambda _m, _i, out: box.setdefault("y", out.detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        h.remove()
+    return box["y"]
+
+
+def test_refit_never_does_worse_than_mean_compensation_on_the_first_reader():
+    """The mean-compensated reader is one of the weights the least-squares refit chooses among: on the
+    reference samples its output error can only be smaller (the first refitted layer sees the dense inputs)."""
+    model = trained_like(build_model("resnet20", 10), seed=3)
+    data = random_data(32)
+    x = data.tensor(np.arange(32))
+    errs = {}
+    for rec in (False, True):
+        res = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=32, reconstruct=rec,
+                                                             damp=1e-8), show_progress=False)
+        errs[rec] = {name: float((_bn_output(res.model, name, x) - _bn_output(model, name, x)).pow(2).mean())
+                     for name in ("layer1.0.bn2", "linear")}
+    assert errs[True]["layer1.0.bn2"] <= errs[False]["layer1.0.bn2"] + 1e-9
+    assert errs[True]["linear"] < errs[False]["linear"]
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
+def test_refit_with_streams_keeps_shapes_and_round_trips(tmp_path, arch):
+    model = (trained_like(build_model("resnet20", 10)) if arch == "resnet20"
+             else trained_like(torchvision.models.resnet18(num_classes=10)))
+    data = random_data(16, size=32)
+    x = data.tensor(np.arange(4))
+    cfg = ChannelPruneConfig(0.5, stream_fraction=0.25, criterion="l1", samples=16, reconstruct=False)
+    plain = prune_channels(model, data, cfg, show_progress=False)
+    refit = prune_channels(model, data, replace(cfg, reconstruct=True), show_progress=False)
+    assert refit.removed == plain.removed and refit.shapes == plain.shapes
+    assert not torch.equal(refit.model.state_dict()[next(k for k in refit.shapes if "conv2" in k) + ".weight"],
+                           plain.model.state_dict()[next(k for k in plain.shapes if "conv2" in k) + ".weight"])
+    fresh = apply_shapes(build_model("resnet20", 10) if arch == "resnet20"
+                         else torchvision.models.resnet18(num_classes=10), refit.shapes)
+    fresh.load_state_dict(refit.model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), refit.model(x))
+    with pytest.raises(LrpcError, match="damp"):
+        ChannelPruneConfig(0.5, reconstruct=True, damp=0.0)

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "that fraction of the prunable MACs, lowest score per MAC first; auto: the most accurate of "
                         "the three on --val-size held-out training images, at no more MACs than layer")
     c.add_argument("--channel-steps", type=_positive_int, default=1, help="prune-and-rescore rounds")
+    c.add_argument("--channel-reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the channel cut, refit every layer that lost inputs by least squares to the unpruned "
+                        "model's outputs on the reference images (no labels, no training; default on, "
+                        "--no-channel-reconstruct for mean compensation only)")
     c.add_argument("--channel-round-to", type=_positive_int, default=1,
                    help="round each pruned layer's kept channels to a multiple of this (e.g. 8; 1 = exact fraction)")
     c.add_argument("--tune-finetuned", action="store_true",
@@ -304,7 +308,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         ccfg = ChannelPruneConfig(0.0, a.channel_criterion, composite=a.channel_composite,
                                   reference=a.channel_reference, start=a.start,
                                   scope=a.channel_scope, samples=a.samples, batch_size=a.batch_size, seed=a.seed,
-                                  stream_fraction=a.prune_streams, round_to=a.channel_round_to)
+                                  stream_fraction=a.prune_streams, round_to=a.channel_round_to,
+                                  reconstruct=a.channel_reconstruct)
         csearch = ChannelSearch(ccfg, a.channel_fractions or DEFAULT_FRACTIONS)
         rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
         found = compress_channel_search(model, fit, val, cfg, a.arch, csearch, model_spec_extra=extra_spec or None,
@@ -327,7 +332,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                   reference=a.channel_reference, start=a.start,
                                   scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
                                   batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams,
-                                  round_to=a.channel_round_to)
+                                  round_to=a.channel_round_to, reconstruct=a.channel_reconstruct)
         trials = None
         if ccfg.scope == "auto":
             sres, chosen_scope, trials = prune_channels_auto(model, fit, val, ccfg)

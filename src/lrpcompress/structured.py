@@ -56,7 +56,11 @@ class ChannelPruneConfig:
     criterion and the mean compensation. ``round_to`` > 1 rounds every pruned layer's kept channel count to
     the nearest multiple of it (at least one multiple; layers smaller than it are left alone), for hardware
     that wants aligned widths (tensor cores, NPUs; on a 2-core x86 CPU it gained nothing beyond the MACs);
-    the fraction removed then deviates from ``fraction``.
+    the fraction removed then deviates from ``fraction``. ``reconstruct`` refits, after the cut, every layer
+    that lost input channels by least squares (weights and shift) so that it reproduces the input model's
+    output of that layer on the reference samples, layer after layer in forward order, each from the inputs
+    the already-refitted slim model gives it (the channel-pruning reconstruction of He et al. 2017 and
+    ThiNet, solved in closed form); ``damp`` × mean(diag) is the ridge added to its Gram matrix.
     """
 
     fraction: float
@@ -73,6 +77,8 @@ class ChannelPruneConfig:
     stream_fraction: float = 0.0
     round_to: int = 1
     normalise: bool = True
+    reconstruct: bool = True
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
@@ -96,6 +102,8 @@ class ChannelPruneConfig:
             raise LrpcError("samples and batch_size must be positive")
         if self.round_to < 1:
             raise LrpcError(f"round_to must be at least 1 (1 = no rounding), got {self.round_to}")
+        if not self.damp > 0:
+            raise LrpcError(f"damp (the ridge of the least-squares refit) must be > 0, got {self.damp}")
         self.relevance_config()  # composite and start, checked where the LRP settings are defined
 
     def relevance_config(self) -> RelevanceConfig:
@@ -466,6 +474,90 @@ def _compensate_shortcut(model: nn.Module, name: str, shortcut: OptionAShortcut,
             bn.bias[j] += mean[c].to(bn.bias)
 
 
+def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input ``module`` receives when ``model`` runs on ``x`` (the forward pass stops there)."""
+    from .calibration import _StopForward, _hooked_eval
+
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, inp: tuple) -> None:
+        box["x"] = inp[0]
+        raise _StopForward
+
+    with _hooked_eval(model, [(module, hook)]):
+        try:
+            model(x)
+        except _StopForward:
+            pass
+    if "x" not in box:
+        raise LrpcError("a layer to refit was not reached by the forward pass")
+    return box["x"]
+
+
+def refit_solve(gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """Ridge least squares ``(G + λI)⁻¹ C`` with ``λ = damp`` × mean(diag G); ``gram`` = E[x xᵀ] of the new
+    inputs, ``cross`` = E[x yᵀ] against the targets. Returns the new weights, ``[inputs, outputs]``."""
+    g = gram.double()
+    lam = damp * float(torch.diagonal(g).mean().clamp_min(1e-12))
+    g = g + lam * torch.eye(g.shape[0], dtype=g.dtype)
+    return torch.linalg.solve(g, cross.double())
+
+
+@torch.no_grad()
+def _reconstruct(net: nn.Module, dense: nn.Module, readers: list[str], out_keep: Mapping[str, list[int]],
+                 data: ImageData, config: ChannelPruneConfig, show_progress: bool = True) -> None:
+    """Refit each of ``readers`` in ``net`` (slim) so its output matches ``dense``'s same layer on the kept
+    output channels (``out_keep``; all where absent), in forward order (see ``ChannelPruneConfig.reconstruct``)."""
+    from .calibration import _hooked_eval, _patches, hessian_supported
+    from .relevance import _find_folds
+
+    dev = model_device(net)
+    smods, dmods = dict(net.named_modules()), dict(dense.named_modules())
+    todo = [n for n in readers if isinstance(smods[n], (nn.Conv2d, nn.Linear)) and hessian_supported(smods[n])]
+    if not todo:
+        return
+    example = data.tensor(np.arange(1), dev)
+    order: list[str] = []
+    with _hooked_eval(dense, [(dmods[n], lambda _m, _i, n=n: order.append(n)) for n in todo]):
+        dense(example)
+    todo = list(dict.fromkeys(n for n in order if n in todo))
+    bn_of = {v: k for k, v in _find_folds(net, example).items()}
+    dbn_of = {v: k for k, v in _find_folds(dense, example).items()}
+    idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    for name in progress(todo, desc="refit", unit="layer", disable=not show_progress):
+        ls, ld = smods[name], dmods[name]
+        bn, dbn = bn_of.get(ls), dbn_of.get(ld)
+        rows = list(out_keep.get(name, range(ld.weight.shape[0])))
+        wd = ld.weight.reshape(ld.weight.shape[0], -1)[rows].float()
+        bd = ld.bias[rows].float() if ld.bias is not None else None
+        shift = (bn is not None and bn.running_mean is not None and dbn is not None) or ls.bias is not None
+        gram = cross = None
+        count = 0
+        for x, _ in data.batches(config.batch_size, idx, dev):
+            # products in float32 (patches of a large input are big), sums in float64
+            xs = _patches(ls, _capture(net, ls, x)).float()
+            y = _patches(ld, _capture(dense, ld, x)).float() @ wd.T
+            if bd is not None:
+                y = y + bd
+            if shift:
+                xs = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype, device=xs.device)], 1)
+            g, c = (xs.T @ xs).double().cpu(), (xs.T @ y).double().cpu()
+            gram, cross = (g, c) if gram is None else (gram + g, cross + c)
+            count += len(xs)
+        sol = refit_solve(gram / count, cross / count, config.damp)  # [inputs (+1), outputs]
+        cols = ls.weight[0].numel()
+        ls.weight.copy_(sol[:cols].T.reshape(ls.weight.shape).to(ls.weight))
+        if not shift:
+            continue
+        b = sol[cols]
+        if ls.bias is not None and not (bn is not None and bn.running_mean is not None and dbn is not None):
+            ls.bias.copy_(b.to(ls.bias))
+        else:
+            if ls.bias is not None:
+                ls.bias.zero_()
+            bn.running_mean.copy_((dbn.running_mean[rows].double() - b).to(bn.running_mean))
+
+
 def module_shapes(model: nn.Module) -> dict[str, list[int]]:
     """Channel shape of every conv/linear ([out, in]) and BatchNorm ([features]) module."""
     out = {}
@@ -643,6 +735,11 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
             graph.get_pruning_group(mods[g.root], tp.prune_conv_out_channels, idxs=list(idx)).prune()
         graph = _graph(net, example)
         groups = [g for g in prunable_groups(net, example, graph, streams=streams) if g.root in original]
+    if config.reconstruct and any(removed.values()):
+        writer = {p: g.root for g in groups for p in g.producers}
+        readers = sorted({c for g in groups if removed.get(g.root) for c in g.consumers})
+        _reconstruct(net, model, readers, {n: alive[writer[n]] for n in readers if n in writer}, data, config,
+                     show_progress)
     if hasattr(net, "widths"):
         _refresh_widths(net)
     kept = sum(len(v) for v in alive.values()) / sum(original.values())  # of the reference counts

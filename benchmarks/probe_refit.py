@@ -1,0 +1,92 @@
+"""Least-squares refit after a channel cut: does its head start survive recovery, and at which learning rate?
+
+    python benchmarks/probe_refit.py        # writes benchmarks/results/refit_probe.md (~35 min, 2 cores)
+    python benchmarks/probe_refit.py --subsets 0,1,8 --epochs 1 --arms "lrp:0:0.01|lrp:1:0.01" --out /tmp/r.md
+    python benchmarks/probe_refit.py --epochs 0 --subsets "all;0,1,8;3,4,5" --fractions 0.3,0.5 \
+        --arms "l1:0:0|l1:1:0|taylor:0:0|taylor:1:0|lrp:0:0|lrp:1:0"     # the cuts only, no recovery (~10 min)
+
+ResNet-20 of ../shared (head cut to the classes where a subset is given), that fraction of every block's
+inner channels removed; each arm is ``criterion:refit:lr`` (refit 1 = ``ChannelPruneConfig(reconstruct=True)``),
+then float recovery (the library's ``RECOVERY_RECIPE``: distillation from the unpruned model, BatchNorm
+statistics updated, one-cycle SGD) at that peak learning rate. Scoring, refit and training use the training
+images minus ``--val-size`` held out; accuracy is on those held-out images only (never the test split), before
+and after recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lrpcompress.data import load_data, split_train_val  # noqa: E402
+from lrpcompress.evaluation import accuracy  # noqa: E402
+from lrpcompress.models import load_model, restrict_classes  # noqa: E402
+from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+ARMS = "lrp:0:0.01|lrp:1:0.01|lrp:1:0.003|lrp:1:0.001"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet20")
+    ap.add_argument("--subsets", default="all", help="';'-separated: 'all' or comma lists")
+    ap.add_argument("--fractions", default="0.5", help="comma-separated inner-channel fractions")
+    ap.add_argument("--arms", default=ARMS, help="'|'-separated criterion:refit(0/1):lr")
+    ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
+    ap.add_argument("--val-size", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refit_probe.md"))
+    args = ap.parse_args()
+    arms = [(c, r == "1", float(lr)) for c, r, lr in (a.split(":") for a in args.arms.split("|"))]
+    train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
+    dense_all = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    rows = []
+    for subset in args.subsets.split(";"):
+        classes = None if subset == "all" else [int(c) for c in subset.split(",")]
+        dense = dense_all if classes is None else restrict_classes(dense_all, classes)
+        fit, val = split_train_val(train_all if classes is None else train_all.restrict_classes(classes),
+                                   args.val_size, args.seed)
+        base = accuracy(dense, val, show_progress=False)
+        for fraction in [float(f) for f in args.fractions.split(",")]:
+            cuts = {}
+            for crit, refit, lr in arms:
+                if (crit, refit) not in cuts:
+                    cfg = ChannelPruneConfig(fraction, crit, reconstruct=refit, seed=args.seed)
+                    cut = prune_channels(dense, fit, cfg, show_progress=False).model
+                    cuts[crit, refit] = (cut, accuracy(cut, val, show_progress=False))
+                cut, before = cuts[crit, refit]
+                row = {"classes": subset, "removed": f"{fraction:g}", "criterion": crit,
+                       "refit": "yes" if refit else "no", "dense": round(base, 2), "cut": round(before, 2)}
+                if args.epochs > 0:
+                    rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=lr, seed=args.seed)
+                    after = accuracy(finetune_model(cut, fit, rcfg, teacher=dense), val, show_progress=False)
+                    row.update({"lr": f"{lr:g}", f"+ {args.epochs} ep": round(after, 2), "drop": round(base - after, 2)})
+                rows.append(row)
+                print(rows[-1], flush=True)
+    cmd = shlex.join(["python", "benchmarks/probe_refit.py", *sys.argv[1:]])
+    cols = [(k, k) for k in rows[0]]
+    write_page(args.out, [
+        "# Least-squares refit after a channel cut, then recovery (held-out training images)", "",
+        f"Command: `{cmd}`; {datetime.date.today()}. {args.arch}, that fraction of every block's inner channels "
+        f"removed, {args.epochs} epoch(s) of float recovery (distillation, BatchNorm statistics updated, batch "
+        f"{RECOVERY_RECIPE.batch_size}, one-cycle peak lr as given) on the training images minus {args.val_size} held "
+        "out; accuracy (%) on those held-out images (never the test split), after the cut and after recovery. "
+        "The held-out images were part of the dense model's own training set (hence its ~95-99%): they are unseen "
+        "by scoring, refit and recovery, not by the original training, so drops read larger than on the test split.",
+        "",
+        markdown_table(rows, cols), ""])
+
+
+if __name__ == "__main__":
+    main()
