@@ -530,7 +530,8 @@ def _reconstruct(net: nn.Module, dense: nn.Module, readers: list[str], out_keep:
         rows = list(out_keep.get(name, range(ld.weight.shape[0])))
         wd = ld.weight.reshape(ld.weight.shape[0], -1)[rows].float()
         bd = ld.bias[rows].float() if ld.bias is not None else None
-        shift = (bn is not None and bn.running_mean is not None and dbn is not None) or ls.bias is not None
+        into_bn = bn is not None and bn.running_mean is not None and dbn is not None  # the shift lands there
+        shift = into_bn or ls.bias is not None
         gram = cross = None
         count = 0
         for x, _ in data.batches(config.batch_size, idx, dev):
@@ -550,7 +551,7 @@ def _reconstruct(net: nn.Module, dense: nn.Module, readers: list[str], out_keep:
         if not shift:
             continue
         b = sol[cols]
-        if ls.bias is not None and not (bn is not None and bn.running_mean is not None and dbn is not None):
+        if not into_bn:
             ls.bias.copy_(b.to(ls.bias))
         else:
             if ls.bias is not None:
