@@ -101,8 +101,7 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
     slims = []
     for budget in keys:
         cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, reconstruct=False, samples=8,
-                                 seed=args.seed,
-                                 stream_fraction=budget[1], round_to=budget[2])
+                                 seed=args.seed, stream_fraction=budget[1], round_to=budget[2])
         slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
     for k, shape in (shapes or {}).items():
         keys.append(k)

@@ -255,8 +255,9 @@ def main() -> None:
     ap.add_argument("--power", type=float, default=None,
                     help="exponent of the relevance tilt of the allocator pipelines (default: the method's, 0.25); "
                          "rows are named e.g. 'lrp power 0.5'")
-    ap.add_argument("--criteria", default="l1,lrp", help="channel criteria of the channel pipelines ('' for none; lrp_refit, l1_refit, ...: "
-                         "with the least-squares refit after the cut)")
+    ap.add_argument("--criteria", default="l1,lrp",
+                    help="channel criteria of the channel pipelines ('' for none; lrp_refit, l1_refit, ...: with the "
+                         "least-squares refit after the cut)")
     ap.add_argument("--fractions", default="0.3,0.5", help="inner-channel fractions of the channel pipelines")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
@@ -286,7 +287,8 @@ def main() -> None:
     args.criteria = [c for c in args.criteria.split(",") if c]
     bad = [c for c in args.criteria if c.removesuffix("_refit") not in CHANNEL_CRITERIA]
     if bad:
-        ap.error(f"unknown --criteria {','.join(bad)}; choose from {', '.join(CHANNEL_CRITERIA)} (each optionally _refit)")
+        ap.error(f"unknown --criteria {','.join(bad)}; choose from {', '.join(CHANNEL_CRITERIA)} "
+                 "(each optionally with _refit)")
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.machine = _machine(args.device)
     subsets = [None if s == "all" else [int(c) for c in s.split(",")] for s in args.subsets.split(";")]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .calibration import _StopForward, _hooked_eval, _patches, hessian_supported
 from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import OptionAShortcut, model_device
@@ -407,18 +408,11 @@ def _input_means(model: nn.Module, data: ImageData, layers: list[str], config: C
             sums[name] = sums.get(name, 0) + x.mean(dims)
         return fn
 
-    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in set(layers)]
-    was = model.training
-    model.eval()
-    try:
-        idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    with _hooked_eval(model, [(mods[n], hook(n)) for n in set(layers)]):
         for x, _ in data.batches(config.batch_size, idx, model_device(model)):
             model(x)
             count["n"] += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
     return {k: (v / count["n"]).cpu() for k, v in sums.items()}
 
 
@@ -476,8 +470,6 @@ def _compensate_shortcut(model: nn.Module, name: str, shortcut: OptionAShortcut,
 
 def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input ``module`` receives when ``model`` runs on ``x`` (the forward pass stops there)."""
-    from .calibration import _StopForward, _hooked_eval
-
     box: dict[str, torch.Tensor] = {}
 
     def hook(_m: nn.Module, inp: tuple) -> None:
@@ -508,12 +500,11 @@ def _reconstruct(net: nn.Module, dense: nn.Module, readers: list[str], out_keep:
                  data: ImageData, config: ChannelPruneConfig, show_progress: bool = True) -> None:
     """Refit each of ``readers`` in ``net`` (slim) so its output matches ``dense``'s same layer on the kept
     output channels (``out_keep``; all where absent), in forward order (see ``ChannelPruneConfig.reconstruct``)."""
-    from .calibration import _hooked_eval, _patches, hessian_supported
     from .relevance import _find_folds
 
     dev = model_device(net)
     smods, dmods = dict(net.named_modules()), dict(dense.named_modules())
-    todo = [n for n in readers if isinstance(smods[n], (nn.Conv2d, nn.Linear)) and hessian_supported(smods[n])]
+    todo = [n for n in readers if hessian_supported(smods[n])]  # shortcuts and depthwise readers keep their weights
     if not todo:
         return
     example = data.tensor(np.arange(1), dev)
