@@ -50,15 +50,22 @@ CRITERIA = {  # name -> ChannelPruneConfig overrides
     "taylor": {"criterion": "taylor", "reconstruct": False},
     "lrp_eps": {"criterion": "lrp", "composite": "epsilon", "reference": "zero", "reconstruct": False},
     "lrp_zplus": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "zero", "reconstruct": False},
-    # relevance measured from the channel's mean (what the compensated removal leaves); lrp_mean_refit is the
-    # library's default since 2026-12-01 (lrp_mean until then); the rows without _refit: mean compensation only
+    # relevance measured from the channel's mean (what the compensated removal leaves); the rows without
+    # _refit / _down: mean compensation only (lrp_mean was the library's default until 2026-12-01)
     "lrp_zplus_mean": {"criterion": "lrp", "composite": "epsilon_plus", "reference": "mean",
                        "reconstruct": False},
     "lrp_mean": {"criterion": "lrp", "composite": "epsilon", "reference": "mean", "reconstruct": False},
     # the same cut, then every reader of a removed channel refitted by least squares (reconstruct=True)
-    "l1_refit": {"criterion": "l1", "reconstruct": True},
-    "taylor_refit": {"criterion": "taylor", "reconstruct": True},
-    "lrp_mean_refit": {"criterion": "lrp", "composite": "epsilon", "reference": "mean", "reconstruct": True},
+    "l1_refit": {"criterion": "l1", "reconstruct": True, "refit_scope": "readers"},
+    "taylor_refit": {"criterion": "taylor", "reconstruct": True, "refit_scope": "readers"},
+    "lrp_mean_refit": {"criterion": "lrp", "composite": "epsilon", "reference": "mean", "reconstruct": True,
+                       "refit_scope": "readers"},
+    # every layer from the first reader on refitted (refit_scope='downstream'); lrp_mean_down is the library's
+    # default since 2026-12-01 (later that day than lrp_mean_refit)
+    "l1_down": {"criterion": "l1", "reconstruct": True, "refit_scope": "downstream"},
+    "taylor_down": {"criterion": "taylor", "reconstruct": True, "refit_scope": "downstream"},
+    "lrp_mean_down": {"criterion": "lrp", "composite": "epsilon", "reference": "mean", "reconstruct": True,
+                      "refit_scope": "downstream"},
 }
 
 

@@ -61,6 +61,7 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 
 
 # pipelines without channel removal: two fixed grids, then the allocator with each tilt of its error weights
+REFITS = {"_refit": "readers", "_down": "downstream"}  # --criteria suffix -> refit_scope
 METHODS = ("magnitude", "uniform", "gptq", "lrp", "taylor", "mse", "random")
 
 
@@ -238,10 +239,19 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
 
 def channel_config(criterion: str, args: argparse.Namespace) -> ChannelPruneConfig:
     """A channel criterion of ``--criteria``: ``lrp``, ``l1``, ... cut with mean compensation only (as the committed
-    rows before 2026-12-01 were measured); ``lrp_refit``, ``l1_refit``, ...: then the least-squares refit (the
-    library's default since then)."""
-    return ChannelPruneConfig(0.0, criterion.removesuffix("_refit"), samples=args.samples, seed=args.seed,
-                              reconstruct=criterion.endswith("_refit"))
+    rows before 2026-12-01 were measured); ``lrp_refit``, ``l1_refit``, ...: then the least-squares refit of the
+    layers that lost inputs; ``lrp_down``, ...: of every layer from the first of those on (the library's default)."""
+    base, how = split_criterion(criterion)
+    return ChannelPruneConfig(0.0, base, samples=args.samples, seed=args.seed, reconstruct=how is not None,
+                              refit_scope=how or "downstream")
+
+
+def split_criterion(name: str) -> tuple[str, str | None]:
+    """``lrp_refit`` -> (``lrp``, ``readers``), ``lrp_down`` -> (``lrp``, ``downstream``), ``lrp`` -> (``lrp``, None)."""
+    for suffix, scope in REFITS.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), scope
+    return name, None
 
 
 def main() -> None:
@@ -257,7 +267,7 @@ def main() -> None:
                          "rows are named e.g. 'lrp power 0.5'")
     ap.add_argument("--criteria", default="l1,lrp",
                     help="channel criteria of the channel pipelines ('' for none; lrp_refit, l1_refit, ...: with the "
-                         "least-squares refit after the cut)")
+                         "least-squares refit of the layers that lost inputs; lrp_down, ...: of every later layer too)")
     ap.add_argument("--fractions", default="0.3,0.5", help="inner-channel fractions of the channel pipelines")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=1500, help="held-out training images (of the subset)")
@@ -285,10 +295,10 @@ def main() -> None:
     if args.power is not None and not args.power >= 0:
         ap.error(f"--power must be >= 0, got {args.power}")
     args.criteria = [c for c in args.criteria.split(",") if c]
-    bad = [c for c in args.criteria if c.removesuffix("_refit") not in CHANNEL_CRITERIA]
+    bad = [c for c in args.criteria if split_criterion(c)[0] not in CHANNEL_CRITERIA]
     if bad:
         ap.error(f"unknown --criteria {','.join(bad)}; choose from {', '.join(CHANNEL_CRITERIA)} "
-                 "(each optionally with _refit)")
+                 "(each optionally with _refit or _down)")
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.machine = _machine(args.device)
     subsets = [None if s == "all" else [int(c) for c in s.split(",")] for s in args.subsets.split(";")]

@@ -6,7 +6,9 @@
         --arms "l1:0:0|l1:1:0|taylor:0:0|taylor:1:0|lrp:0:0|lrp:1:0"     # the cuts only, no recovery (~10 min)
 
 ResNet-20 of ../shared (head cut to the classes where a subset is given), that fraction of every block's
-inner channels removed; each arm is ``criterion:refit:lr`` (refit 1 = ``ChannelPruneConfig(reconstruct=True)``),
+inner channels removed (``0.3+0.125``: and 12.5% of every residual stream's channels); each arm is
+``criterion:refit:lr`` (refit 0 = mean compensation only, 1 = ``ChannelPruneConfig(reconstruct=True)``, the
+readers of removed channels refitted; d = ``refit_scope='downstream'``, every later layer too),
 then float recovery (the library's ``RECOVERY_RECIPE``: distillation from the unpruned model, BatchNorm
 statistics updated, one-cycle SGD) at that peak learning rate. Scoring, refit and training use the training
 images minus ``--val-size`` held out; accuracy is on those held-out images only (never the test split), before
@@ -34,21 +36,26 @@ from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E
 
 SHARED = ROOT.parent / "shared"
 ARMS = "lrp:0:0.01|lrp:1:0.01|lrp:1:0.003|lrp:1:0.001"
+REFITS = {"0": {"reconstruct": False}, "1": {"reconstruct": True, "refit_scope": "readers"},
+          "d": {"reconstruct": True, "refit_scope": "downstream"}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet20")
     ap.add_argument("--subsets", default="all", help="';'-separated: 'all' or comma lists")
-    ap.add_argument("--fractions", default="0.5", help="comma-separated inner-channel fractions")
-    ap.add_argument("--arms", default=ARMS, help="'|'-separated criterion:refit(0/1):lr")
+    ap.add_argument("--fractions", default="0.5",
+                    help="comma-separated inner-channel fractions, each optionally +stream fraction (0.3+0.125)")
+    ap.add_argument("--arms", default=ARMS, help="'|'-separated criterion:refit(0/1/d):lr")
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refit_probe.md"))
     args = ap.parse_args()
-    arms = [(c, r == "1", float(lr)) for c, r, lr in (a.split(":") for a in args.arms.split("|"))]
+    arms = [(c, r, float(lr)) for c, r, lr in (a.split(":") for a in args.arms.split("|"))]
+    if any(r not in REFITS for _, r, _ in arms):
+        ap.error(f"the refit part of an arm must be one of {', '.join(REFITS)}")
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
     dense_all = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
     rows = []
@@ -58,16 +65,19 @@ def main() -> None:
         fit, val = split_train_val(train_all if classes is None else train_all.restrict_classes(classes),
                                    args.val_size, args.seed)
         base = accuracy(dense, val, show_progress=False)
-        for fraction in [float(f) for f in args.fractions.split(",")]:
+        for budget in args.fractions.split(","):
+            inner, _, stream = budget.partition("+")
             cuts = {}
             for crit, refit, lr in arms:
                 if (crit, refit) not in cuts:
-                    cfg = ChannelPruneConfig(fraction, crit, reconstruct=refit, seed=args.seed)
+                    cfg = ChannelPruneConfig(float(inner), crit, seed=args.seed, stream_fraction=float(stream or 0),
+                                             **REFITS[refit])
                     cut = prune_channels(dense, fit, cfg, show_progress=False).model
                     cuts[crit, refit] = (cut, accuracy(cut, val, show_progress=False))
                 cut, before = cuts[crit, refit]
-                row = {"classes": subset, "removed": f"{fraction:g}", "criterion": crit,
-                       "refit": "yes" if refit else "no", "dense": round(base, 2), "cut": round(before, 2)}
+                row = {"classes": subset, "removed": budget, "criterion": crit,
+                       "refit": {"0": "no", "1": "readers", "d": "downstream"}[refit], "dense": round(base, 2),
+                       "cut": round(before, 2)}
                 if args.epochs > 0:
                     rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=lr, seed=args.seed)
                     after = accuracy(finetune_model(cut, fit, rcfg, teacher=dense), val, show_progress=False)
@@ -79,7 +89,8 @@ def main() -> None:
     write_page(args.out, [
         "# Least-squares refit after a channel cut, then recovery (held-out training images)", "",
         f"Command: `{cmd}`; {datetime.date.today()}. {args.arch}, that fraction of every block's inner channels "
-        f"removed, {args.epochs} epoch(s) of float recovery (distillation, BatchNorm statistics updated, batch "
+        f"removed (a + b: and b of every residual stream's), {args.epochs} epoch(s) of float recovery "
+        "(distillation, BatchNorm statistics updated, batch "
         f"{RECOVERY_RECIPE.batch_size}, one-cycle peak lr as given) on the training images minus {args.val_size} held "
         "out; accuracy (%) on those held-out images (never the test split), after the cut and after recovery. "
         "The held-out images were part of the dense model's own training set (hence its ~95-99%): they are unseen "

@@ -299,6 +299,10 @@ def test_user_factory_file_needs_explicit_arch(tmp_path, tiny_data, capsys, monk
     shapes = load_payload(slim).model["shapes"]
     w = {f: load_compressed(f, apply_shapes(mod.net(), shapes))[0].state_dict()["4.weight"] for f in (slim, plain)}
     assert not torch.equal(w[slim], w[plain])  # the classifier reading the cut channels was refitted
+    code, _, err = run(capsys, "compress", "--arch", "mypkg:net", "--weights", tmp_path / "w.pt", "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.5, "--channel-refit", "sideways", "--no-speed",
+                       "--out", tmp_path / "x.lrpc")
+    assert code == 2 and "--channel-refit" in err and not (tmp_path / "x.lrpc").exists()
 
 
 def test_rules_lists_composites(capsys):
@@ -353,6 +357,7 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
                                               rel=1e-2)
     assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
     assert report["channel_pruning"]["settings"]["reconstruct"] is True  # the least-squares refit, by default
+    assert report["channel_pruning"]["settings"]["refit_scope"] == "downstream"
     # 12 training images of the 3 classes, one epoch in batches of 6: two steps, which the user is told in one line
     assert report["finetune_steps"] == 2
     warned = [ln for ln in err.splitlines() if "warning" in ln]

@@ -616,3 +616,51 @@ def test_refit_with_streams_keeps_shapes_and_round_trips(tmp_path, arch):
     torch.testing.assert_close(fresh.eval()(x), refit.model(x))
     with pytest.raises(LrpcError, match="damp"):
         ChannelPruneConfig(0.5, reconstruct=True, damp=0.0)
+
+
+def test_downstream_refit_corrects_layers_no_cut_touched():
+    """``refit_scope='downstream'`` refits every layer from the first reader on: layers before it keep their
+    weights, the first layer that reads only uncut (but drifted) inputs gets an error no larger than the
+    weights it had (it sees the same inputs in both scopes), and the logits end closer to the dense ones."""
+    model = trained_like(build_model("resnet20", 10), seed=4)
+    data = random_data(32)
+    x = data.tensor(np.arange(32))
+    cfg = ChannelPruneConfig(0.5, criterion="l1", samples=32, damp=1e-8)
+    assert cfg.refit_scope == "downstream"  # the default
+    readers = prune_channels(model, data, replace(cfg, refit_scope="readers"), show_progress=False)
+    down = prune_channels(model, data, cfg, show_progress=False)
+    assert down.removed == readers.removed and down.shapes == readers.shapes
+    rs, ds = readers.model.state_dict(), down.model.state_dict()
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight"):  # before / the first reader
+        torch.testing.assert_close(ds[name], rs[name])
+    assert not torch.equal(ds["layer1.1.conv1.weight"], rs["layer1.1.conv1.weight"])  # no cut reaches its input
+    assert not torch.equal(ds["linear.weight"], rs["linear.weight"])
+    keep = {"layer1.1.bn1": [c for c in range(16) if c not in down.removed["layer1.1.conv1"]],
+            "linear": list(range(10))}
+    err = {name: [float((_bn_output(r.model, name, x) - _bn_output(model, name, x)[:, keep[name]]).pow(2).mean())
+                  for r in (readers, down)] for name in keep}
+    assert err["layer1.1.bn1"][1] <= err["layer1.1.bn1"][0] + 1e-9
+    assert err["linear"][1] < err["linear"][0]
+
+
+def test_refit_scope_is_validated():
+    with pytest.raises(LrpcError, match="refit_scope must be one of"):
+        ChannelPruneConfig(0.5, refit_scope="everything")
+
+
+def test_refit_reaches_readers_of_a_layer_cut_to_one_channel():
+    """A MAC-aware cut can leave a layer one channel (it then stops being a prunable group): its reader is
+    still refitted, and the producer's kept row is matched to the right dense channel (downstream)."""
+    torch.manual_seed(0)
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(16)
+    cfg = ChannelPruneConfig(0.3, "l1", scope="macs", samples=8, reconstruct=False)
+    plain = prune_channels(model, data, cfg, show_progress=False)
+    ones = [n for n, s in plain.shapes.items() if n.endswith("conv1") and s[0] == 1]
+    assert ones  # the setting this test is about
+    for scope in ("readers", "downstream"):
+        res = prune_channels(model, data, replace(cfg, reconstruct=True, refit_scope=scope), show_progress=False)
+        assert res.shapes == plain.shapes
+        for n in ones:
+            reader = n.removesuffix("conv1") + "conv2.weight"
+            assert not torch.equal(res.model.state_dict()[reader], plain.model.state_dict()[reader])

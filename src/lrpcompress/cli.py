@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the channel cut, refit every layer that lost inputs by least squares to the unpruned "
                         "model's outputs on the reference images (no labels, no training; default on, "
                         "--no-channel-reconstruct for mean compensation only)")
+    c.add_argument("--channel-refit", default="downstream", choices=("downstream", "readers"),
+                   help="layers the refit solves for: every layer from the first one that lost inputs on "
+                        "(downstream, default: later layers also correct the drift) or only those that lost inputs")
     c.add_argument("--channel-round-to", type=_positive_int, default=1,
                    help="round each pruned layer's kept channels to a multiple of this (e.g. 8; 1 = exact fraction)")
     c.add_argument("--tune-finetuned", action="store_true",
@@ -309,7 +312,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                   reference=a.channel_reference, start=a.start,
                                   scope=a.channel_scope, samples=a.samples, batch_size=a.batch_size, seed=a.seed,
                                   stream_fraction=a.prune_streams, round_to=a.channel_round_to,
-                                  reconstruct=a.channel_reconstruct)
+                                  reconstruct=a.channel_reconstruct, refit_scope=a.channel_refit)
         csearch = ChannelSearch(ccfg, a.channel_fractions or DEFAULT_FRACTIONS)
         rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
         found = compress_channel_search(model, fit, val, cfg, a.arch, csearch, model_spec_extra=extra_spec or None,
@@ -332,7 +335,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                   reference=a.channel_reference, start=a.start,
                                   scope=a.channel_scope, steps=a.channel_steps, samples=a.samples,
                                   batch_size=a.batch_size, seed=a.seed, stream_fraction=a.prune_streams,
-                                  round_to=a.channel_round_to, reconstruct=a.channel_reconstruct)
+                                  round_to=a.channel_round_to, reconstruct=a.channel_reconstruct,
+                                  refit_scope=a.channel_refit)
         trials = None
         if ccfg.scope == "auto":
             sres, chosen_scope, trials = prune_channels_auto(model, fit, val, ccfg)

@@ -35,6 +35,7 @@ from .relevance import RelevanceConfig
 CHANNEL_CRITERIA = ("lrp", "l1", "bn_scale", "taylor", "random")
 CHANNEL_SCOPES = ("layer", "global", "macs")  # "auto" (a config value) tries these on held-out images
 CHANNEL_REFERENCES = ("mean", "zero")
+REFIT_SCOPES = ("readers", "downstream")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -62,6 +63,9 @@ class ChannelPruneConfig:
     output of that layer on the reference samples, layer after layer in forward order, each from the inputs
     the already-refitted slim model gives it (the channel-pruning reconstruction of He et al. 2017 and
     ThiNet, solved in closed form); ``damp`` × mean(diag) is the ridge added to its Gram matrix.
+    ``refit_scope``: ``downstream`` (default) refits every convolution and linear layer from the first layer
+    that lost inputs on, so later layers also correct the drift of inputs no cut touched directly (a residual
+    stream carrying a refitted block's small errors); ``readers`` refits only the layers that lost inputs.
     """
 
     fraction: float
@@ -80,6 +84,7 @@ class ChannelPruneConfig:
     normalise: bool = True
     reconstruct: bool = True
     damp: float = 0.01
+    refit_scope: str = "downstream"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
@@ -105,6 +110,8 @@ class ChannelPruneConfig:
             raise LrpcError(f"round_to must be at least 1 (1 = no rounding), got {self.round_to}")
         if not self.damp > 0:
             raise LrpcError(f"damp (the ridge of the least-squares refit) must be > 0, got {self.damp}")
+        if self.refit_scope not in REFIT_SCOPES:
+            raise LrpcError(f"refit_scope must be one of {', '.join(REFIT_SCOPES)}, got {self.refit_scope!r}")
         self.relevance_config()  # composite and start, checked where the LRP settings are defined
 
     def relevance_config(self) -> RelevanceConfig:
@@ -499,19 +506,25 @@ def refit_solve(gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.T
 def _reconstruct(net: nn.Module, dense: nn.Module, readers: list[str], out_keep: Mapping[str, list[int]],
                  data: ImageData, config: ChannelPruneConfig, show_progress: bool = True) -> None:
     """Refit each of ``readers`` in ``net`` (slim) so its output matches ``dense``'s same layer on the kept
-    output channels (``out_keep``; all where absent), in forward order (see ``ChannelPruneConfig.reconstruct``)."""
+    output channels (``out_keep``; all where absent), in forward order (see ``ChannelPruneConfig.reconstruct``);
+    with ``refit_scope='downstream'`` also every later convolution and linear layer."""
     from .relevance import _find_folds
 
     dev = model_device(net)
     smods, dmods = dict(net.named_modules()), dict(dense.named_modules())
-    todo = [n for n in readers if hessian_supported(smods[n])]  # shortcuts and depthwise readers keep their weights
-    if not todo:
-        return
     example = data.tensor(np.arange(1), dev)
-    order: list[str] = []
-    with _hooked_eval(dense, [(dmods[n], lambda _m, _i, n=n: order.append(n)) for n in todo]):
+    order: list[str] = []  # supported layers in the order the forward pass reaches them
+    with _hooked_eval(dense, [(m, lambda _m, _i, n=n: order.append(n)) for n, m in dmods.items()
+                              if n in smods and hessian_supported(smods[n])]):
         dense(example)
-    todo = list(dict.fromkeys(n for n in order if n in todo))
+    order = list(dict.fromkeys(order))
+    chosen = {n for n in readers if n in order}  # shortcuts and depthwise readers keep their weights
+    if not chosen:
+        return
+    if config.refit_scope == "downstream":
+        todo = order[min(order.index(n) for n in chosen):]
+    else:
+        todo = [n for n in order if n in chosen]
     bn_of = {v: k for k, v in _find_folds(net, example).items()}
     dbn_of = {v: k for k, v in _find_folds(dense, example).items()}
     idx = sample_indices(len(data), config.samples, config.seed, data.y)
@@ -654,6 +667,7 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
     if streams and not any(g.stream for g in groups):
         raise LrpcError("the model has no residual stream that can be pruned; use a stream fraction of 0")
     original = {g.root: g.size for g in groups}
+    named = list(groups)  # names of every group's layers (a group cut to one channel drops out of later lists)
     if reference is not None:
         original = {r: max(int(reference.get(r, n)), n) for r, n in original.items()}
     is_stream = {g.root: g.stream for g in groups}
@@ -728,10 +742,9 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         graph = _graph(net, example)
         groups = [g for g in prunable_groups(net, example, graph, streams=streams) if g.root in original]
     if config.reconstruct and any(removed.values()):
-        writer = {p: g.root for g in groups for p in g.producers}
-        readers = sorted({c for g in groups if removed.get(g.root) for c in g.consumers})
-        _reconstruct(net, model, readers, {n: alive[writer[n]] for n in readers if n in writer}, data, config,
-                     show_progress)
+        writer = {p: g.root for g in named for p in g.producers}
+        readers = sorted({c for g in named if removed.get(g.root) for c in g.consumers})
+        _reconstruct(net, model, readers, {p: alive[r] for p, r in writer.items()}, data, config, show_progress)
     if hasattr(net, "widths"):
         _refresh_widths(net)
     kept = sum(len(v) for v in alive.values()) / sum(original.values())  # of the reference counts
@@ -812,6 +825,6 @@ def prune_gradually(model: nn.Module, data: ImageData, config: ChannelPruneConfi
 
 
 __all__ = ["ChannelPruneConfig", "ChannelGroup", "StructuredResult", "CHANNEL_CRITERIA", "CHANNEL_SCOPES",
-           "prunable_groups", "channel_scores", "channel_costs", "select_channels", "select_by_cost", "round_kept",
-           "prune_channels", "prune_channels_auto", "prune_gradually", "module_shapes", "changed_shapes",
-           "apply_shapes"]
+           "REFIT_SCOPES", "prunable_groups", "channel_scores", "channel_costs", "select_channels", "select_by_cost",
+           "round_kept", "prune_channels", "prune_channels_auto", "prune_gradually", "module_shapes",
+           "changed_shapes", "apply_shapes"]
