@@ -58,10 +58,10 @@ from lrpcompress.search import ChannelSearch, compress_channel_search, fit_spars
 from lrpcompress.structured import CHANNEL_CRITERIA, ChannelPruneConfig  # noqa: E402
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+REFITS = {"_refit": "readers", "_down": "downstream"}  # --criteria suffix -> refit_scope
 
 
 # pipelines without channel removal: two fixed grids, then the allocator with each tilt of its error weights
-REFITS = {"_refit": "readers", "_down": "downstream"}  # --criteria suffix -> refit_scope
 METHODS = ("magnitude", "uniform", "gptq", "lrp", "taylor", "mse", "random")
 
 

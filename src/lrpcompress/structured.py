@@ -667,7 +667,7 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
     if streams and not any(g.stream for g in groups):
         raise LrpcError("the model has no residual stream that can be pruned; use a stream fraction of 0")
     original = {g.root: g.size for g in groups}
-    named = list(groups)  # names of every group's layers (a group cut to one channel drops out of later lists)
+    groups0 = list(groups)  # the refit's layer names: a group cut to one channel drops out of later lists
     if reference is not None:
         original = {r: max(int(reference.get(r, n)), n) for r, n in original.items()}
     is_stream = {g.root: g.stream for g in groups}
@@ -742,8 +742,8 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         graph = _graph(net, example)
         groups = [g for g in prunable_groups(net, example, graph, streams=streams) if g.root in original]
     if config.reconstruct and any(removed.values()):
-        writer = {p: g.root for g in named for p in g.producers}
-        readers = sorted({c for g in named if removed.get(g.root) for c in g.consumers})
+        writer = {p: g.root for g in groups0 for p in g.producers}
+        readers = sorted({c for g in groups0 if removed.get(g.root) for c in g.consumers})
         _reconstruct(net, model, readers, {p: alive[r] for p, r in writer.items()}, data, config, show_progress)
     if hasattr(net, "widths"):
         _refresh_widths(net)
