@@ -187,7 +187,7 @@ def run(args: argparse.Namespace, emit, log) -> None:
                         f"speed-up {sp['speedup_b64']:.2f}x, MACs {sp['macs'] / speed['dense']['macs']:.0%}")
                     if budget in args.finetune_budgets and name in args.finetune_criteria:
                         fcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                       seed=args.seed)
+                                       seed=args.seed, feature_distill=args.feature_distill)
                         if args.rounds > 1:  # gradual: cut and recover in rounds within the same epochs
                             ft = prune_gradually(dense, train, cfg, fcfg, args.rounds, teacher=dense,
                                                  show_progress=False, device=args.device).model
@@ -196,8 +196,10 @@ def run(args: argparse.Namespace, emit, log) -> None:
                                                 teacher=dense)
                         acc = accuracy(ft, test, show_progress=False)
                         emit(dict(common, epochs=args.epochs, rounds=args.rounds, accuracy=round(acc, 2),
+                                  **({"feature_distill": args.feature_distill} if args.feature_distill else {}),
                                   drop=round(base - acc, 2), recipe=f"lr {args.lr:g}, batch {args.batch_size}"
                                   + (f", {args.rounds} rounds" if args.rounds > 1 else "")
+                                  + (f", feature loss {args.feature_distill:g}" if args.feature_distill else "")
                                   + (f", on {args.device}" if args.device != "cpu" else "")))
                         log(f"    + {args.epochs} epoch(s): {acc:.2f}%")
 
@@ -319,6 +321,8 @@ def main() -> None:
     ap.add_argument("--finetune-criteria", default="l1,taylor,lrp_zplus,lrp_mean")
     ap.add_argument("--lr", type=float, default=RECOVERY_RECIPE.lr)
     ap.add_argument("--batch-size", type=int, default=RECOVERY_RECIPE.batch_size)
+    ap.add_argument("--feature-distill", type=float, default=RECOVERY_RECIPE.feature_distill,
+                    help="weight of the block-wise feature loss in recovery (FinetuneConfig.feature_distill)")
     ap.add_argument("--epochs", type=int, default=1, help="recovery epochs of the fine-tuned rows")
     ap.add_argument("--rounds", type=int, default=1,
                     help="fine-tuned rows: cut and recover in this many rounds within the same epochs (gradual)")
@@ -361,13 +365,16 @@ def main() -> None:
     t0 = time.perf_counter()
     rows: list[dict] = []
     kept: list[dict] = []
-    if args.append or args.speed_only or args.report_only:
-        kept = [normalise(r) for r in json.loads((Path(args.out) / "channels.json").read_text())]
+    committed = Path(args.out) / "channels.json"
+    if args.speed_only or args.report_only or (args.append and committed.exists()):
+        if not committed.exists():
+            sys.exit(f"bench_channels.py: {committed} does not exist (nothing to re-measure or rewrite)")
+        kept = [normalise(r) for r in json.loads(committed.read_text())]
 
     def key(r: dict) -> tuple:
         return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r.get("round_to", 1),
                 r.get("scope", "layer"), r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0),
-                r.get("steps", 1))
+                r.get("steps", 1), r.get("feature_distill", 0.0))
 
     def emit(row: dict) -> None:
         if row["criterion"] == "dense" and any(r["criterion"] == "dense" and (r["model"], r["setting"]) ==

@@ -7,10 +7,11 @@
 
 ResNet-20 of ../shared (head cut to the classes where a subset is given), that fraction of every block's
 inner channels removed (``0.3+0.125``: and 12.5% of every residual stream's channels); each arm is
-``criterion:refit:lr`` (refit 0 = mean compensation only, 1 = ``ChannelPruneConfig(reconstruct=True)``, the
+``criterion:refit:lr[:w]`` (refit 0 = mean compensation only, 1 = ``ChannelPruneConfig(reconstruct=True)``, the
 readers of removed channels refitted; d = ``refit_scope='downstream'``, every later layer too),
 then float recovery (the library's ``RECOVERY_RECIPE``: distillation from the unpruned model, BatchNorm
-statistics updated, one-cycle SGD) at that peak learning rate. Scoring, refit and training use the training
+statistics updated, one-cycle SGD) at that peak learning rate, with ``w`` × the block-wise feature loss
+(``FinetuneConfig.feature_distill``, default 0). Scoring, refit and training use the training
 images minus ``--val-size`` held out; accuracy is on those held-out images only (never the test split), before
 and after recovery.
 """
@@ -46,15 +47,17 @@ def main() -> None:
     ap.add_argument("--subsets", default="all", help="';'-separated: 'all' or comma lists")
     ap.add_argument("--fractions", default="0.5",
                     help="comma-separated inner-channel fractions, each optionally +stream fraction (0.3+0.125)")
-    ap.add_argument("--arms", default=ARMS, help="'|'-separated criterion:refit(0/1/d):lr")
+    ap.add_argument("--arms", default=ARMS,
+                    help="'|'-separated criterion:refit(0/1/d):lr[:feature-loss weight (FinetuneConfig.feature_distill)]")
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refit_probe.md"))
     args = ap.parse_args()
-    arms = [(c, r, float(lr)) for c, r, lr in (a.split(":") for a in args.arms.split("|"))]
-    if any(r not in REFITS for _, r, _ in arms):
+    arms = [(a[0], a[1], float(a[2]), float(a[3]) if len(a) > 3 else 0.0)
+            for a in (arm.split(":") for arm in args.arms.split("|"))]
+    if any(r not in REFITS for _, r, _, _ in arms):
         ap.error(f"the refit part of an arm must be one of {', '.join(REFITS)}")
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
     dense_all = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
@@ -68,7 +71,7 @@ def main() -> None:
         for budget in args.fractions.split(","):
             inner, _, stream = budget.partition("+")
             cuts = {}
-            for crit, refit, lr in arms:
+            for crit, refit, lr, feat in arms:
                 if (crit, refit) not in cuts:
                     cfg = ChannelPruneConfig(float(inner), crit, seed=args.seed, stream_fraction=float(stream or 0),
                                              **REFITS[refit])
@@ -79,9 +82,10 @@ def main() -> None:
                        "refit": {"0": "no", "1": "readers", "d": "downstream"}[refit], "dense": round(base, 2),
                        "cut": round(before, 2)}
                 if args.epochs > 0:
-                    rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=lr, seed=args.seed)
+                    rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, lr=lr, seed=args.seed, feature_distill=feat)
                     after = accuracy(finetune_model(cut, fit, rcfg, teacher=dense), val, show_progress=False)
-                    row.update({"lr": f"{lr:g}", f"+ {args.epochs} ep": round(after, 2), "drop": round(base - after, 2)})
+                    row.update({"lr": f"{lr:g}", "feature loss": f"{feat:g}", f"+ {args.epochs} ep": round(after, 2),
+                                "drop": round(base - after, 2)})
                 rows.append(row)
                 print(rows[-1], flush=True)
     cmd = shlex.join(["python", "benchmarks/probe_refit.py", *sys.argv[1:]])

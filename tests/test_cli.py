@@ -443,7 +443,16 @@ def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_
                        "--samples", 8, "--prune-channels", 0.5, "--recover-epochs", 1, "--bits", 8, "--no-speed",
                        "--out", out, "--report", rep)
     assert code == 0, err
-    assert json.loads(rep.read_text())["channel_pruning"]["recover_epochs"] == 1
+    info = json.loads(rep.read_text())["channel_pruning"]
+    assert info["recover_epochs"] == 1
+    from lrpcompress.recovery import RECOVERY_RECIPE
+
+    assert info["recover_feature_distill"] == RECOVERY_RECIPE.feature_distill  # the recipe's weight by default
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--prune-channels", 0.5, "--recover-epochs", 1, "--feature-distill", 2.5,
+                       "--bits", 8, "--no-speed", "--out", tmp_path / "f.lrpc", "--report", tmp_path / "f.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "f.json").read_text())["channel_pruning"]["recover_feature_distill"] == 2.5
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                        "--recover-epochs", 1, "--out", tmp_path / "x.lrpc")
     assert_one_line_error(code, err, "--prune-channels")
@@ -458,6 +467,7 @@ def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_
     (("--prune-channels", "0.3", "--channel-composite", "zplus"), "unknown LRP composite 'zplus'"),
     (("--prune-channels", "0.3", "--channel-reference", "median"), "invalid choice"),
     (("--device", "tpu"), "device"),
+    (("--feature-distill", "-1"), "--feature-distill"),
 ])
 def test_bad_channel_and_device_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,

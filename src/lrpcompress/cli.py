@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning trains each group's scale too (LSQ), or keeps the allocator's scales")
     c.add_argument("--distill", type=_nonneg_float, default=1.0,
                    help="weight of distillation from the uncompressed model during fine-tuning (0 = labels only)")
+    c.add_argument("--feature-distill", type=_nonneg_float, default=None,
+                   help="weight of the block-wise feature loss against the uncompressed model (blocks whose outputs "
+                        "keep their shape); default: the recovery recipe's for --recover-epochs, 0 for "
+                        "--finetune-epochs")
     c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets)")
     c.add_argument("--prune-channels", type=_fraction_or_auto, default=0.0,
                    help="fraction of prunable channels (inner widths) removed physically before quantization, or "
@@ -197,6 +201,14 @@ def _relevance_config(a: argparse.Namespace, classes):
 
     return RelevanceConfig(composite=a.composite, start=a.start, samples=a.samples, batch_size=a.batch_size,
                            seed=a.seed, classes=tuple(classes) if classes else None)
+
+
+def _recovery(a: argparse.Namespace):
+    """The float recovery after a channel cut: the library's recipe with the command line's epochs and weights."""
+    from .recovery import RECOVERY_RECIPE
+
+    fd = RECOVERY_RECIPE.feature_distill if a.feature_distill is None else a.feature_distill
+    return replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed, feature_distill=fd)
 
 
 def _load_inputs(a: argparse.Namespace, need_test: bool = True):
@@ -275,6 +287,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                   target_ratio=a.target_ratio, target_bytes=a.target_bytes,
                   finetune=FinetuneConfig(epochs=a.finetune_epochs, lr=a.finetune_lr, batch_size=a.finetune_batch,
                                            distill=a.distill, seed=a.seed,
+                                           feature_distill=a.feature_distill or 0.0,
                                            learn_scales=a.finetune_scales == "learned"))
     extra_spec: dict = {"classes": list(classes)} if classes else {}
     sized = a.target_ratio is not None or a.target_bytes is not None
@@ -304,7 +317,6 @@ def cmd_compress(a: argparse.Namespace) -> int:
     fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if held_out else (train, None)
     slim, channel_info, knobs = model, None, None
     if search:
-        from .recovery import RECOVERY_RECIPE
         from .search import DEFAULT_FRACTIONS, ChannelSearch, compress_channel_search
         from .structured import ChannelPruneConfig
 
@@ -314,7 +326,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                   stream_fraction=a.prune_streams, round_to=a.channel_round_to,
                                   reconstruct=a.channel_reconstruct, refit_scope=a.channel_refit)
         csearch = ChannelSearch(ccfg, a.channel_fractions or DEFAULT_FRACTIONS)
-        rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
+        rcfg = _recovery(a)
         found = compress_channel_search(model, fit, val, cfg, a.arch, csearch, model_spec_extra=extra_spec or None,
                                         recover=rcfg if a.recover_epochs > 0 else None)
         result, knobs = found.result, found.trials[found.fraction]["knobs"]
@@ -327,6 +339,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                         "float_bytes": found.trials[found.fraction]["float_bytes"],
                         "removed": {k: len(v) for k, v in cut.removed.items()} if cut else {},
                         "recover_epochs": a.recover_epochs if cut else 0, "scope_trials": None,
+                        "recover_feature_distill": _recovery(a).feature_distill if cut else None,
                         "fraction_trials": {f"{f:g}": t for f, t in found.trials.items()}}
     elif a.prune_channels > 0 or a.prune_streams > 0:
         from .structured import ChannelPruneConfig, prune_channels, prune_channels_auto
@@ -350,12 +363,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = sres.shapes
         if a.recover_epochs > 0:
-            from .recovery import RECOVERY_RECIPE, finetune_model
+            from .recovery import finetune_model
 
-            rcfg = replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed)
+            rcfg = _recovery(a)
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction, "float_bytes": dense_bytes(slim),
                         "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs,
+                        "recover_feature_distill": _recovery(a).feature_distill if a.recover_epochs else None,
                         "scope_trials": trials}
         if a.target_ratio is not None:  # the ratio counts from the model the user gave, not the slimmed one
             cfg = replace(cfg, target_ratio=None, target_bytes=int(dense_bytes(model) / a.target_ratio))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
+from .calibration import _hooked_eval
 from .data import ImageData
 from .errors import LrpcError, LrpcWarning
 from .models import model_device
@@ -38,6 +41,10 @@ class FinetuneConfig:
     clip_grad: float | None = 5.0
     distill: float = 1.0  # weight of the distillation loss from the uncompressed model (0 = labels only)
     temperature: float = 4.0
+    # weight of the feature (hint) loss: the normalised squared error between the student's and the teacher's
+    # outputs of every block whose output shape both share (``hint_points``), e.g. each residual block after an
+    # inner-channel cut (FitNets, Romero et al. 2015; block-wise as in FSKD, Li et al. 2020). 0 = logits only.
+    feature_distill: float = 0.0
     train_bn: bool = False  # update BatchNorm statistics (only for float models; folded ones stay frozen)
     # Quantized fine-tuning also trains every group's scale (LSQ, Esser et al. 2020); the learned scales are
     # what the file stores. Off: scales stay as the allocator chose them and only the codes move. On by
@@ -61,6 +68,8 @@ class FinetuneConfig:
             raise LrpcError(f"distillation weight must be >= 0 (0 = labels only), got {self.distill}")
         if not self.temperature > 0:
             raise LrpcError(f"distillation temperature must be > 0, got {self.temperature}")
+        if not self.feature_distill >= 0:
+            raise LrpcError(f"feature distillation weight must be >= 0 (0 = logits only), got {self.feature_distill}")
 
     def steps(self, images: int) -> int:
         """Optimizer steps that fine-tuning on ``images`` training images runs (the last batch may be short)."""
@@ -162,12 +171,55 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
                rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def hint_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the container modules (blocks, stages; not the whole model, not single layers) that both
+    models have and whose outputs have the same shape on ``example``: where the feature loss compares them.
+    A tensor that several containers return (a stage and its last block) is compared once, at the innermost."""
+    def outputs(net: nn.Module) -> dict[str, torch.Tensor]:
+        box: dict[str, torch.Tensor] = {}
+        mods = [(n, m) for n, m in net.named_modules() if n and next(m.children(), None) is not None]
+        with torch.no_grad(), _hooked_eval(net, [], [(m, lambda _m, _i, out, n=n: box.__setitem__(n, out))
+                                                     for n, m in mods]):
+            net(example)
+        return box
+
+    s_out, t_out = outputs(student), outputs(teacher)
+    names, seen = [], set()
+    for n, a in s_out.items():  # hooks fire as modules finish: a block before the stage that returns its output
+        b = t_out.get(n)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and id(a) not in seen:
+            seen.add(id(a))
+            names.append(n)
+    return names
+
+
+@contextmanager
+def _recording(net: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks storing the outputs of ``names`` in the yielded dict; removed on exit."""
+    box: dict[str, torch.Tensor] = {}
+    mods = dict(net.named_modules())
+    handles = [mods[n].register_forward_hook(lambda _m, _i, out, n=n: box.__setitem__(n, out)) for n in names]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def feature_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over points of ‖s − t‖² / ‖t‖²: each block's error relative to its own scale, so deep and shallow
+    points weigh alike."""
+    terms = [((student[n] - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12) for n, t in teacher.items()]
+    return torch.stack(terms).mean()
+
+
 def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, config: FinetuneConfig,
                device: torch.device, show_progress: bool = True, teacher: nn.Module | None = None,
                train_bn: bool = False) -> None:
     """SGD (Nesterov, one-cycle LR) on ``trainable`` with cross-entropy, plus ``config.distill`` × the
-    soft-label KL divergence to ``teacher`` (Hinton et al. 2015) when one is given. BatchNorm statistics stay
-    frozen unless ``train_bn``. Stops with an error as soon as the loss is no longer finite."""
+    soft-label KL divergence to ``teacher`` (Hinton et al. 2015) and ``config.feature_distill`` × the feature
+    loss at the ``hint_points`` when one is given. BatchNorm statistics stay frozen unless ``train_bn``. Stops
+    with an error as soon as the loss is no longer finite."""
     opt = torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                           nesterov=True)
     steps = config.steps(len(train))
@@ -177,10 +229,25 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
             f"batch {config.batch_size}); at 16x on ResNet-20, 16 steps changed nothing and ~200 recovered "
             f"5-50 points (docs/FINDINGS.md section 6): use more epochs"), stacklevel=2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps, pct_start=0.15)
+    net.train(train_bn)  # otherwise BatchNorm statistics stay frozen (folded constants, or calibrated ones)
+    use = teacher is not None and (config.distill > 0 or config.feature_distill > 0)
+    teacher = copy.deepcopy(teacher).to(device).eval() if use else None
+    points: list[str] = []
+    if teacher is not None and config.feature_distill > 0:
+        points = hint_points(net, teacher, train.tensor(np.arange(min(2, len(train))), device))
+        if not points:
+            warnings.warn(LrpcWarning("feature distillation found no block whose output shape the student and "
+                                      "the teacher share; training with the logit loss only"), stacklevel=2)
+    with _recording(net, points) as s_feat, \
+            _recording(teacher if teacher is not None else net, points if teacher is not None else []) as t_feat:
+        _epochs(net, trainable, train, config, device, show_progress, teacher, opt, sched, s_feat, t_feat)
+
+
+def _epochs(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, config: FinetuneConfig,
+            device: torch.device, show_progress: bool, teacher: nn.Module | None, opt, sched,
+            s_feat: Mapping[str, torch.Tensor], t_feat: Mapping[str, torch.Tensor]) -> None:
     gen = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    net.train(train_bn)  # otherwise BatchNorm statistics stay frozen (folded constants, or calibrated ones)
-    teacher = copy.deepcopy(teacher).to(device).eval() if teacher is not None and config.distill > 0 else None
     for epoch in range(config.epochs):
         order = rng.permutation(len(train))
         bar = progress(train.batches(config.batch_size, order), total=math.ceil(len(train) / config.batch_size),
@@ -196,8 +263,11 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
             if teacher is not None:
                 with torch.no_grad():
                     soft = F.softmax(teacher(x) / config.temperature, 1)
-                kd = F.kl_div(F.log_softmax(logits / config.temperature, 1), soft, reduction="batchmean")
-                loss = loss + config.distill * config.temperature ** 2 * kd
+                if config.distill > 0:
+                    kd = F.kl_div(F.log_softmax(logits / config.temperature, 1), soft, reduction="batchmean")
+                    loss = loss + config.distill * config.temperature ** 2 * kd
+                if t_feat:
+                    loss = loss + config.feature_distill * feature_loss(s_feat, t_feat)
             if not bool(torch.isfinite(loss)):
                 raise LrpcError("fine-tuning diverged (the loss is no longer finite); lower --finetune-lr")
             loss.backward()
@@ -213,7 +283,8 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
 def finetune_model(model: nn.Module, train: ImageData, config: FinetuneConfig, show_progress: bool = True,
                    device: torch.device | str | None = None, teacher: nn.Module | None = None) -> nn.Module:
     """Float recovery fine-tuning of every parameter of a copy of ``model`` (e.g. after structured pruning);
-    ``teacher`` (the model before pruning) adds distillation when ``config.distill`` > 0."""
+    ``teacher`` (the model before pruning) adds distillation when ``config.distill`` or
+    ``config.feature_distill`` > 0."""
     if config.epochs == 0:
         return model
     dev = torch.device(device) if device is not None else model_device(model)
