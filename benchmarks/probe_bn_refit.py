@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from lrpcompress.calibration import _hooked_eval  # noqa: E402
 from lrpcompress.data import load_data  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
@@ -33,15 +34,11 @@ def variance_ratios(model: torch.nn.Module, data, idx) -> dict[str, float]:
     """Per BatchNorm: the mean over channels of (input variance on ``idx``) / running variance."""
     seen: dict[str, list[torch.Tensor]] = {}
     bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    hooks = [m.register_forward_pre_hook(lambda _m, i, n=n: seen.setdefault(n, []).append(
-        i[0].transpose(0, 1).flatten(1).var(1))) for n, m in bns.items()]
-    try:
-        with torch.no_grad():
-            for x, _ in data.batches(64, idx):
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [(m, lambda _m, i, n=n: seen.setdefault(n, []).append(i[0].transpose(0, 1).flatten(1).var(1)))
+             for n, m in bns.items()]
+    with torch.no_grad(), _hooked_eval(model, hooks):
+        for x, _ in data.batches(64, idx):
+            model(x)
     return {n: float((torch.stack(v).mean(0) / bns[n].running_var).mean()) for n, v in seen.items()}
 
 

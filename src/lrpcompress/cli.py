@@ -339,7 +339,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
                         "float_bytes": found.trials[found.fraction]["float_bytes"],
                         "removed": {k: len(v) for k, v in cut.removed.items()} if cut else {},
                         "recover_epochs": a.recover_epochs if cut else 0, "scope_trials": None,
-                        "recover_feature_distill": _recovery(a).feature_distill if cut else None,
+                        "recover_feature_distill": rcfg.feature_distill if cut else None,
                         "fraction_trials": {f"{f:g}": t for f, t in found.trials.items()}}
     elif a.prune_channels > 0 or a.prune_streams > 0:
         from .structured import ChannelPruneConfig, prune_channels, prune_channels_auto
@@ -362,14 +362,14 @@ def cmd_compress(a: argparse.Namespace) -> int:
         slim = sres.model
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = sres.shapes
+        rcfg = _recovery(a)
         if a.recover_epochs > 0:
             from .recovery import finetune_model
 
-            rcfg = _recovery(a)
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction, "float_bytes": dense_bytes(slim),
                         "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs,
-                        "recover_feature_distill": _recovery(a).feature_distill if a.recover_epochs else None,
+                        "recover_feature_distill": rcfg.feature_distill if a.recover_epochs else None,
                         "scope_trials": trials}
         if a.target_ratio is not None:  # the ratio counts from the model the user gave, not the slimmed one
             cfg = replace(cfg, target_ratio=None, target_bytes=int(dense_bytes(model) / a.target_ratio))

@@ -194,10 +194,11 @@ def hint_points(student: nn.Module, teacher: nn.Module, example: torch.Tensor) -
 
 
 @contextmanager
-def _recording(net: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward hooks storing the outputs of ``names`` in the yielded dict; removed on exit."""
+def _recording(net: nn.Module | None, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks storing the outputs of ``names`` of ``net`` in the yielded dict; removed on exit. Without
+    a model (or names) the dict stays empty."""
     box: dict[str, torch.Tensor] = {}
-    mods = dict(net.named_modules())
+    mods = dict(net.named_modules()) if net is not None else {}
     handles = [mods[n].register_forward_hook(lambda _m, _i, out, n=n: box.__setitem__(n, out)) for n in names]
     try:
         yield box
@@ -238,8 +239,7 @@ def train_loop(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, 
         if not points:
             warnings.warn(LrpcWarning("feature distillation found no block whose output shape the student and "
                                       "the teacher share; training with the logit loss only"), stacklevel=2)
-    with _recording(net, points) as s_feat, \
-            _recording(teacher if teacher is not None else net, points if teacher is not None else []) as t_feat:
+    with _recording(net, points) as s_feat, _recording(teacher, points) as t_feat:  # points need a teacher
         _epochs(net, trainable, train, config, device, show_progress, teacher, opt, sched, s_feat, t_feat)
 
 
@@ -262,8 +262,9 @@ def _epochs(net: nn.Module, trainable: list[torch.Tensor], train: ImageData, con
             loss = F.cross_entropy(logits, y)
             if teacher is not None:
                 with torch.no_grad():
-                    soft = F.softmax(teacher(x) / config.temperature, 1)
+                    t_logits = teacher(x)  # also fills t_feat
                 if config.distill > 0:
+                    soft = F.softmax(t_logits / config.temperature, 1)
                     kd = F.kl_div(F.log_softmax(logits / config.temperature, 1), soft, reduction="batchmean")
                     loss = loss + config.distill * config.temperature ** 2 * kd
                 if t_feat:
