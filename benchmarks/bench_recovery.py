@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
+from run_benchmark import (SHARED, Runner, _machine, add_finetune_recipe_options, finetune_recipe,  # noqa: E402
+                           provenance, recipe_name)
 
 from lrpcompress.compress import allocation_target, finetune_result  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
@@ -57,7 +58,11 @@ def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], gri
 
 
 def row_key(row: dict) -> tuple:
-    return (row["model"], row["budget"], row["epochs"], row["method"], row["scales"], json.dumps(row["knobs"]))
+    return (row["model"], row["budget"], row["epochs"], row["method"], row["scales"], json.dumps(row["knobs"]),
+            row.get("finetune_recipe", LEGACY_RECIPE))
+
+
+LEGACY_RECIPE = "lr 0.01, batch 128"  # what rows without a finetune_recipe were trained with
 
 
 def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
@@ -70,7 +75,8 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
     cands = {m: [c for g in args.grids for c in candidates(r, m, args.budget, args.bits, g, args.epochs)]
              for m in args.methods}
     for scales in args.scales:  # in the order asked: a deadline cuts the last
-        ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=scales == "learned")
+        ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, learn_scales=scales == "learned",
+                            **finetune_recipe(args))
         for method in args.methods:
             for knobs, cfg in cands[method]:
                 # the file before training is what `compress` trains: the allocator filled the target less the
@@ -82,7 +88,8 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
                 if res is None or res.file_bytes > limit:
                     log(f"  {method} {knobs}: does not fit")
                     continue
-                if (args.model, args.budget, args.epochs, method, scales, json.dumps(knobs)) in measured:
+                if (args.model, args.budget, args.epochs, method, scales, json.dumps(knobs),
+                        recipe_name(args)) in measured:
                     continue  # --append --skip-measured: resume a run cut by its deadline
                 if time.perf_counter() - t_start > args.deadline:
                     log("  deadline reached, stopping")
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
                     continue
                 val = accuracy(trained.compressed.to_module().to(r.device), r.val, show_progress=False)
                 row = r.finish(method, args.budget, trained, dict(knobs))
-                row.update(epochs=args.epochs, scales=scales, post_val=round(post_val, 2),
+                row.update(epochs=args.epochs, scales=scales, finetune_recipe=recipe_name(args), post_val=round(post_val, 2),
                            val_accuracy=round(val, 2), drop=round(r.base_test - row["accuracy"], 2),
                            ft_seconds=round(time.perf_counter() - t0, 1))
                 emit(row)
@@ -132,7 +139,8 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
              "without training picks. Test accuracy is the written file, loaded back.", ""]
     cols = (("method", "method"), ("setting", "setting"), ("scales", "scales"), ("file_bytes", "file bytes"),
             ("ratio", "ratio"), ("post_val", "held-out before %"), ("val_accuracy", "held-out after %"),
-            ("accuracy", "test %"), ("drop", "drop"), ("pick", "pick"), ("ft_seconds", "train s"))
+            ("accuracy", "test %"), ("drop", "drop"), ("pick", "pick"), ("finetune_recipe", "recipe"),
+            ("ft_seconds", "train s"))
     for key in sorted({(r["model"], r["budget"], r["epochs"]) for r in rows}):
         group = [r for r in rows if (r["model"], r["budget"], r["epochs"]) == key]
         lines += [f"## {key[0]}, {key[1]:g}×, {key[2]} epoch(s)", "", markdown_table(group, cols), ""]
@@ -156,6 +164,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fit-images", type=int, default=0, help="use only this many training images (smoke runs)")
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds; no new training starts after")
+    add_finetune_recipe_options(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_benchmark import SHARED, Runner, _machine, provenance  # noqa: E402
+from run_benchmark import (SHARED, Runner, _machine, add_finetune_recipe_options, finetune_recipe,  # noqa: E402
+                           provenance, recipe_name)
 
 from lrpcompress.compress import FINETUNE_RESERVE, compress  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
@@ -159,7 +160,8 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
     held-out pick of every pipeline measured without channel removal but ``uniform`` (magnitude, lrp and each
     tilt of ``--methods``: does a lead survive the same training?) and each criterion's auto fraction; the
     settings stay as chosen without it, but magnitude's sparsity (:func:`_magnitude_finetuned`)."""
-    ft = FinetuneConfig(epochs=args.finetune, seed=args.seed, learn_scales=args.finetune_scales == "learned")
+    ft = FinetuneConfig(epochs=args.finetune, seed=args.seed, learn_scales=args.finetune_scales == "learned",
+                        **finetune_recipe(args))
     tag = f"+ft{args.finetune}" + (" fixed scales" if args.finetune_scales == "fixed" else "")
     cap = int(r.dense_bytes() / budget)
     jobs = [(name, None, replace(cfg, finetune=ft)) for name, (_, cfg) in chosen.items() if name != "uniform"]
@@ -187,6 +189,7 @@ def finetuned(r: Runner, budget: float, args: argparse.Namespace, base: dict, ch
             continue
         row = _measured(r, res, base, budget, f"{name} {tag}", example, dense_macs, val_accuracy=None,
                         setting=setting)
+        row["finetune_recipe"] = recipe_name(args)
         emit(row)
         log(f"  {row['pipeline']:9s} @ {budget:g}x: {row['accuracy']:6.2f}% {row['file_bytes']} B")
 
@@ -224,7 +227,8 @@ def write(rows: list[dict], out: Path, commands: list[str], started: str) -> Non
              "`macs`: multiply-accumulates of the file's model over the dense model's. Pipelines: see "
              "`benchmarks/bench_task.py`.", ""]
     cols = (("pipeline", "pipeline"), ("file_bytes", "file bytes"), ("ratio", "ratio"), ("macs", "MACs"),
-            ("val_accuracy", "held-out %"), ("accuracy", "test %"), ("setting", "chosen setting"))
+            ("val_accuracy", "held-out %"), ("accuracy", "test %"), ("setting", "chosen setting"),
+            ("finetune_recipe", "recovery"))
     for key in dict.fromkeys((r["model"], r["classes"]) for r in rows):
         group = [r for r in rows if (r["model"], r["classes"]) == key]
         fl = next((r for r in group if r["pipeline"] == "float32"), None)
@@ -280,6 +284,7 @@ def main() -> None:
                          "for this many epochs")
     ap.add_argument("--finetune-scales", default="learned", choices=("learned", "fixed"),
                     help="fine-tuning learns the quantizer scales (LSQ, the default) or keeps them")
+    add_finetune_recipe_options(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -310,8 +315,10 @@ def main() -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
 
     def emit(row: dict) -> None:
-        key = (row["model"], row["classes"], row["budget"], row["pipeline"])
-        rows[:] = [x for x in rows if (x["model"], x["classes"], x["budget"], x["pipeline"]) != key]
+        def key(x: dict) -> tuple:  # a fine-tuned row trained with another recipe sits beside this one
+            return x["model"], x["classes"], x["budget"], x["pipeline"], x.get("finetune_recipe")
+
+        rows[:] = [x for x in rows if key(x) != key(row)]
         rows.append(dict(row, command=command))
         write(rows, out, sorted(set(commands) | {command}), started)
 

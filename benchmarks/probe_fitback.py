@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from run_benchmark import SHARED, Runner  # noqa: E402
+from run_benchmark import SHARED, Runner, add_finetune_recipe_options, finetune_recipe  # noqa: E402
 
 from lrpcompress.compress import _shrink, allocation_target, shrink_to_budget  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
@@ -37,12 +37,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    add_finetune_recipe_options(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shared", default=str(SHARED))
     args = ap.parse_args()
     sparsity, floor = (float(args.knobs.split(":")[0]), int(args.knobs.split(":")[1]))
     r = Runner(args.model, args)
-    ft = FinetuneConfig(epochs=args.epochs, seed=args.seed)
+    ft = FinetuneConfig(epochs=args.epochs, seed=args.seed, **finetune_recipe(args))
     cfg = with_knobs(replace(r.cfg("lrp"), target_ratio=args.budget, finetune=ft), sparsity, floor)
     cap = int(r.dense_bytes() / args.budget)
     res = r.run(replace(cfg, target_ratio=None, target_bytes=allocation_target(cfg, r.dense_bytes()),

@@ -52,6 +52,23 @@ def add_weights_option(ap: argparse.ArgumentParser) -> None:
                          "--models usernet:vgg_small --weights usernet:vgg_small=/tmp/vgg_small.pt")
 
 
+def add_finetune_recipe_options(ap: argparse.ArgumentParser) -> None:
+    """``--finetune-lr`` / ``--finetune-batch`` for quantized recovery rows (the library's defaults). Committed
+    rows trained before the default changed (2026-12-01) name lr 0.01, batch 128 in their ``finetune_recipe``."""
+    ap.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr, help="recovery's SGD learning rate")
+    ap.add_argument("--finetune-batch", type=int, default=FinetuneConfig.batch_size, help="recovery's batch size")
+
+
+def finetune_recipe(args: argparse.Namespace) -> dict:
+    """The FinetuneConfig fields that ``add_finetune_recipe_options`` set."""
+    return {"lr": args.finetune_lr, "batch_size": args.finetune_batch}
+
+
+def recipe_name(args: argparse.Namespace) -> str:
+    """What a row's ``finetune_recipe`` records."""
+    return f"lr {args.finetune_lr:g}, batch {args.finetune_batch}"
+
+
 def _arch_path(text: str) -> tuple[str, str]:
     arch, sep, path = text.partition("=")
     if not sep or not arch or not path:
@@ -260,8 +277,9 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
             continue
         knobs = dict(pick["knobs"])
         ft = next(c for k, c in r.optimal_candidates("lrp", budget) if k == knobs)
-        ft = replace(ft, finetune=FinetuneConfig(epochs=epochs, seed=args.seed))
+        ft = replace(ft, finetune=FinetuneConfig(epochs=epochs, seed=args.seed, **finetune_recipe(args)))
         row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), dict(knobs, finetune_epochs=epochs))
+        row["finetune_recipe"] = recipe_name(args)
         row["drop"] = round(r.base_test - row["accuracy"], 2)
         emit(row)
         log(f"  lrp+ft{epochs} @ {budget}x: {row['accuracy']:.2f}% {row['file_bytes']} B")
@@ -339,7 +357,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
              "`uniform` in rows measured from 2026-11-26 on: every budget of both models).", ""]
     cols = (("method", "method"), ("budget", "budget"), ("file_bytes", "file bytes"), ("ratio", "ratio"),
             ("accuracy", "accuracy %"), ("drop", "drop"), ("sparsity", "sparsity"), ("mean_bits", "mean bits"),
-            ("seconds", "compress s"), ("knobs", "chosen setting"), ("machine", "machine"))
+            ("seconds", "compress s"), ("knobs", "chosen setting"), ("finetune_recipe", "recovery"), ("machine", "machine"))
     for m in sorted({r["model"] for r in rows}):
         lines += [f"## {m}", ""]
         mrows = [dict(r, knobs=", ".join(f"{k}={v}" for k, v in r["knobs"].items())) for r in rows if r["model"] == m]
@@ -386,6 +404,7 @@ def main() -> None:
                     help="every method's file bit-packed (format v1/v2; rows before 2026-11-26 evening were)")
     ap.add_argument("--shared", default=str(SHARED), help="folder with models/ and data/ (default ../shared)")
     add_weights_option(ap)
+    add_finetune_recipe_options(ap)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (forward/backward passes; the bytes are CPU work)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only rewrite the tables from --merge files")

@@ -310,6 +310,14 @@ def test_rules_lists_composites(capsys):
     assert code == 0 and "epsilon_plus" in out and "paper" in out
 
 
+def test_finetune_defaults_are_the_librarys():
+    import lrpcompress.cli as cli
+    from lrpcompress.recovery import FinetuneConfig
+
+    assert (cli.FINETUNE_LR, cli.FINETUNE_BATCH) == (FinetuneConfig.lr, FinetuneConfig.batch_size)
+    assert (FinetuneConfig().lr, FinetuneConfig().batch_size) == (0.005, 64)  # the held-out pick (gptq/recipes.md)
+
+
 def test_console_script_installed():
     assert shutil.which("lrpcompress") is not None
 
@@ -360,6 +368,7 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert report["channel_pruning"]["settings"]["refit_scope"] == "downstream"
     # 12 training images of the 3 classes, one epoch in batches of 6: two steps, which the user is told in one line
     assert report["finetune_steps"] == 2
+    assert report["finetune_recipe"] == {"lr": 0.005, "batch_size": 6}
     warned = [ln for ln in err.splitlines() if "warning" in ln]
     assert len(warned) == 1 and warned[0].startswith("lrpcompress: warning: fine-tuning runs only 2 optimizer steps")
     from lrpcompress.compress import load_compressed

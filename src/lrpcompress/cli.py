@@ -18,6 +18,10 @@ from typing import Any, Callable, Sequence
 
 from .errors import LrpcError, LrpcWarning
 
+# FinetuneConfig's defaults, repeated so that --help does not import torch (a test keeps them equal)
+FINETUNE_LR = 0.005
+FINETUNE_BATCH = 64
+
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
     """An argparse type: convert, then check; messages say what is needed."""
@@ -125,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
     c.add_argument("--finetune-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0, help="recovery fine-tuning epochs through the quantizers")
-    c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=0.01)
-    c.add_argument("--finetune-batch", type=_positive_int, default=128, help="fine-tuning batch size")
+    c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=FINETUNE_LR,
+                   help=f"recovery's SGD learning rate (default {FINETUNE_LR})")
+    c.add_argument("--finetune-batch", type=_positive_int, default=FINETUNE_BATCH,
+                   help=f"fine-tuning batch size (default {FINETUNE_BATCH})")
     c.add_argument("--finetune-scales", default="learned", choices=("learned", "fixed"),
                    help="fine-tuning trains each group's scale too (LSQ), or keeps the allocator's scales")
     c.add_argument("--distill", type=_nonneg_float, default=1.0,
@@ -394,7 +400,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
              "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen,
              "channel_pruning": channel_info, "tuned": knobs,
-             "finetune_steps": cfg.finetune.steps(len(fit))}  # per training; --tune-finetuned trains each setting
+             "finetune_steps": cfg.finetune.steps(len(fit)),  # per training; --tune-finetuned trains each setting
+             "finetune_recipe": ({"lr": cfg.finetune.lr, "batch_size": cfg.finetune.batch_size}
+                                 if cfg.finetune.epochs else None)}
     if not a.no_speed:
         import numpy as np
 
