@@ -104,6 +104,13 @@ def budget_name(budget: Budget) -> str:
             + (f"@{budget[2]}" if budget[2] > 1 else ""))
 
 
+def slim_architecture(dense: torch.nn.Module, train, budget: Budget, seed: int = 0) -> torch.nn.Module:
+    """The slim model of a layer-scope ``budget``, channels picked at random: its speed does not depend on which."""
+    cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, reconstruct=False, samples=8,
+                             seed=seed, stream_fraction=budget[1], round_to=budget[2])
+    return prune_channels(dense, train, cfg, show_progress=False).model
+
+
 def measure_speed(arch: str, args: argparse.Namespace, train, example,
                   shapes: dict[str, dict] | None = None) -> dict[Budget | str, dict]:
     """CPU speed of the dense model and of its slim architecture at every layer-scope budget (and of every
@@ -114,11 +121,7 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
     ``args.speed_passes`` passes; each latency is the median over passes of the per-pass medians."""
     dense = load_model(arch, checkpoint(arch, args))
     keys: list[Budget | str] = [b for b in args.budgets if b[3] == "layer"]
-    slims = []
-    for budget in keys:
-        cfg = ChannelPruneConfig(budget[0], criterion="random", compensate=False, reconstruct=False, samples=8,
-                                 seed=args.seed, stream_fraction=budget[1], round_to=budget[2])
-        slims.append(prune_channels(dense, train, cfg, show_progress=False).model)
+    slims = [slim_architecture(dense, train, budget, args.seed) for budget in keys]
     for k, shape in (shapes or {}).items():
         keys.append(k)
         slims.append(apply_shapes(copy.deepcopy(dense), shape))

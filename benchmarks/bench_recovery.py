@@ -88,8 +88,8 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
                 if res is None or res.file_bytes > limit:
                     log(f"  {method} {knobs}: does not fit")
                     continue
-                if (args.model, args.budget, args.epochs, method, scales, json.dumps(knobs),
-                        recipe_name(args)) in measured:
+                if row_key({"model": args.model, "budget": args.budget, "epochs": args.epochs, "method": method,
+                            "scales": scales, "knobs": knobs, "finetune_recipe": recipe_name(args)}) in measured:
                     continue  # --append --skip-measured: resume a run cut by its deadline
                 if time.perf_counter() - t_start > args.deadline:
                     log("  deadline reached, stopping")
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:
                     continue
                 val = accuracy(trained.compressed.to_module().to(r.device), r.val, show_progress=False)
                 row = r.finish(method, args.budget, trained, dict(knobs))
-                row.update(epochs=args.epochs, scales=scales, finetune_recipe=recipe_name(args), post_val=round(post_val, 2),
-                           val_accuracy=round(val, 2), drop=round(r.base_test - row["accuracy"], 2),
+                row.update(epochs=args.epochs, scales=scales, finetune_recipe=recipe_name(args),
+                           post_val=round(post_val, 2), val_accuracy=round(val, 2), drop=round(r.base_test - row["accuracy"], 2),
                            ft_seconds=round(time.perf_counter() - t0, 1))
                 emit(row)
                 log(f"  {method} {knobs} scales {row['scales']}: held-out {post_val:.2f} -> {val:.2f}, "

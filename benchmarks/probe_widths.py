@@ -23,14 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_channels import parse_budget  # noqa: E402
+from bench_channels import parse_budget, slim_architecture  # noqa: E402
 from run_benchmark import SHARED, add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data  # noqa: E402
 from lrpcompress.evaluation import speed_profiles  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
-from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
 
 
 def stage_widths(model: torch.nn.Module) -> str:
@@ -76,10 +75,7 @@ def main() -> None:
              "(first convolution of each block) and residual-stream channels per stage.", ""]
     for arch in args.models.split(","):
         dense = load_model(arch, checkpoint(arch, args))
-        slims = [prune_channels(dense, train, ChannelPruneConfig(b[0], criterion="random", compensate=False,
-                                                                 reconstruct=False, samples=8, stream_fraction=b[1],
-                                                                 round_to=b[2]), show_progress=False).model
-                 for b in budgets]
+        slims = [slim_architecture(dense, train, b) for b in budgets]
         passes = [speed_profiles([dense, *slims], example, batch_sizes=(64,), repeats=args.repeats)
                   for _ in range(args.passes)]
         ms = [float(np.median([p[i]["latency_ms"]["64"] for p in passes])) for i in range(len(slims) + 1)]
