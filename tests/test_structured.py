@@ -308,19 +308,55 @@ def test_rounded_widths_are_multiples_and_keep_the_best_channels(scope):
 
 
 def test_rounds_of_a_static_criterion_equal_one_cut():
-    """Inner widths only: the L1 norms of the kept filters do not change when others are cut, so pruning in
-    rounds must remove the same channels and (compensating with the input model's means in every round)
-    give the same model. (With streams cut too, the writers' norms change as their inputs shrink.)"""
+    """Inner widths only, no refit: the L1 norms of the kept filters do not change when others are cut, so
+    pruning in rounds must remove the same channels and (compensating with the input model's means in every
+    round) give the same model. (With streams cut too, the writers' norms change as their inputs shrink; with
+    the refit after every round, the refitted filters' norms do.)"""
     streams = 0.0
     model = trained_like(build_model("resnet20", 10))
     data = random_data(24)
     x = data.tensor(np.arange(8))
-    one = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24, stream_fraction=streams),
-                         show_progress=False)
+    one = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24, stream_fraction=streams,
+                                                         reconstruct=False), show_progress=False)
     three = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24, steps=3,
-                                                           stream_fraction=streams), show_progress=False)
+                                                           stream_fraction=streams, reconstruct=False),
+                           show_progress=False)
     assert one.removed == three.removed
     torch.testing.assert_close(three.model(x), one.model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_rounds_refit_before_each_rescore(monkeypatch):
+    """With the refit on, every round refits the layers cut so far before the next round scores the model, and
+    the final model is the refit of the final channel set: a one-step cut that removes the same channels (given
+    as scores) gives the same function, since the closed-form refit overwrites every layer from the first
+    reader on."""
+    import lrpcompress.structured as structured
+
+    model = trained_like(build_model("resnet20", 10))
+    data = random_data(24)
+    x = data.tensor(np.arange(8))
+    calls: list[list[str]] = []
+    real = structured._reconstruct
+
+    def spy(net, dense, readers, *args, **kwargs):
+        calls.append(sorted(readers))
+        return real(net, dense, readers, *args, **kwargs)
+
+    monkeypatch.setattr(structured, "_reconstruct", spy)
+    three = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24, steps=3),
+                           show_progress=False)
+    assert len(calls) == 3 and calls[0] and calls[-1] == calls[1]  # every layer loses some channels in round 1
+    monkeypatch.setattr(structured, "_reconstruct", real)
+    mods = dict(model.named_modules())
+    scores = {}
+    for root, idx in three.removed.items():
+        s = torch.ones(mods[root].out_channels)
+        s[idx] = 0.0
+        scores[root] = s
+    one = prune_channels(model, data, ChannelPruneConfig(0.5, criterion="l1", samples=24), show_progress=False,
+                         scores=scores)
+    assert one.removed == three.removed
+    torch.testing.assert_close(three.model(x), one.model(x), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name,streams", [("resnet18", 0.0), ("mobilenet_v2", 0.0), ("resnet18", 0.25),

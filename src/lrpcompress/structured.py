@@ -50,7 +50,7 @@ class ChannelPruneConfig:
     say) or ``auto`` (the three tried on held-out images by ``prune_channels_auto``). ``normalise`` divides
     each layer's scores by their mean before a global or macs ranking (LRP relevance is conserved from layer
     to layer, so its raw values looked comparable without it; measured worse, docs/FINDINGS.md §5).
-    ``steps`` > 1 prunes in that many rounds and rescores in between.
+    ``steps`` > 1 prunes in that many rounds and rescores in between (after the round's refit, with ``reconstruct``).
     ``composite``/``start`` configure LRP; ``reference`` is where LRP channel relevance is measured from:
     ``mean`` (the channel's mean input to its readers, which is what a removal with mean compensation
     leaves in its place: ``referenced_channel_relevance``) or ``zero`` (the relevance the channel receives, as plain
@@ -739,12 +739,15 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
             removed[g.root] += [alive[g.root][i] for i in idx]
             alive[g.root] = [a for i, a in enumerate(alive[g.root]) if i not in gone]
             graph.get_pruning_group(mods[g.root], tp.prune_conv_out_channels, idxs=list(idx)).prune()
+        if config.reconstruct:
+            # refit after every round, so the next round scores (and compensates) the refitted model, not one
+            # carrying the drift of the cuts so far; the targets stay the input model's outputs
+            writer = {p: g.root for g in groups0 for p in g.producers}
+            readers = sorted({c for g in groups0 if removed.get(g.root) for c in g.consumers})
+            _reconstruct(net, model, readers, {p: alive[r] for p, r in writer.items()}, data, config,
+                         show_progress)
         graph = _graph(net, example)
         groups = [g for g in prunable_groups(net, example, graph, streams=streams) if g.root in original]
-    if config.reconstruct and any(removed.values()):
-        writer = {p: g.root for g in groups0 for p in g.producers}
-        readers = sorted({c for g in groups0 if removed.get(g.root) for c in g.consumers})
-        _reconstruct(net, model, readers, {p: alive[r] for p, r in writer.items()}, data, config, show_progress)
     if hasattr(net, "widths"):
         _refresh_widths(net)
     kept = sum(len(v) for v in alive.values()) / sum(original.values())  # of the reference counts
