@@ -57,12 +57,12 @@ def candidates(r: Runner, method: str, budget: float, bits: tuple[int, ...], gri
     return [({"sparsity": s, "min_bits": mb, **tag}, with_knobs(base, s, mb)) for s, mb in dict.fromkeys(knobs)]
 
 
+LEGACY_RECIPE = "lr 0.01, batch 128"  # what rows without a finetune_recipe were trained with
+
+
 def row_key(row: dict) -> tuple:
     return (row["model"], row["budget"], row["epochs"], row["method"], row["scales"], json.dumps(row["knobs"]),
             row.get("finetune_recipe", LEGACY_RECIPE))
-
-
-LEGACY_RECIPE = "lr 0.01, batch 128"  # what rows without a finetune_recipe were trained with
 
 
 def run(args: argparse.Namespace, log, emit, measured: set[tuple]) -> None:

@@ -668,6 +668,7 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         raise LrpcError("the model has no residual stream that can be pruned; use a stream fraction of 0")
     original = {g.root: g.size for g in groups}
     groups0 = list(groups)  # the refit's layer names: a group cut to one channel drops out of later lists
+    writer = {p: g.root for g in groups0 for p in g.producers}  # each refitted producer's group
     if reference is not None:
         original = {r: max(int(reference.get(r, n)), n) for r, n in original.items()}
     is_stream = {g.root: g.stream for g in groups}
@@ -742,7 +743,6 @@ def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig
         if config.reconstruct:
             # refit after every round, so the next round scores (and compensates) the refitted model, not one
             # carrying the drift of the cuts so far; the targets stay the input model's outputs
-            writer = {p: g.root for g in groups0 for p in g.producers}
             readers = sorted({c for g in groups0 if removed.get(g.root) for c in g.consumers})
             _reconstruct(net, model, readers, {p: alive[r] for p, r in writer.items()}, data, config,
                          show_progress)
