@@ -85,15 +85,6 @@ def parse_budget(text: str) -> Budget:
     return float(inner), float(stream or 0.0), int(multiple or 1), scope
 
 
-def train_device(row: dict) -> str | None:
-    """Where a fine-tuned row was trained (its recipe names a device other than the CPU); part of the row key,
-    so a CPU rerun of a GPU row sits beside it instead of replacing it (the two differ by more than a seed)."""
-    if not row["epochs"]:
-        return None
-    _, on, device = row.get("recipe", "").rpartition(", on ")
-    return device if on else "cpu"
-
-
 def budget_of(row: dict) -> Budget:
     return row["fraction"], row["streams"], row.get("round_to", 1), row.get("scope", "layer")
 
@@ -384,9 +375,11 @@ def main() -> None:
         kept = [normalise(r) for r in json.loads(committed.read_text())]
 
     def key(r: dict) -> tuple:
+        # the recovery recipe (learning rate, batch, device, ...) is part of a fine-tuned row's key: a rerun with
+        # another recipe, or a CPU rerun of a GPU row, sits beside the committed row instead of replacing it
         return (r["model"], r["setting"], r["criterion"], r["fraction"], r["streams"], r.get("round_to", 1),
                 r.get("scope", "layer"), r["epochs"], r.get("rounds", 1), r.get("samples", 512), r.get("seed", 0),
-                r.get("steps", 1), r.get("feature_distill", 0.0), train_device(r))
+                r.get("steps", 1), r.get("feature_distill", 0.0), r.get("recipe"))
 
     def emit(row: dict) -> None:
         if row["criterion"] == "dense" and any(r["criterion"] == "dense" and (r["model"], r["setting"]) ==

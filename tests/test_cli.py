@@ -316,6 +316,9 @@ def test_finetune_defaults_are_the_librarys():
 
     assert (cli.FINETUNE_LR, cli.FINETUNE_BATCH) == (FinetuneConfig.lr, FinetuneConfig.batch_size)
     assert (FinetuneConfig().lr, FinetuneConfig().batch_size) == (0.005, 64)  # the held-out pick (gptq/recipes.md)
+    from lrpcompress.recovery import RECOVERY_RECIPE
+
+    assert (cli.RECOVER_LR, cli.RECOVER_BATCH) == (RECOVERY_RECIPE.lr, RECOVERY_RECIPE.batch_size)
 
 
 def test_console_script_installed():
@@ -457,11 +460,15 @@ def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_
     from lrpcompress.recovery import RECOVERY_RECIPE
 
     assert info["recover_feature_distill"] == RECOVERY_RECIPE.feature_distill  # the recipe's weight by default
+    assert info["recover_recipe"] == {"lr": RECOVERY_RECIPE.lr, "batch_size": RECOVERY_RECIPE.batch_size}
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                        "--samples", 8, "--prune-channels", 0.5, "--recover-epochs", 1, "--feature-distill", 2.5,
+                       "--recover-lr", 0.02, "--recover-batch", 32,
                        "--bits", 8, "--no-speed", "--out", tmp_path / "f.lrpc", "--report", tmp_path / "f.json")
     assert code == 0, err
-    assert json.loads((tmp_path / "f.json").read_text())["channel_pruning"]["recover_feature_distill"] == 2.5
+    info = json.loads((tmp_path / "f.json").read_text())["channel_pruning"]
+    assert info["recover_feature_distill"] == 2.5
+    assert info["recover_recipe"] == {"lr": 0.02, "batch_size": 32}
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
                        "--recover-epochs", 1, "--out", tmp_path / "x.lrpc")
     assert_one_line_error(code, err, "--prune-channels")
@@ -477,6 +484,10 @@ def test_recover_epochs_train_the_slim_model_before_quantization(tmp_path, tiny_
     (("--prune-channels", "0.3", "--channel-reference", "median"), "invalid choice"),
     (("--device", "tpu"), "device"),
     (("--feature-distill", "-1"), "--feature-distill"),
+    (("--prune-channels", "0.3", "--recover-epochs", "1", "--recover-lr", "0"), "--recover-lr"),
+    (("--prune-channels", "0.3", "--recover-epochs", "1", "--recover-batch", "0"), "--recover-batch"),
+    (("--prune-channels", "0.3", "--recover-lr", "0.02"), "add --recover-epochs"),
+    (("--prune-channels", "0.3", "--recover-batch", "32"), "add --recover-epochs"),
 ])
 def test_bad_channel_and_device_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,

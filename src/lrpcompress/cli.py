@@ -18,9 +18,12 @@ from typing import Any, Callable, Sequence
 
 from .errors import LrpcError, LrpcWarning
 
-# FinetuneConfig's defaults, repeated so that --help does not import torch (a test keeps them equal)
+# FinetuneConfig's and RECOVERY_RECIPE's defaults, repeated so that --help does not import torch (a test keeps
+# them equal)
 FINETUNE_LR = 0.005
 FINETUNE_BATCH = 64
+RECOVER_LR = 0.01
+RECOVER_BATCH = 64
 
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
@@ -152,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of residual-stream channels removed too (every layer on a stream is cut alike)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after channel pruning, before quantization (distillation "
-                        "from the unpruned model, BatchNorm statistics updated, lr 0.01, batch 64)")
+                        "from the unpruned model, BatchNorm statistics updated)")
+    c.add_argument("--recover-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"),
+                   default=None, help=f"peak SGD learning rate of --recover-epochs (default {RECOVER_LR})")
+    c.add_argument("--recover-batch", type=_positive_int, default=None,
+                   help=f"batch size of --recover-epochs (default {RECOVER_BATCH})")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
                    help="how channels are ranked for --prune-channels")
     c.add_argument("--channel-composite", default="epsilon", help="LRP composite of the lrp channel criterion")
@@ -214,7 +221,10 @@ def _recovery(a: argparse.Namespace):
     from .recovery import RECOVERY_RECIPE
 
     fd = RECOVERY_RECIPE.feature_distill if a.feature_distill is None else a.feature_distill
-    return replace(RECOVERY_RECIPE, epochs=a.recover_epochs, distill=a.distill, seed=a.seed, feature_distill=fd)
+    lr = RECOVERY_RECIPE.lr if a.recover_lr is None else a.recover_lr
+    batch = RECOVERY_RECIPE.batch_size if a.recover_batch is None else a.recover_batch
+    return replace(RECOVERY_RECIPE, epochs=a.recover_epochs, lr=lr, batch_size=batch, distill=a.distill, seed=a.seed,
+                   feature_distill=fd)
 
 
 def _load_inputs(a: argparse.Namespace, need_test: bool = True):
@@ -300,6 +310,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     tune = (sized and not a.no_tune and a.prune is None and a.sparsity is None
             and cfg.quant.allocation == "optimal" and a.max_drop is None)
     search = a.prune_channels == "auto"
+    if a.recover_epochs == 0 and (a.recover_lr is not None or a.recover_batch is not None):
+        raise LrpcError("--recover-lr and --recover-batch set the training of --recover-epochs: add --recover-epochs N")
     if a.tune_finetuned:
         if a.finetune_epochs == 0:
             raise LrpcError("--tune-finetuned compares settings after fine-tuning: add --finetune-epochs N")
@@ -376,6 +388,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction, "float_bytes": dense_bytes(slim),
                         "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs,
                         "recover_feature_distill": rcfg.feature_distill if a.recover_epochs else None,
+                        "recover_recipe": {"lr": rcfg.lr, "batch_size": rcfg.batch_size} if a.recover_epochs else None,
                         "scope_trials": trials}
         if a.target_ratio is not None:  # the ratio counts from the model the user gave, not the slimmed one
             cfg = replace(cfg, target_ratio=None, target_bytes=int(dense_bytes(model) / a.target_ratio))
