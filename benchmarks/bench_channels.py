@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
-from lrpcompress.evaluation import accuracy, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
@@ -122,14 +122,15 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
         return round(float(np.median([p[i]["latency_ms"][b] for p in passes])), 3)
 
     d = passes[0][0]
+    cpu = "{model}, {kernels} kernels, {threads} threads".format(**cpu_description())
     dense_row = {"params": d["params"], "macs": d["macs"], "latency_b1_ms": ms(0, "1"), "latency_b64_ms": ms(0, "64"),
-                 "peak_mem_b64_mb": round(d["peak_memory_bytes"]["64"] / 2**20, 2)}
+                 "peak_mem_b64_mb": round(d["peak_memory_bytes"]["64"] / 2**20, 2), "cpu": cpu}
     out: dict[Budget | str, dict] = {"dense": dense_row}
     for i, budget in enumerate(keys, start=1):
         s = passes[0][i]
         out[budget] = {"params": s["params"], "macs": s["macs"], "latency_b1_ms": ms(i, "1"),
                        "latency_b64_ms": ms(i, "64"), "speedup_b64": round(ms(0, "64") / ms(i, "64"), 3),
-                       "peak_mem_b64_mb": round(s["peak_memory_bytes"]["64"] / 2**20, 2), "dense": dense_row}
+                       "peak_mem_b64_mb": round(s["peak_memory_bytes"]["64"] / 2**20, 2), "cpu": cpu, "dense": dense_row}
     return out
 
 
@@ -268,7 +269,7 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
             ("accuracy", "accuracy %"), ("drop", "drop"), ("params", "params"), ("macs", "MACs"),
             ("latency_b1_ms", "CPU ms b1"), ("latency_b64_ms", "CPU ms b64"), ("speedup_b64", "speed-up b64"),
             ("speedup_b64_layer", "layer cut's speed-up, same run"),
-            ("peak_mem_b64_mb", "peak MiB b64"))
+            ("peak_mem_b64_mb", "peak MiB b64"), ("cpu", "timed on"))
     lines = ["# Structured (channel) pruning benchmark", "",
              "Produced by (each row's `command` in channels.json): "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", args.command) for r in rows)) + "  ",

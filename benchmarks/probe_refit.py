@@ -5,7 +5,8 @@
     python benchmarks/probe_refit.py --epochs 0 --subsets "all;0,1,8;3,4,5" --fractions 0.3,0.5 \
         --arms "l1:0:0|l1:1:0|taylor:0:0|taylor:1:0|lrp:0:0|lrp:1:0"     # the cuts only, no recovery (~10 min)
     python benchmarks/probe_refit.py --subsets all --fractions 0.4@8 --epochs 2 --arms "lrp:d:0.01|lrp:d:0.02|lrp:d:0.04" \
-        --out benchmarks/results/recovery_lr_probe.md                  # the recovery's learning rate (~17 min)
+        --out /tmp/a.md           # recovery learning rates (~17 min); with --batch-size 32 --arms "lrp:d:0.01|lrp:d:0.005"
+                                  # the second half of benchmarks/results/recovery_lr_probe.md
 
 ResNet-20 of ../shared (head cut to the classes where a subset is given), that fraction of every block's
 inner channels removed (``0.3+0.125``: and 12.5% of every residual stream's channels; ``0.4@8``: every layer's

@@ -12,7 +12,6 @@ the widths each stage keeps. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from bench_channels import parse_budget, slim_architecture  # noqa: E402
 from run_benchmark import SHARED, add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data  # noqa: E402
-from lrpcompress.evaluation import speed_profiles  # noqa: E402
+from lrpcompress.evaluation import cpu_description, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
@@ -69,7 +68,8 @@ def main() -> None:
     lines = ["# Speed against MACs: slim architectures timed together", "",
              f"Produced by: `python benchmarks/probe_widths.py --models {args.models} --budgets {args.budgets} "
              f"--passes {args.passes} --repeats {args.repeats}`  ",
-             f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "
+             "Machine: {machine}, {model}, {kernels} kernels, {threads} CPU threads, ".format(**cpu_description())
+             + f"torch {torch.__version__}. "
              f"Median of {args.passes} passes of {args.repeats} forward passes each, every architecture of a model in one "
              "alternation; `speed-up` = dense ms / slim ms at batch 64. Widths: inner channels per stage "
              "(first convolution of each block) and residual-stream channels per stage.", ""]

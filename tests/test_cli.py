@@ -366,6 +366,9 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert set(report["latency_ms"]["dense"]) == {"1", "64"}
     assert report["speedup"] == pytest.approx(report["latency_ms"]["dense"]["64"] / report["latency_ms"]["compressed"]["64"],
                                               rel=1e-2)
+    from lrpcompress.evaluation import cpu_description
+
+    assert report["cpu"] == cpu_description() and report["cpu"]["threads"] >= 1  # the timing names its CPU
     assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
     assert report["channel_pruning"]["settings"]["reconstruct"] is True  # the least-squares refit, by default
     assert report["channel_pruning"]["settings"]["refit_scope"] == "downstream"

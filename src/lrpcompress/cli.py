@@ -419,10 +419,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if not a.no_speed:
         import numpy as np
 
-        from .evaluation import speed_profiles
+        from .evaluation import cpu_description, speed_profiles
         from .report import speed_fields
 
-        extra.update(speed_fields(*speed_profiles([model, loaded], test.tensor(np.arange(1)))))
+        extra.update(speed_fields(*speed_profiles([model, loaded], test.tensor(np.arange(1)))), cpu=cpu_description())
     rep = build_report(method=a.method, settings=cfg, baseline_accuracy=base_acc, accuracy=acc,
                        dense_bytes=dense_bytes(model), file_bytes=size, stats=result.compressed.stats(),
                        layers=result.compressed.layer_table(), seconds=time.perf_counter() - t0,

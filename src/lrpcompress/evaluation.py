@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 import time
 from typing import Sequence
@@ -99,6 +100,18 @@ def peak_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
         cur += e.cpu_memory_usage
         peak = max(peak, cur)
     return int(peak)
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU that latencies are measured on: architecture, model name, the vector kernels torch dispatches to
+    (e.g. AVX2, AVX512) and the thread count. A slim model's speed-up depends on the CPU (docs/FINDINGS.md §12:
+    the same ResNet-20 cut, 1.55-1.58x on the CPU of the earlier benchmark rows, 1.27-1.40x on an AVX-512 Xeon)."""
+    name = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    return {"machine": platform.machine(), "model": name or "unknown",
+            "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def speed_profiles(models: Sequence[nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 64),
