@@ -46,6 +46,7 @@ _ratio = _checked(float, lambda v: _finite(v) and v > 1.0, "must be a finite num
 _fraction = _checked(float, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 _bits = _checked(int, lambda v: 1 <= v <= 8, "bit-widths must be 1..8")
 _nonneg_float = _checked(float, lambda v: _finite(v) and v >= 0, "must be a finite number >= 0")
+_positive_float = _checked(float, lambda v: _finite(v) and v > 0, "must be > 0")
 
 
 def _fraction_or_auto(s: str) -> float | str:
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=_fraction, default=None, help="fraction of weights pruned (--prune fraction)")
     c.add_argument("--prune-score", default=None, choices=("relevance", "abs_relevance", "magnitude", "taylor", "random"))
     c.add_argument("--finetune-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0, help="recovery fine-tuning epochs through the quantizers")
-    c.add_argument("--finetune-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"), default=FINETUNE_LR,
+    c.add_argument("--finetune-lr", type=_positive_float, default=FINETUNE_LR,
                    help=f"recovery's SGD learning rate (default {FINETUNE_LR})")
     c.add_argument("--finetune-batch", type=_positive_int, default=FINETUNE_BATCH,
                    help=f"fine-tuning batch size (default {FINETUNE_BATCH})")
@@ -156,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after channel pruning, before quantization (distillation "
                         "from the unpruned model, BatchNorm statistics updated)")
-    c.add_argument("--recover-lr", type=_checked(float, lambda v: _finite(v) and v > 0, "must be > 0"),
-                   default=None, help=f"peak SGD learning rate of --recover-epochs (default {RECOVER_LR})")
+    c.add_argument("--recover-lr", type=_positive_float, default=None,
+                   help=f"peak SGD learning rate of --recover-epochs (default {RECOVER_LR})")
     c.add_argument("--recover-batch", type=_positive_int, default=None,
                    help=f"batch size of --recover-epochs (default {RECOVER_BATCH})")
     c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
