@@ -3,7 +3,9 @@
 Issue 7 asks for >= 1.5x at batch 64. Inner-width cuts of 40-50% and mixes of inner and residual-stream cuts
 leave 50-61% of a CIFAR ResNet's MACs; this times each slim architecture (random channels: speed does not
 depend on which ones) in one alternation with the dense model, so machine load hits them alike, and prints
-the widths each stage keeps. Run it on a quiet machine.
+the widths each stage keeps. Every model is timed twice in that alternation: as built (BatchNorm modules run,
+as in a loaded `.lrpc`) and as deployed (``fold_batchnorm``: BatchNorm folded into the convolutions). Run it
+on a quiet machine.
 
     python benchmarks/probe_widths.py                                  # ResNet-20 and ResNet-44, ~10 min
     python benchmarks/probe_widths.py --models resnet20 --budgets 0.5,0.45,0.4+0.1
@@ -27,7 +29,7 @@ from run_benchmark import SHARED, add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data  # noqa: E402
 from lrpcompress.evaluation import cpu_description, speed_profiles  # noqa: E402
-from lrpcompress.models import load_model  # noqa: E402
+from lrpcompress.models import fold_batchnorm, load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 
@@ -71,22 +73,27 @@ def main() -> None:
              "Machine: {machine}, {model}, {kernels} kernels, {threads} CPU threads, ".format(**cpu_description())
              + f"torch {torch.__version__}. "
              f"Median of {args.passes} passes of {args.repeats} forward passes each, every architecture of a model in one "
-             "alternation; `speed-up` = dense ms / slim ms at batch 64. Widths: inner channels per stage "
+             "alternation; `speed-up` = dense ms / slim ms at batch 64; `BN folded`: both timed again with BatchNorm folded "
+             "into the convolutions (`fold_batchnorm`, as deployed), same alternation. Widths: inner channels per stage "
              "(first convolution of each block) and residual-stream channels per stage.", ""]
     for arch in args.models.split(","):
         dense = load_model(arch, checkpoint(arch, args))
         slims = [slim_architecture(dense, train, b) for b in budgets]
-        passes = [speed_profiles([dense, *slims], example, batch_sizes=(64,), repeats=args.repeats)
-                  for _ in range(args.passes)]
-        ms = [float(np.median([p[i]["latency_ms"]["64"] for p in passes])) for i in range(len(slims) + 1)]
-        rows = [{"budget": "dense", "macs": 1.0, "ms": round(ms[0], 2), "speedup": 1.0,
-                 "inner": stage_widths(dense), "streams": stream_widths(dense)}]
+        nets = [dense, *slims]
+        nets += [fold_batchnorm(n, example) for n in nets]
+        passes = [speed_profiles(nets, example, batch_sizes=(64,), repeats=args.repeats) for _ in range(args.passes)]
+        ms = [float(np.median([p[i]["latency_ms"]["64"] for p in passes])) for i in range(len(nets))]
+        k = len(slims) + 1  # ms[k + i]: model i with BatchNorm folded
+        rows = [{"budget": "dense", "macs": 1.0, "ms": round(ms[0], 2), "speedup": 1.0, "ms_f": round(ms[k], 2),
+                 "speedup_f": 1.0, "inner": stage_widths(dense), "streams": stream_widths(dense)}]
         for i, (text, m) in enumerate(zip(args.budgets.split(","), slims), start=1):
             rows.append({"budget": text, "macs": round(passes[0][i]["macs"] / passes[0][0]["macs"], 3),
-                         "ms": round(ms[i], 2), "speedup": round(ms[0] / ms[i], 2), "inner": stage_widths(m),
+                         "ms": round(ms[i], 2), "speedup": round(ms[0] / ms[i], 2), "ms_f": round(ms[k + i], 2),
+                         "speedup_f": round(ms[k] / ms[k + i], 2), "inner": stage_widths(m),
                          "streams": stream_widths(m)})
         cols = (("budget", "budget"), ("macs", "MACs (of dense)"), ("ms", "CPU ms b64"), ("speedup", "speed-up b64"),
-                ("inner", "inner widths"), ("streams", "stream widths"))
+                ("ms_f", "ms b64, BN folded"), ("speedup_f", "speed-up, BN folded"), ("inner", "inner widths"),
+                ("streams", "stream widths"))
         lines += [f"## {arch}", "", markdown_table(rows, cols), ""]
     write_page(args.out, lines)
 

@@ -369,6 +369,11 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     from lrpcompress.evaluation import cpu_description
 
     assert report["cpu"] == cpu_description() and report["cpu"]["threads"] >= 1  # the timing names its CPU
+    dep = report["deployed"]  # both models timed again with BatchNorm folded into their layers
+    assert dep["batchnorm"] == "folded" and set(dep["latency_ms"]) == {"dense", "compressed"}
+    assert dep["speedup"] == pytest.approx(dep["latency_ms"]["dense"]["64"] / dep["latency_ms"]["compressed"]["64"],
+                                           rel=1e-2)
+    assert "with BatchNorm folded" in text
     assert report["channel_pruning"]["kept_fraction"] == pytest.approx(0.5)
     assert report["channel_pruning"]["settings"]["reconstruct"] is True  # the least-squares refit, by default
     assert report["channel_pruning"]["settings"]["refit_scope"] == "downstream"

@@ -7,6 +7,7 @@ user's own factory. Checkpoints load with ``weights_only=True`` only.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import pickle
 import warnings
@@ -310,8 +311,42 @@ def dense_bytes(model: nn.Module) -> int:
     return 4 * sum(tensors.values())
 
 
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A deployment copy of ``model`` (eval mode): every BatchNorm that reads a convolution's or linear layer's
+    output is folded into that layer (weight scaled, shift added to its bias) and replaced by the identity.
+
+    The same function up to float rounding, without the BatchNorm passes that a loaded model still runs (on a
+    CIFAR ResNet at batch 64, 12-20% of its CPU time; docs/FINDINGS.md §14). BatchNorms fed by anything else stay.
+    ``example`` (a batch the model accepts) traces which layer feeds which BatchNorm; the copy's outputs on it are
+    checked against the model's, so a layer whose output also feeds something besides its BatchNorm is an error
+    rather than a silently different model."""
+    from .relevance import _bn_affine, _find_folds  # relevance imports this module
+
+    net = copy.deepcopy(model).eval()
+    example = example.to(model_device(net))
+    folds = _find_folds(net, example)
+    if not folds:
+        return net
+    reference = net(example)
+    names = {m: n for n, m in net.named_modules()}
+    for bn, layer in folds.items():
+        scale, shift = (t.to(layer.weight.dtype) for t in _bn_affine(bn))
+        layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
+        bias = shift if layer.bias is None else layer.bias * scale + shift
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=layer.weight.requires_grad)
+        parent, _, child = names[bn].rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+    out = net(example)
+    tol = 1e-4 * float(reference.abs().max().clamp_min(1.0))
+    if out.shape != reference.shape or float((out - reference).abs().max()) > tol:
+        raise LrpcError("folding BatchNorm changed the model's output: a layer that feeds a BatchNorm also feeds "
+                        "something else (or is used twice); deploy the model unfolded")
+    return net
+
 __all__ = [
     "Add", "BasicBlock", "CifarResNet", "DigitsCNN", "OptionAShortcut", "CIFAR_DEPTHS",
     "build_model", "is_builtin_arch", "model_device", "restrict_classes", "read_state_dict", "load_weights", "load_model",
-    "count_params", "dense_bytes",
+    "count_params", "dense_bytes", "fold_batchnorm",
 ]

@@ -1,0 +1,181 @@
+"""Whole residual blocks removed instead of channels: faster per MAC, but does it recover as well?
+
+A channel cut leaves narrow convolutions that a CPU runs below their MAC share (docs/FINDINGS.md §12: ResNet-20's
+`0.4@8` keeps 54% of the MACs and runs 1.3-1.4x on an AVX-512 Xeon). Removing whole blocks (a residual block
+whose input and output shapes agree becomes the identity, its shortcut) keeps every remaining layer at full width,
+so speed follows MACs. This probe measures both sides on ResNet-20, all 10 classes:
+
+- which blocks: each candidate block (a child of a stage whose output shape equals its input shape) is removed
+  alone and the accuracy on ``--score-size`` *training* images (scoring images, not the held-out ones) ranks
+  them; a cut of k blocks takes the k best-surviving, at most ceil(k / stages) from one stage (a spread cut);
+  explicit lists (``layer1.1,layer2.2``) are taken as given;
+- accuracy on ``--val-size`` held-out training images (never the test split) after the cut and after
+  ``--epochs`` of the library's float recovery (``RECOVERY_RECIPE``: distillation from the dense model,
+  BatchNorm statistics updated), the same recovery the channel-cut rows get;
+- CPU latency at batch 64 of the dense model, every block cut and the width cut of ``--width-budget`` (LRP from
+  the mean, downstream refit: the library's default channel cut), timed in one alternation.
+
+    python benchmarks/probe_depth.py          # ResNet-20, 3 and 4 blocks + 0.4@8, ~25 min on 2 cores
+    python benchmarks/probe_depth.py --cuts "3;layer1.2,layer2.2,layer3.2" --epochs 0
+    python benchmarks/probe_depth.py --arch resnet44 --cuts "7;8" --width-budget none --test   # ~35 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_channels import budget_name, parse_budget  # noqa: E402
+
+from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
+from lrpcompress.models import load_model  # noqa: E402
+from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Children of ``nn.Sequential`` stages whose output has their input's shape: removing one leaves a model that
+    still runs (the block becomes its shortcut)."""
+    seen: dict[str, bool] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential) and name:
+            for child_name, child in mod.named_children():
+                full = f"{name}.{child_name}"
+                hooks.append(child.register_forward_hook(
+                    lambda _m, inp, out, full=full: seen.__setitem__(full, inp[0].shape == out.shape)))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n, ok in seen.items() if ok]
+
+
+def drop_blocks(model: nn.Module, blocks: list[str]) -> nn.Module:
+    """A copy of ``model`` with each named block replaced by the identity."""
+    net = copy.deepcopy(model)
+    for name in blocks:
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, nn.Identity())
+    return net
+
+
+def spread_pick(ranked: list[str], k: int) -> list[str]:
+    """The first ``k`` of ``ranked`` taking at most ceil(k / stages) blocks from one stage."""
+    stages = {b.rpartition(".")[0] for b in ranked}
+    cap = math.ceil(k / max(len(stages), 1))
+    taken: list[str] = []
+    for b in ranked:
+        if sum(t.rpartition(".")[0] == b.rpartition(".")[0] for t in taken) < cap:
+            taken.append(b)
+        if len(taken) == k:
+            break
+    return taken
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet20")
+    ap.add_argument("--cuts", default="3;4", help="';'-separated: a block count (ranked, spread over stages) or "
+                                                  "a comma list of block names")
+    ap.add_argument("--width-budget", default="0.4@8", help="the channel cut to compare with (bench_channels budget; "
+                                                            "'none' to skip)")
+    ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
+    ap.add_argument("--val-size", type=int, default=2000)
+    ap.add_argument("--score-size", type=int, default=2000, help="training images that rank single-block removals")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test", action="store_true", help="also report the test split's accuracy of every model "
+                                                         "(after the cuts and choices are made on training images)")
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "depth_probe.md"))
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
+    dense = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    fit, val = split_train_val(train_all, args.val_size, args.seed)
+    example = fit.tensor(np.arange(1))
+    candidates = removable_blocks(dense, example)
+    score_idx = sample_indices(len(fit), args.score_size, args.seed, fit.y)
+    single = {b: accuracy(drop_blocks(dense, [b]), fit, show_progress=False, indices=score_idx) for b in candidates}
+    ranked = sorted(candidates, key=lambda b: -single[b])
+    print("single-block removals (scoring images):", {b: round(a, 2) for b, a in single.items()}, flush=True)
+
+    arms: list[tuple[str, str, nn.Module]] = []  # (kind, what, model)
+    for cut in args.cuts.split(";"):
+        blocks = spread_pick(ranked, int(cut)) if cut.isdigit() else cut.split(",")
+        unknown = [b for b in blocks if b not in candidates]
+        if unknown:
+            ap.error(f"not a removable block: {unknown[0]} (candidates: {', '.join(candidates)})")
+        arms.append(("blocks", ",".join(blocks), drop_blocks(dense, blocks)))
+    if args.width_budget != "none":
+        inner, stream, round_to, scope = parse_budget(args.width_budget)
+        cfg = ChannelPruneConfig(inner, "lrp", seed=args.seed, stream_fraction=stream, round_to=round_to, scope=scope)
+        arms.append(("channels", f"{budget_name((inner, stream, round_to, scope))}, LRP from the mean, downstream refit",
+                     prune_channels(dense, fit, cfg, show_progress=False).model))
+
+    passes = [speed_profiles([dense, *(m for _, _, m in arms)], example, batch_sizes=(64,), repeats=20)
+              for _ in range(3)]
+    ms = [float(np.median([p[i]["latency_ms"]["64"] for p in passes])) for i in range(len(arms) + 1)]
+    test = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "test") if args.test else None
+    base = accuracy(dense, val, show_progress=False)
+    rows = [{"cut": "dense", "removed": "–", "MACs": 1.0, "ms b64": round(ms[0], 2), "speed-up": 1.0,
+             "held-out": round(base, 2)}]
+    if test is not None:
+        rows[0]["test"] = round(accuracy(dense, test, show_progress=False), 2)
+    for i, (kind, what, net) in enumerate(arms, start=1):
+        row = {"cut": kind, "removed": what, "MACs": round(passes[0][i]["macs"] / passes[0][0]["macs"], 3),
+               "ms b64": round(ms[i], 2), "speed-up": round(ms[0] / ms[i], 2),
+               "held-out": round(accuracy(net, val, show_progress=False), 2)}
+        if test is not None:
+            row["test"] = round(accuracy(net, test, show_progress=False), 2)
+        if args.epochs > 0:
+            rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, seed=args.seed)
+            trained = finetune_model(net, fit, rcfg, teacher=dense)
+            after = accuracy(trained, val, show_progress=False)
+            row.update({f"+ {args.epochs} ep": round(after, 2), "drop": round(base - after, 2)})
+            if test is not None:
+                row[f"test + {args.epochs} ep"] = round(accuracy(trained, test, show_progress=False), 2)
+                row["test drop"] = round(rows[0]["test"] - row[f"test + {args.epochs} ep"], 2)
+        rows.append(row)
+        print(row, flush=True)
+    single_rows = [{"block": b, "accuracy without it (scoring images)": round(single[b], 2)} for b in ranked]
+    cmd = shlex.join(["python", "benchmarks/probe_depth.py", *sys.argv[1:]])
+    machine = "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+    write_page(args.out, [
+        "# Whole blocks or channels: speed and recovery (held-out training images)", "",
+        f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. {args.arch}, all classes. "
+        f"Block cuts replace residual blocks by their shortcut (ranked by the accuracy without each block alone on "
+        f"{args.score_size} training images, at most ceil(k / stages) per stage); the channel cut is the library's "
+        f"default. Recovery: {args.epochs} epoch(s) of RECOVERY_RECIPE (distillation, BatchNorm statistics updated, "
+        f"lr {RECOVERY_RECIPE.lr:g}, batch {RECOVERY_RECIPE.batch_size}) on the training images minus {args.val_size} "
+        "held out; accuracy (%) on those held-out images, which the dense model was trained on (hence its 95-97%)"
+        + ("; `test`: the same trained models on the test split, reported only (nothing is chosen on it)"
+           if args.test else ", never the test split") + ". Speed: median of 3 passes of 20 batch-64 forward passes, all models in one "
+        "alternation.", "",
+        markdown_table(rows, [(k, k) for k in dict.fromkeys(k for r in rows for k in r)]), "",
+        "## Single-block removals, no training", "",
+        markdown_table(single_rows, [(k, k) for k in single_rows[0]]), ""])
+
+
+if __name__ == "__main__":
+    main()
