@@ -8,7 +8,9 @@ so speed follows MACs. This probe measures both sides on ResNet-20, all 10 class
 - which blocks: each candidate block (a child of a stage whose output shape equals its input shape) is removed
   alone and the accuracy on ``--score-size`` *training* images (scoring images, not the held-out ones) ranks
   them; a cut of k blocks takes the k best-surviving, at most ceil(k / stages) from one stage (a spread cut);
-  explicit lists (``layer1.1,layer2.2``) are taken as given;
+  explicit lists (``layer1.1,layer2.2``) are taken as given; ``--rank lrp`` / ``lrp_zplus`` rank by the relevance
+  entering each block's residual branch instead, ``--rank branch_norm`` by the branch's output norm relative to
+  its shortcut (``block_scores``);
 - accuracy on ``--val-size`` held-out training images (never the test split) after the cut and after
   ``--epochs`` of the library's float recovery (``RECOVERY_RECIPE``: distillation from the dense model,
   BatchNorm statistics updated), the same recovery the channel-cut rows get;
@@ -18,6 +20,7 @@ so speed follows MACs. This probe measures both sides on ResNet-20, all 10 class
     python benchmarks/probe_depth.py          # ResNet-20, 3 and 4 blocks + 0.4@8, ~25 min on 2 cores
     python benchmarks/probe_depth.py --cuts "3;layer1.2,layer2.2,layer3.2" --epochs 0
     python benchmarks/probe_depth.py --arch resnet44 --cuts "7;8" --width-budget none --test   # ~35 min
+    python benchmarks/probe_depth.py --arch resnet44 --rank lrp --cuts 7 --width-budget none --test
 """
 
 from __future__ import annotations
@@ -43,12 +46,18 @@ from bench_channels import budget_name, parse_budget  # noqa: E402
 
 from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
-from lrpcompress.models import load_model  # noqa: E402
+from lrpcompress.models import Add, load_model  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
+from lrpcompress.relevance import _start_grad, lrp_pass  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from lrpcompress.rules import get_composite  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
+RANKS = {"sensitivity": "the accuracy without each block alone",
+         "lrp": "the relevance entering each block's branch (LRP-ε, |Σ b·g| per image; lowest removed first)",
+         "lrp_zplus": "the relevance entering each block's branch (LRP z⁺ on convolutions; lowest removed first)",
+         "branch_norm": "the branch's output norm relative to its shortcut's (lowest removed first)"}
 
 
 def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -80,6 +89,53 @@ def drop_blocks(model: nn.Module, blocks: list[str]) -> nn.Module:
     return net
 
 
+def _branch_input(block: nn.Module) -> nn.Module:
+    """The block's residual addition (``models.Add``: its first input is the branch, the second the shortcut)."""
+    adds = [m for m in block.modules() if isinstance(m, Add)]
+    if len(adds) != 1:
+        raise SystemExit(f"probe_depth.py: relevance ranks blocks with exactly one residual Add, found {len(adds)}")
+    return adds[0]
+
+
+def block_scores(model: nn.Module, data, blocks: list[str], rank: str, samples: int, seed: int) -> dict[str, float]:
+    """How much each block's residual branch matters, summed over ``samples`` scoring images (low = remove first).
+
+    ``lrp`` / ``lrp_zplus``: the relevance entering the branch at its addition, |Σ b·g| per image (b the branch
+    output, g the relevance per unit of it under the ε / z⁺ composite, from the true class), what LRP gives the
+    branch when the addition splits relevance by contribution, as the library's engine does; removing the block
+    sets b to 0. ``branch_norm``: ‖b‖ / ‖shortcut‖ per image, the label-free magnitude baseline."""
+    idx = sample_indices(len(data), samples, seed, data.y)
+    adds = {b: _branch_input(model.get_submodule(b)) for b in blocks}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [m.register_forward_pre_hook(lambda _m, inp, b=b: seen.__setitem__(b, inp)) for b, m in adds.items()]
+    score = dict.fromkeys(blocks, 0.0)
+    try:
+        if rank == "branch_norm":
+            with torch.no_grad():
+                for x, _y in data.batches(64, idx):
+                    model.eval()(x)
+                    for b, (branch, short) in seen.items():
+                        score[b] += float((branch.flatten(1).norm(dim=1) / short.flatten(1).norm(dim=1).clamp_min(1e-12)).sum())
+            return score
+        composite = get_composite("epsilon" if rank == "lrp" else "epsilon_plus", 1e-6)
+        with lrp_pass(model, composite, data.tensor(idx[:1])) as states:
+            for x, y in data.batches(64, idx):
+                seen.clear()
+                for st in states.values():
+                    st.reset()
+                logits = model(x)
+                names = [b for b in blocks if b in seen]
+                grads = torch.autograd.grad(logits, [seen[b][0] for b in names],
+                                            grad_outputs=_start_grad(logits, y, "true"), allow_unused=True)
+                for b, g in zip(names, grads):
+                    if g is not None:
+                        score[b] += float((seen[b][0].detach().double() * g.double()).flatten(1).sum(1).abs().sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return score
+
+
 def spread_pick(ranked: list[str], k: int) -> list[str]:
     """The first ``k`` of ``ranked`` taking at most ceil(k / stages) blocks from one stage."""
     stages = {b.rpartition(".")[0] for b in ranked}
@@ -103,6 +159,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--score-size", type=int, default=2000, help="training images that rank single-block removals")
+    ap.add_argument("--rank", default="sensitivity", choices=tuple(RANKS),
+                    help="what ranks the blocks a counted cut removes (block_scores; sensitivity: accuracy without "
+                         "each block alone)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test", action="store_true", help="also report the test split's accuracy of every model "
                                                          "(after the cuts and choices are made on training images)")
@@ -117,8 +176,13 @@ def main() -> None:
     candidates = removable_blocks(dense, example)
     score_idx = sample_indices(len(fit), args.score_size, args.seed, fit.y)
     single = {b: accuracy(drop_blocks(dense, [b]), fit, show_progress=False, indices=score_idx) for b in candidates}
-    ranked = sorted(candidates, key=lambda b: -single[b])
     print("single-block removals (scoring images):", {b: round(a, 2) for b, a in single.items()}, flush=True)
+    if args.rank == "sensitivity":
+        ranked = sorted(candidates, key=lambda b: -single[b])
+    else:
+        scores = block_scores(dense, fit, candidates, args.rank, args.score_size, args.seed)
+        ranked = sorted(candidates, key=lambda b: scores[b])
+        print(f"{args.rank} block scores:", {b: round(v, 3) for b, v in scores.items()}, flush=True)
 
     arms: list[tuple[str, str, nn.Module]] = []  # (kind, what, model)
     for cut in args.cuts.split(";"):
@@ -126,7 +190,7 @@ def main() -> None:
         unknown = [b for b in blocks if b not in candidates]
         if unknown:
             ap.error(f"not a removable block: {unknown[0]} (candidates: {', '.join(candidates)})")
-        arms.append(("blocks", ",".join(blocks), drop_blocks(dense, blocks)))
+        arms.append((f"blocks ({args.rank})" if cut.isdigit() else "blocks", ",".join(blocks), drop_blocks(dense, blocks)))
     if args.width_budget != "none":
         inner, stream, round_to, scope = parse_budget(args.width_budget)
         cfg = ChannelPruneConfig(inner, "lrp", seed=args.seed, stream_fraction=stream, round_to=round_to, scope=scope)
@@ -164,7 +228,7 @@ def main() -> None:
     write_page(args.out, [
         "# Whole blocks or channels: speed and recovery (held-out training images)", "",
         f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. {args.arch}, all classes. "
-        f"Block cuts replace residual blocks by their shortcut (ranked by the accuracy without each block alone on "
+        f"Block cuts replace residual blocks by their shortcut (ranked by {RANKS[args.rank]} on "
         f"{args.score_size} training images, at most ceil(k / stages) per stage); the channel cut is the library's "
         f"default. Recovery: {args.epochs} epoch(s) of RECOVERY_RECIPE (distillation, BatchNorm statistics updated, "
         f"lr {RECOVERY_RECIPE.lr:g}, batch {RECOVERY_RECIPE.batch_size}) on the training images minus {args.val_size} "
