@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--rank", default="sensitivity", choices=tuple(RANKS),
                     help="what ranks the blocks a counted cut removes (block_scores; sensitivity: accuracy without "
                          "each block alone)")
+    ap.add_argument("--no-spread", action="store_true", help="a counted cut takes the k lowest-ranked blocks wherever "
+                                                             "they are (default: at most ceil(k / stages) per stage)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test", action="store_true", help="also report the test split's accuracy of every model "
                                                          "(after the cuts and choices are made on training images)")
@@ -186,7 +188,10 @@ def main() -> None:
 
     arms: list[tuple[str, str, nn.Module]] = []  # (kind, what, model)
     for cut in args.cuts.split(";"):
-        blocks = spread_pick(ranked, int(cut)) if cut.isdigit() else cut.split(",")
+        if cut.isdigit():
+            blocks = ranked[:int(cut)] if args.no_spread else spread_pick(ranked, int(cut))
+        else:
+            blocks = cut.split(",")
         unknown = [b for b in blocks if b not in candidates]
         if unknown:
             ap.error(f"not a removable block: {unknown[0]} (candidates: {', '.join(candidates)})")
@@ -229,7 +234,7 @@ def main() -> None:
         "# Whole blocks or channels: speed and recovery (held-out training images)", "",
         f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. {args.arch}, all classes. "
         f"Block cuts replace residual blocks by their shortcut (ranked by {RANKS[args.rank]} on "
-        f"{args.score_size} training images, at most ceil(k / stages) per stage); the channel cut is the library's "
+        f"{args.score_size} training images, " + ("the k lowest wherever they are" if args.no_spread else "at most ceil(k / stages) per stage") + "); the channel cut is the library's "
         f"default. Recovery: {args.epochs} epoch(s) of RECOVERY_RECIPE (distillation, BatchNorm statistics updated, "
         f"lr {RECOVERY_RECIPE.lr:g}, batch {RECOVERY_RECIPE.batch_size}) on the training images minus {args.val_size} "
         "held out; accuracy (%) on those held-out images, which the dense model was trained on (hence its 95-97%)"
