@@ -311,14 +311,13 @@ def dense_bytes(model: nn.Module) -> int:
     return 4 * sum(tensors.values())
 
 
-
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """A deployment copy of ``model`` (eval mode): every BatchNorm that reads a convolution's or linear layer's
     output is folded into that layer (weight scaled, shift added to its bias) and replaced by the identity.
 
     The same function up to float rounding, without the BatchNorm passes that a loaded model still runs (on a
-    CIFAR ResNet at batch 64, 12-20% of its CPU time; docs/FINDINGS.md §14). BatchNorms fed by anything else stay.
+    CIFAR ResNet at batch 64, 7-20% of its CPU time; docs/FINDINGS.md §14). BatchNorms fed by anything else stay.
     ``example`` (a batch the model accepts) traces which layer feeds which BatchNorm; the copy's outputs on it are
     checked against the model's, so a layer whose output also feeds something besides its BatchNorm is an error
     rather than a silently different model."""
@@ -344,6 +343,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
         raise LrpcError("folding BatchNorm changed the model's output: a layer that feeds a BatchNorm also feeds "
                         "something else (or is used twice); deploy the model unfolded")
     return net
+
 
 __all__ = [
     "Add", "BasicBlock", "CifarResNet", "DigitsCNN", "OptionAShortcut", "CIFAR_DEPTHS",
