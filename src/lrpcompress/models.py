@@ -317,7 +317,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     output is folded into that layer (weight scaled, shift added to its bias) and replaced by the identity.
 
     The same function up to float rounding, without the BatchNorm passes that a loaded model still runs (on a
-    CIFAR ResNet at batch 64, 7-20% of its CPU time; docs/FINDINGS.md §14). BatchNorms fed by anything else stay.
+    CIFAR ResNet at batch 64, 7-15% of its CPU time; docs/FINDINGS.md §14). BatchNorms fed by anything else stay.
     ``example`` (a batch the model accepts) traces which layer feeds which BatchNorm; the copy's outputs on it are
     checked against the model's, so a layer whose output also feeds something besides its BatchNorm is an error
     rather than a silently different model."""
