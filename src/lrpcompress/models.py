@@ -321,7 +321,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     ``example`` (a batch the model accepts) traces which layer feeds which BatchNorm; the copy's outputs on it are
     checked against the model's, so a layer whose output also feeds something besides its BatchNorm is an error
     rather than a silently different model."""
-    from .relevance import _bn_affine, _find_folds  # relevance imports this module
+    from .relevance import _find_folds, _folded_params  # relevance imports this module
 
     net = copy.deepcopy(model).eval()
     example = example.to(model_device(net))
@@ -331,12 +331,10 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     reference = net(example)
     names = {m: n for n, m in net.named_modules()}
     for bn, layer in folds.items():
-        scale, shift = (t.to(layer.weight.dtype) for t in _bn_affine(bn))
-        layer.weight.mul_(scale.view(-1, *([1] * (layer.weight.dim() - 1))))
-        bias = shift if layer.bias is None else layer.bias * scale + shift
-        layer.bias = nn.Parameter(bias.clone(), requires_grad=layer.weight.requires_grad)
-        parent, _, child = names[bn].rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+        w, b = _folded_params(layer, bn)
+        layer.weight.copy_(w)
+        layer.bias = nn.Parameter(b.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+        net.set_submodule(names[bn], nn.Identity())
     out = net(example)
     tol = 1e-4 * float(reference.abs().max().clamp_min(1.0))
     if out.shape != reference.shape or float((out - reference).abs().max()) > tol:

@@ -205,14 +205,20 @@ class _LayerState:
         self.pending = None
 
 
-def _effective_params(st: _LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w = st.module.weight.detach()
-    b = st.module.bias.detach() if st.module.bias is not None else None
-    if st.fold is not None:
-        scale, shift = _bn_affine(st.fold)
+def _folded_params(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``layer``'s weight and bias with the BatchNorm ``bn`` that reads its output folded in (detached; ``bn`` None:
+    the layer's own)."""
+    w = layer.weight.detach()
+    b = layer.bias.detach() if layer.bias is not None else None
+    if bn is not None:
+        scale, shift = _bn_affine(bn)
         w = w * scale.view((-1,) + (1,) * (w.dim() - 1))
         b = shift if b is None else b * scale + shift
     return w, b
+
+
+def _effective_params(st: _LayerState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _folded_params(st.module, st.fold)
 
 
 def _surrogate(st: _LayerState, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
