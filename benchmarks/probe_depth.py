@@ -84,8 +84,7 @@ def drop_blocks(model: nn.Module, blocks: list[str]) -> nn.Module:
     """A copy of ``model`` with each named block replaced by the identity."""
     net = copy.deepcopy(model)
     for name in blocks:
-        parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent), child, nn.Identity())
+        net.set_submodule(name, nn.Identity())
     return net
 
 

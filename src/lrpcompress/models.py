@@ -289,8 +289,7 @@ def restrict_classes(model: nn.Module, classes: Sequence[int]) -> nn.Module:
         new.weight.copy_(head.weight[list(classes)])
         if head.bias is not None:
             new.bias.copy_(head.bias[list(classes)])
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], new)
+    model.set_submodule(name, new)
     return model.eval()
 
 

@@ -623,8 +623,7 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, object]) -> nn.Module:
             new = type(mod)(shape[0], mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
         else:
             raise LrpcError(f"the file resizes {name!r} ({type(mod).__name__}) with shape {shape!r}, which does not fit")
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], new)
+        model.set_submodule(name, new)
     if hasattr(model, "widths"):
         _refresh_widths(model)
     return model
