@@ -88,7 +88,7 @@ def drop_blocks(model: nn.Module, blocks: list[str]) -> nn.Module:
     return net
 
 
-def _branch_input(block: nn.Module) -> nn.Module:
+def _residual_add(block: nn.Module) -> nn.Module:
     """The block's residual addition (``models.Add``: its first input is the branch, the second the shortcut)."""
     adds = [m for m in block.modules() if isinstance(m, Add)]
     if len(adds) != 1:
@@ -96,15 +96,15 @@ def _branch_input(block: nn.Module) -> nn.Module:
     return adds[0]
 
 
-def block_scores(model: nn.Module, data, blocks: list[str], rank: str, samples: int, seed: int) -> dict[str, float]:
-    """How much each block's residual branch matters, summed over ``samples`` scoring images (low = remove first).
+def block_scores(model: nn.Module, data, blocks: list[str], rank: str, idx: np.ndarray) -> dict[str, float]:
+    """How much each block's residual branch matters, summed over the scoring images ``idx`` of ``data`` (low =
+    remove first).
 
     ``lrp`` / ``lrp_zplus``: the relevance entering the branch at its addition, |Σ b·g| per image (b the branch
     output, g the relevance per unit of it under the ε / z⁺ composite, from the true class), what LRP gives the
     branch when the addition splits relevance by contribution, as the library's engine does; removing the block
     sets b to 0. ``branch_norm``: ‖b‖ / ‖shortcut‖ per image, the label-free magnitude baseline."""
-    idx = sample_indices(len(data), samples, seed, data.y)
-    adds = {b: _branch_input(model.get_submodule(b)) for b in blocks}
+    adds = {b: _residual_add(model.get_submodule(b)) for b in blocks}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = [m.register_forward_pre_hook(lambda _m, inp, b=b: seen.__setitem__(b, inp)) for b, m in adds.items()]
     score = dict.fromkeys(blocks, 0.0)
@@ -181,7 +181,7 @@ def main() -> None:
     if args.rank == "sensitivity":
         ranked = sorted(candidates, key=lambda b: -single[b])
     else:
-        scores = block_scores(dense, fit, candidates, args.rank, args.score_size, args.seed)
+        scores = block_scores(dense, fit, candidates, args.rank, score_idx)
         ranked = sorted(candidates, key=lambda b: scores[b])
         print(f"{args.rank} block scores:", {b: round(v, 3) for b, v in scores.items()}, flush=True)
 
