@@ -17,6 +17,11 @@ so speed follows MACs. This probe measures both sides on ResNet-20, all 10 class
 - CPU latency at batch 64 of the dense model, every block cut and the width cut of ``--width-budget`` (LRP from
   the mean, downstream refit: the library's default channel cut), timed in one alternation.
 
+The library now makes this cut (``lrpcompress.blocks``, ``compress --prune-blocks K``), with its candidates and
+surgery used here; its criteria score the change a block makes to its input (``out − in``) instead of the branch
+at the addition. This probe keeps its own ``block_scores`` so that its committed pages reproduce;
+``benchmarks/bench_blocks.py`` compares the library's criteria.
+
     python benchmarks/probe_depth.py          # ResNet-20, 3 and 4 blocks + 0.4@8, ~25 min on 2 cores
     python benchmarks/probe_depth.py --cuts "3;layer1.2,layer2.2,layer3.2" --epochs 0
     python benchmarks/probe_depth.py --arch resnet44 --cuts "7;8" --width-budget none --test   # ~35 min
@@ -26,7 +31,6 @@ so speed follows MACs. This probe measures both sides on ResNet-20, all 10 class
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import math
 import shlex
@@ -44,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_channels import budget_name, parse_budget  # noqa: E402
 
+from lrpcompress.blocks import removable_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
 from lrpcompress.models import Add, load_model  # noqa: E402
@@ -58,34 +63,6 @@ RANKS = {"sensitivity": "the accuracy without each block alone",
          "lrp": "the relevance entering each block's branch (LRP-ε, |Σ b·g| per image; lowest removed first)",
          "lrp_zplus": "the relevance entering each block's branch (LRP z⁺ on convolutions; lowest removed first)",
          "branch_norm": "the branch's output norm relative to its shortcut's (lowest removed first)"}
-
-
-def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Children of ``nn.Sequential`` stages whose output has their input's shape: removing one leaves a model that
-    still runs (the block becomes its shortcut)."""
-    seen: dict[str, bool] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Sequential) and name:
-            for child_name, child in mod.named_children():
-                full = f"{name}.{child_name}"
-                hooks.append(child.register_forward_hook(
-                    lambda _m, inp, out, full=full: seen.__setitem__(full, inp[0].shape == out.shape)))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [n for n, ok in seen.items() if ok]
-
-
-def drop_blocks(model: nn.Module, blocks: list[str]) -> nn.Module:
-    """A copy of ``model`` with each named block replaced by the identity."""
-    net = copy.deepcopy(model)
-    for name in blocks:
-        net.set_submodule(name, nn.Identity())
-    return net
 
 
 def _residual_add(block: nn.Module) -> nn.Module:
@@ -176,7 +153,7 @@ def main() -> None:
     example = fit.tensor(np.arange(1))
     candidates = removable_blocks(dense, example)
     score_idx = sample_indices(len(fit), args.score_size, args.seed, fit.y)
-    single = {b: accuracy(drop_blocks(dense, [b]), fit, show_progress=False, indices=score_idx) for b in candidates}
+    single = {b: accuracy(remove_blocks(dense, [b]), fit, show_progress=False, indices=score_idx) for b in candidates}
     print("single-block removals (scoring images):", {b: round(a, 2) for b, a in single.items()}, flush=True)
     if args.rank == "sensitivity":
         ranked = sorted(candidates, key=lambda b: -single[b])
@@ -194,7 +171,7 @@ def main() -> None:
         unknown = [b for b in blocks if b not in candidates]
         if unknown:
             ap.error(f"not a removable block: {unknown[0]} (candidates: {', '.join(candidates)})")
-        arms.append((f"blocks ({args.rank})" if cut.isdigit() else "blocks", ",".join(blocks), drop_blocks(dense, blocks)))
+        arms.append((f"blocks ({args.rank})" if cut.isdigit() else "blocks", ",".join(blocks), remove_blocks(dense, blocks)))
     if args.width_budget != "none":
         inner, stream, round_to, scope = parse_budget(args.width_budget)
         cfg = ChannelPruneConfig(inner, "lrp", seed=args.seed, stream_fraction=stream, round_to=round_to, scope=scope)

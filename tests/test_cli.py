@@ -390,6 +390,95 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     assert code == 0 and "on 6 test images" in text
 
 
+def test_prune_blocks_with_recovery_reports_blocks_and_speed(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "b.lrpc", tmp_path / "b.json"
+    code, text, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                          "--samples", 8, "--prune-blocks", 3, "--block-criterion", "lrp", "--recover-epochs", 1,
+                          "--recover-batch", 8, "--bits", 8, "--out", out, "--report", rep)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    info = report["block_pruning"]
+    assert len(info["removed"]) == 3 and set(info["removed"]) <= set(info["candidates"])
+    assert info["removed"] == sorted(info["scores"], key=lambda b: (info["scores"][b], b))[:3]
+    assert info["settings"]["criterion"] == "lrp" and info["settings"]["composite"] == "epsilon_plus"
+    assert info["recover_epochs"] == 1 and info["recover_recipe"]["batch_size"] == 8
+    assert report["channel_pruning"] is None
+    assert "blocks removed: " + ", ".join(info["removed"]) in text
+    assert report["macs"]["compressed"] < report["macs"]["dense"] and report["speedup"] > 0
+    from lrpcompress.compress import load_compressed
+
+    net, payload = load_compressed(out)
+    assert payload.model["removed"] == sorted(info["removed"], key=info["candidates"].index)
+    assert all(isinstance(net.get_submodule(b), torch.nn.Identity) for b in info["removed"])
+    code, text, _ = run(capsys, "evaluate", out, "--data", tiny_data)
+    assert code == 0 and "accuracy" in text
+    code, text, _ = run(capsys, "inspect", out)
+    assert code == 0 and "blocks removed: " + ", ".join(payload.model["removed"]) in text
+    # named blocks, with a channel cut on what remains
+    named, rep2 = tmp_path / "n.lrpc", tmp_path / "n.json"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--prune-blocks", "layer1.0,layer2.2", "--prune-channels", 0.3,
+                       "--channel-criterion", "l1", "--bits", 8, "--no-speed", "--out", named, "--report", rep2)
+    assert code == 0, err
+    r2 = json.loads(rep2.read_text())
+    assert r2["block_pruning"]["removed"] == ["layer1.0", "layer2.2"] and r2["block_pruning"]["scores"] is None
+    assert r2["channel_pruning"]["kept_fraction"] < 1.0
+    assert r2["block_pruning"]["float_bytes"] == r2["channel_pruning"]["float_bytes"]
+    assert load_compressed(named)[1].model["removed"] == ["layer1.0", "layer2.2"]
+
+
+def test_prune_blocks_on_a_users_own_network_stores_the_removed_blocks(tmp_path, tiny_data, capsys, monkeypatch):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "blocknet.py").write_text(
+        "import torch.nn as nn\n"
+        "class Res(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(4, 4, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        return x + self.conv(x).relu()\n"
+        "def net(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Res(), Res(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(4, num_classes))\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    import importlib
+
+    mod = importlib.import_module("blocknet")
+    torch.save(mod.net().state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "u.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "blocknet:net", "--weights", tmp_path / "w.pt", "--data",
+                       tiny_data, "--samples", 8, "--prune-blocks", 1, "--block-criterion", "taylor", "--no-speed",
+                       "--out", out)
+    assert code == 0, err
+    from lrpcompress.packing import load_payload
+
+    assert load_payload(out).model["removed"] in (["1"], ["2"])
+    code, text, err = run(capsys, "evaluate", out, "--data", tiny_data, "--arch", "blocknet:net")
+    assert code == 0 and "accuracy" in text, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--prune-blocks", "8"), "cannot remove 8 blocks: the model has 7"),
+    (("--prune-blocks", "layer2.0"), "layer2.0 is not a removable block"),
+    (("--prune-blocks", "-1"), "at least 0"),
+    (("--prune-blocks", ","), "expected a number of blocks"),
+    (("--prune-blocks", "2", "--block-criterion", "magic"), "invalid choice"),
+    (("--block-criterion", "lrp"), "add --prune-blocks"),
+    (("--block-spread",), "add --prune-blocks"),
+    (("--block-reference", "mean"), "add --prune-blocks"),
+    (("--prune-blocks", "2", "--block-criterion", "l1", "--block-reference", "mean"), "applies to the norm, lrp"),
+    (("--prune-blocks", "2", "--prune-channels", "auto", "--target-ratio", "8"), "not combined"),
+    (("--recover-epochs", "1"), "add --prune-blocks, --prune-channels"),
+])
+def test_bad_block_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
+    out = tmp_path / "x.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--no-speed", *args, "--out", out)
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
 def test_prune_streams_stores_shortcut_maps_that_load_back(tmp_path, tiny_data, resnet20_weights, capsys):
     out, rep = tmp_path / "st.lrpc", tmp_path / "st.json"
     code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,

@@ -53,6 +53,16 @@ def _fraction_or_auto(s: str) -> float | str:
     return "auto" if s == "auto" else _fraction(s)
 
 
+def _block_count_or_names(s: str) -> int | tuple[str, ...]:
+    """A number of residual blocks, or their module names separated by commas."""
+    if s.strip().lstrip("-").isdigit():
+        return _checked(int, lambda v: v >= 0, "must be at least 0")(s.strip())
+    names = tuple(p.strip() for p in s.split(",") if p.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or names such as layer1.0,layer2.2, got {s!r}")
+    return names
+
+
 def _fraction_list(s: str) -> tuple[float, ...]:
     parts = [p for p in s.split(",") if p.strip()]
     if not parts:
@@ -154,9 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channel fractions --prune-channels auto tries (default 0,0.3,0.5)")
     c.add_argument("--prune-streams", type=_fraction, default=0.0,
                    help="fraction of residual-stream channels removed too (every layer on a stream is cut alike)")
+    c.add_argument("--prune-blocks", type=_block_count_or_names, default=0,
+                   help="residual blocks replaced by their shortcut before any channel cut: how many (the lowest "
+                        "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
+    c.add_argument("--block-criterion", default="norm", choices=("norm", "lrp", "taylor", "l1", "sensitivity", "random"),
+                   help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default), lrp "
+                        "(relevance of that change under --composite), taylor (its gradient x change), l1 (mean "
+                        "|weight|), sensitivity (loss without the block), random")
+    c.add_argument("--block-reference", default="zero", choices=("zero", "mean"),
+                   help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
+                        "its mean per channel (mean: the part a shift cannot replace)")
+    c.add_argument("--block-spread", action="store_true",
+                   help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
-                   help="float fine-tuning epochs right after channel pruning, before quantization (distillation "
-                        "from the unpruned model, BatchNorm statistics updated)")
+                   help="float fine-tuning epochs right after block or channel pruning, before quantization "
+                        "(distillation from the unpruned model, BatchNorm statistics updated)")
     c.add_argument("--recover-lr", type=_positive_float, default=None,
                    help=f"peak SGD learning rate of --recover-epochs (default {RECOVER_LR})")
     c.add_argument("--recover-batch", type=_positive_int, default=None,
@@ -311,8 +333,6 @@ def cmd_compress(a: argparse.Namespace) -> int:
     tune = (sized and not a.no_tune and a.prune is None and a.sparsity is None
             and cfg.quant.allocation == "optimal" and a.max_drop is None)
     search = a.prune_channels == "auto"
-    if a.recover_epochs == 0 and (a.recover_lr is not None or a.recover_batch is not None):
-        raise LrpcError("--recover-lr and --recover-batch set the training of --recover-epochs: add --recover-epochs N")
     if a.tune_finetuned:
         if a.finetune_epochs == 0:
             raise LrpcError("--tune-finetuned compares settings after fine-tuning: add --finetune-epochs N")
@@ -331,10 +351,33 @@ def cmd_compress(a: argparse.Namespace) -> int:
             raise LrpcError("--prune-channels auto runs the size search: drop --prune, --sparsity and --no-tune")
     elif a.channel_fractions is not None:
         raise LrpcError("--channel-fractions is what --prune-channels auto tries: add --prune-channels auto")
+    cut_blocks = bool(a.prune_blocks)
+    if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference != "zero"):
+        raise LrpcError("--block-criterion, --block-reference and --block-spread rank blocks for --prune-blocks: "
+                        "add --prune-blocks N")
+    if cut_blocks and search:
+        raise LrpcError("--prune-blocks is not combined with --prune-channels auto; give a channel fraction instead")
+    if a.recover_epochs == 0 and (a.recover_lr is not None or a.recover_batch is not None):
+        raise LrpcError("--recover-lr and --recover-batch set the training of --recover-epochs: add --recover-epochs N")
     held_out = (a.max_drop is not None or tune or search
                 or (a.channel_scope == "auto" and a.prune_channels + a.prune_streams > 0))
     fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if held_out else (train, None)
-    slim, channel_info, knobs = model, None, None
+    slim, channel_info, block_info, knobs = model, None, None, None
+    if cut_blocks:
+        from .blocks import BlockPruneConfig, prune_blocks
+
+        count, names = (a.prune_blocks, ()) if isinstance(a.prune_blocks, int) else (0, a.prune_blocks)
+        bcfg = BlockPruneConfig(count, a.block_criterion, names=names, spread=a.block_spread, reference=a.block_reference,
+                                composite=a.composite, start=a.start, samples=a.samples, batch_size=a.batch_size,
+                                seed=a.seed)
+        bres = prune_blocks(model, fit, bcfg)
+        slim = bres.model
+        if not is_builtin_arch(a.arch):
+            extra_spec["removed"] = bres.removed
+        block_info = {"settings": bcfg, "removed": bres.removed, "candidates": bres.candidates,
+                      "scores": bres.scores or None}
+        print(f"blocks removed: {', '.join(bres.removed)}" + (f" (lowest {a.block_criterion} of "
+                                                             f"{len(bres.candidates)})" if bres.scores else ""))
     if search:
         from .search import DEFAULT_FRACTIONS, ChannelSearch, compress_channel_search
         from .structured import ChannelPruneConfig
@@ -371,30 +414,35 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                   refit_scope=a.channel_refit)
         trials = None
         if ccfg.scope == "auto":
-            sres, chosen_scope, trials = prune_channels_auto(model, fit, val, ccfg)
+            sres, chosen_scope, trials = prune_channels_auto(slim, fit, val, ccfg)
             ccfg = replace(ccfg, scope=chosen_scope)
             print(f"channel scope: {chosen_scope} ("
                   + ", ".join(f"{k} {v['val_accuracy']:.2f}%" + ("" if v["eligible"] else " over the MACs")
                               for k, v in trials.items()) + " on held-out training images)")
         else:
-            sres = prune_channels(model, fit, ccfg)
+            sres = prune_channels(slim, fit, ccfg)
         slim = sres.model
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = sres.shapes
+        channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
+                        "removed": {k: len(v) for k, v in sres.removed.items()}, "scope_trials": trials}
+    elif a.recover_epochs > 0 and not cut_blocks:
+        raise LrpcError("--recover-epochs recovers from a structured cut: add --prune-blocks, --prune-channels or "
+                        "--prune-streams")
+    if slim is not model:  # blocks or channels were cut: recover in float, then count sizes from the given model
         rcfg = _recovery(a)
         if a.recover_epochs > 0:
             from .recovery import finetune_model
 
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
-        channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction, "float_bytes": dense_bytes(slim),
-                        "removed": {k: len(v) for k, v in sres.removed.items()}, "recover_epochs": a.recover_epochs,
-                        "recover_feature_distill": rcfg.feature_distill if a.recover_epochs else None,
-                        "recover_recipe": {"lr": rcfg.lr, "batch_size": rcfg.batch_size} if a.recover_epochs else None,
-                        "scope_trials": trials}
+        recovered = {"recover_epochs": a.recover_epochs,
+                     "recover_feature_distill": rcfg.feature_distill if a.recover_epochs else None,
+                     "recover_recipe": {"lr": rcfg.lr, "batch_size": rcfg.batch_size} if a.recover_epochs else None}
+        for info in (block_info, channel_info):
+            if info is not None:
+                info.update(float_bytes=dense_bytes(slim), **recovered)
         if a.target_ratio is not None:  # the ratio counts from the model the user gave, not the slimmed one
             cfg = replace(cfg, target_ratio=None, target_bytes=int(dense_bytes(model) / a.target_ratio))
-    elif a.recover_epochs > 0:
-        raise LrpcError("--recover-epochs recovers from channel pruning: add --prune-channels or --prune-streams")
     chosen = None
     if search:
         pass  # compressed by the search above
@@ -413,7 +461,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
              "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen,
-             "channel_pruning": channel_info, "tuned": knobs,
+             "channel_pruning": channel_info, "block_pruning": block_info, "tuned": knobs,
              "finetune_steps": cfg.finetune.steps(len(fit)),  # per training; --tune-finetuned trains each setting
              "finetune_recipe": ({"lr": cfg.finetune.lr, "batch_size": cfg.finetune.batch_size}
                                  if cfg.finetune.epochs else None)}
@@ -488,8 +536,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(json.dumps({"model": payload.model, "file_bytes": size, "layers": rows, **cm.stats()}, indent=2))
         return 0
     st = cm.stats()
+    removed = payload.model.get("removed")
     print(f"{a.model}: {size} bytes, arch {payload.model.get('arch')}, sparsity {st['sparsity']:.1%}, "
-          f"mean bits {st['mean_bits']:.2f}")
+          f"mean bits {st['mean_bits']:.2f}" + (f", blocks removed: {', '.join(map(str, removed))}"
+                                                 if isinstance(removed, list) and removed else ""))
     print(format_table(layer_rows(rows), LAYER_COLUMNS))
     return 0
 

@@ -287,6 +287,10 @@ def module_from_payload(payload: Payload, model: nn.Module | None = None) -> nn.
         if widths is not None and (not isinstance(widths, list) or not all(isinstance(w, int) for w in widths)):
             raise LrpcError("the file's widths must be a list of ints")
         model = build_model(arch, num_classes, widths, allow_import=False)
+    if spec.get("removed") is not None:
+        from .blocks import apply_removed
+
+        model = apply_removed(model, spec["removed"])
     if spec.get("shapes") is not None:
         from .structured import apply_shapes
 
@@ -482,13 +486,18 @@ def compress(model: nn.Module, train: ImageData, config: CompressConfig, arch: s
     spec.update(model_spec_extra or {})
     if spec["widths"] is not None and spec["widths"] == _default_widths(arch):
         spec["widths"] = None
-    if "shapes" not in spec and is_builtin_arch(arch):  # a slimmed model (any tool) stores its channel counts
+    if is_builtin_arch(arch) and not ("shapes" in spec and "removed" in spec):
+        # a slimmed model (any tool) stores the blocks it removed and its channel counts
+        from .blocks import apply_removed, replaced_blocks
         from .structured import changed_shapes, module_shapes
 
         fresh = build_model(arch, spec["num_classes"], spec["widths"], allow_import=False)
-        spec["shapes"] = changed_shapes(module_shapes(fresh), model) or None
-    if not spec.get("shapes"):
-        spec.pop("shapes", None)
+        spec.setdefault("removed", replaced_blocks(fresh, model))
+        fresh = apply_removed(fresh, spec["removed"])
+        spec.setdefault("shapes", changed_shapes(module_shapes(fresh), model) or None)
+    for key in ("removed", "shapes"):  # absent when empty: files of unpruned models keep their bytes
+        if not spec.get(key):
+            spec.pop(key, None)
 
     hessians: Mapping[str, torch.Tensor] = {}
     if q.rounding == "gptq":

@@ -260,38 +260,48 @@ def _surrogate(st: _LayerState, x: torch.Tensor, z: torch.Tensor) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def lrp_pass(model: nn.Module, composite: Composite, example: torch.Tensor) -> Iterator[dict[str, _LayerState]]:
-    """Scope in which ``model``'s forward computes LRP surrogates; the model is restored on exit."""
-    check_supported(model)
-    folds = {v: k for k, v in _find_folds(model, example).items()}  # layer -> its BatchNorm
-    states: dict[str, _LayerState] = {}
-    handles = []
+def _eval_out_of_place(model: nn.Module) -> Iterator[None]:
+    """Scope in which ``model`` is in eval mode and its ReLUs do not overwrite their inputs (so tensors captured by
+    hooks keep their values and their place in the graph); both restored on exit."""
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
     was_training = model.training
     try:
         model.eval()
         for m in relus:
             m.inplace = False
-        first = True
-        for name, m in model.named_modules():
-            if not isinstance(m, WEIGHTED):
-                continue
-            st = _LayerState(name, m, composite.rule_for(m, first), folds.get(m))
-            first = False
-            states[name] = st
-            if st.fold is None:
-                handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: _surrogate(st, inp[0], out)))
-            else:  # the surrogate is built where the BatchNorm's output (the folded layer's z) appears
-                handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: setattr(st, "pending", inp[0])))
-                handles.append(st.fold.register_forward_hook(
-                    lambda mod, inp, out, st=st: _surrogate(st, st.pending, out)))
-        yield states
+        yield
     finally:
-        for h in handles:
-            h.remove()
         for m in relus:
             m.inplace = True
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def lrp_pass(model: nn.Module, composite: Composite, example: torch.Tensor) -> Iterator[dict[str, _LayerState]]:
+    """Scope in which ``model``'s forward computes LRP surrogates; the model is restored on exit."""
+    check_supported(model)
+    folds = {v: k for k, v in _find_folds(model, example).items()}  # layer -> its BatchNorm
+    states: dict[str, _LayerState] = {}
+    handles = []
+    with _eval_out_of_place(model):
+        try:
+            first = True
+            for name, m in model.named_modules():
+                if not isinstance(m, WEIGHTED):
+                    continue
+                st = _LayerState(name, m, composite.rule_for(m, first), folds.get(m))
+                first = False
+                states[name] = st
+                if st.fold is None:
+                    handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: _surrogate(st, inp[0], out)))
+                else:  # the surrogate is built where the BatchNorm's output (the folded layer's z) appears
+                    handles.append(m.register_forward_hook(lambda mod, inp, out, st=st: setattr(st, "pending", inp[0])))
+                    handles.append(st.fold.register_forward_hook(
+                        lambda mod, inp, out, st=st: _surrogate(st, st.pending, out)))
+            yield states
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _start_grad(logits: torch.Tensor, y: torch.Tensor, start: str) -> torch.Tensor:
@@ -432,6 +442,86 @@ def referenced_channel_relevance(model: nn.Module, data: ImageData, readers: Map
         if key not in acc:
             raise LrpcError(f"no relevance reached the inputs of {', '.join(layers)}: are they on the path to the output?")
     return {k: v.cpu() for k, v in acc.items()}
+
+
+REMOVAL_REFERENCES = ("zero", "mean")
+
+
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    """N × C sums over positions (a flat N × F tensor is its own)."""
+    return t.flatten(2).sum(2) if t.dim() > 2 else t
+
+
+def removal_relevance(model: nn.Module, data: ImageData, modules: Sequence[str],
+                      config: RelevanceConfig = RelevanceConfig(), lrp: bool = True, reference: str = "zero",
+                      show_progress: bool = True) -> dict[str, float]:
+    """How much the start relevance rests on what each named module changes, per module (low: replaceable).
+
+    Each module must return a tensor of its input's shape (a residual block). For every reference sample:
+    ``|Σ (out − in − m) · g|``, where ``out − in`` is what the module adds to its input, ``g`` the relevance per unit
+    of its output under ``config``'s composite (``lrp=False``: the plain gradient of the start, first-order
+    Taylor), and ``m`` zero (``reference="zero"``) or the module's mean change per channel over the reference
+    samples (``"mean"``: the part of the change a constant shift cannot replace; recovery training re-learns
+    shifts), summed over samples. It is the first-order change of the start relevance when the module is replaced
+    by the identity (plus ``m``), as :func:`referenced_channel_relevance` is for a channel replaced by its mean.
+    The model is left as it was; float64 sums keyed like ``modules``.
+    """
+    if reference not in REMOVAL_REFERENCES:
+        raise LrpcError(f"unknown reference {reference!r}; choose one of {', '.join(REMOVAL_REFERENCES)}")
+    idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    dev = model_device(model)
+    dtype = next(model.parameters()).dtype
+    mods = dict(model.named_modules())
+    unknown = [n for n in modules if n not in mods or not n]
+    if unknown:
+        raise LrpcError(f"no such module: {unknown[0]!r}")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [mods[n].register_forward_hook(lambda _m, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
+               for n in modules]
+    # per sample: Σ d·g, and Σ_positions g per channel; per module: Σ d per channel and the number of positions,
+    # so that the mean change is subtracted after the pass (Σ (d − m)·g = Σ d·g − m · Σ_positions g)
+    dg: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    g_sum: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    d_sum: dict[str, torch.Tensor] = {}
+    positions = dict.fromkeys(modules, 0)
+    scope = (lrp_pass(model, get_composite(config.composite, config.epsilon), data.tensor(idx[:1], dev).to(dtype))
+             if lrp else _eval_out_of_place(model))
+    try:
+        with scope as states:  # LRP layer states, or None for plain gradients
+            bar = progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
+                           desc="block relevance" if lrp else "block taylor", unit="batch", disable=not show_progress)
+            for x, y in bar:
+                seen.clear()
+                for st in (states or {}).values():
+                    st.reset()
+                x = x.to(dtype).requires_grad_(True)  # the graph reaches every module even with frozen weights
+                logits = model(x)
+                names = [n for n in modules if n in seen]
+                for n in names:
+                    if seen[n][0].shape != seen[n][1].shape:
+                        raise LrpcError(f"{n} changes the shape of its input; only such modules can be removed")
+                grads = torch.autograd.grad(logits, [seen[n][1] for n in names],
+                                            grad_outputs=_start_grad(logits, y, config.start), allow_unused=True)
+                for n, g in zip(names, grads):
+                    inp, out = seen[n]
+                    d = (out.detach() - inp.detach()).double()
+                    g = torch.zeros_like(d) if g is None else g.double()
+                    dg[n].append((d * g).flatten(1).sum(1).cpu())
+                    g_sum[n].append(_per_channel(g).cpu())
+                    d_sum[n] = d_sum.get(n, 0) + _per_channel(d).sum(0).cpu()
+                    positions[n] += d[0, 0].numel() * len(d) if d.dim() > 2 else len(d)
+    finally:
+        for h in handles:
+            h.remove()
+    acc = {}
+    for n in modules:
+        if not dg[n]:
+            raise LrpcError(f"{n} did not run in the model's forward pass")
+        s = torch.cat(dg[n])
+        if reference == "mean":
+            s = s - torch.cat(g_sum[n]) @ (d_sum[n] / positions[n])
+        acc[n] = float(s.abs().sum())
+    return acc
 
 
 def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_size: int = 64, seed: int = 0,

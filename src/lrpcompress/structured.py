@@ -630,10 +630,12 @@ def apply_shapes(model: nn.Module, shapes: Mapping[str, object]) -> nn.Module:
 
 
 def _refresh_widths(model: nn.Module) -> None:
-    """Keep a CIFAR ResNet's ``widths`` attribute truthful after its inner convolutions shrank."""
-    convs = [m for n, m in model.named_modules() if n.endswith(".conv1") and n.count(".") == 2]
-    if len(convs) == len(model.widths):
-        model.widths = [int(m.out_channels) for m in convs]
+    """Keep a CIFAR ResNet's ``widths`` attribute truthful after its inner convolutions shrank (a block replaced by
+    the identity keeps its entry)."""
+    blocks = [m for n, m in model.named_modules() if n.startswith("layer") and n.count(".") == 1]
+    if len(blocks) == len(model.widths):
+        model.widths = [int(b.conv1.out_channels) if isinstance(getattr(b, "conv1", None), nn.Conv2d) else w
+                        for b, w in zip(blocks, model.widths)]
 
 
 def prune_channels(model: nn.Module, data: ImageData, config: ChannelPruneConfig,

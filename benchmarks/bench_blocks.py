@@ -1,0 +1,138 @@
+"""Block criteria side by side: which residual blocks to replace by their shortcut, with the library's cut.
+
+For one architecture, one block count and an optional class subset, every criterion of
+:data:`lrpcompress.blocks.BLOCK_CRITERIA` (or ``--criteria``) ranks the removable blocks on ``--samples``
+reference images of the training data minus ``--val-size`` held out (the subset's images when ``--classes`` is
+given: relevance, norms and losses from the user's own task) and removes the ``--blocks`` lowest
+(``lrpcompress.blocks.prune_blocks``, what ``compress --prune-blocks K --block-criterion C`` does). Each cut model
+is measured without training and after ``--epochs`` of the library's float recovery (``RECOVERY_RECIPE``:
+distillation from the dense model, BatchNorm statistics updated) on held-out training images and, reported only,
+on the test split (of the subset's classes). Criteria that pick the same blocks share one training. CPU latency at
+batch 64 of the dense model and every distinct cut, timed in one alternation (median of 3 passes).
+
+    python benchmarks/bench_blocks.py                                 # ResNet-20, 3 blocks, 2 epochs, ~35 min
+    python benchmarks/bench_blocks.py --classes 0,1,8 --blocks 4 --epochs 1 --out benchmarks/results/blocks_task.md
+    python benchmarks/bench_blocks.py --arch resnet44 --blocks 7 --criteria norm,lrp,taylor
+    python benchmarks/bench_blocks.py --criteria norm,lrp --reference mean --out benchmarks/results/blocks_rn20_mean.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
+from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
+from lrpcompress.models import load_model, restrict_classes  # noqa: E402
+from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet20")
+    ap.add_argument("--blocks", type=int, default=3, help="blocks removed by every criterion")
+    ap.add_argument("--criteria", default=",".join(BLOCK_CRITERIA))
+    ap.add_argument("--classes", default=None, help="a class subset (indices or names), e.g. 0,1,8")
+    ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
+    ap.add_argument("--samples", type=int, default=512, help="reference images that rank the blocks (the CLI default)")
+    ap.add_argument("--composite", default="epsilon_plus", help="LRP composite of the lrp criterion")
+    ap.add_argument("--spread", action="store_true", help="at most ceil(k / stages) blocks from one stage")
+    ap.add_argument("--reference", default="zero", choices=("zero", "mean"),
+                    help="norm / lrp / taylor on the block's whole change (zero) or on its change minus the mean "
+                         "change per channel (mean); other criteria are run as they are")
+    ap.add_argument("--val-size", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocks.md"))
+    args = ap.parse_args()
+    criteria = [c for c in args.criteria.split(",") if c]
+    bad = [c for c in criteria if c not in BLOCK_CRITERIA]
+    if bad:
+        ap.error(f"unknown criterion {bad[0]!r}; choose from {', '.join(BLOCK_CRITERIA)}")
+    torch.manual_seed(args.seed)
+    data_dir = Path(args.shared) / "data" / "cifar10-jpeg"
+    train_all, test = load_data(data_dir, "train"), load_data(data_dir, "test")
+    dense = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    classes = parse_classes(args.classes, train_all.classes) if args.classes else None
+    if classes:
+        dense = restrict_classes(dense, classes)
+        train_all, test = train_all.restrict_classes(classes), test.restrict_classes(classes)
+    val_size = min(args.val_size, len(train_all) // 5)
+    fit, val = split_train_val(train_all, val_size, args.seed)
+
+    cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them
+    scores: dict[str, dict[str, float]] = {}
+    for crit in criteria:
+        ref = args.reference if crit in ("norm", "lrp", "taylor") else "zero"
+        cfg = BlockPruneConfig(args.blocks, crit, spread=args.spread, reference=ref, composite=args.composite,
+                               samples=args.samples, seed=args.seed)
+        res = prune_blocks(dense, fit, cfg, show_progress=False)
+        scores[crit] = res.scores
+        cuts.setdefault(tuple(sorted(res.removed, key=res.candidates.index)), []).append(crit)
+        print(f"{crit}: {', '.join(res.removed)}", flush=True)
+
+    models = {cut: remove_blocks(dense, list(cut)) for cut in cuts}
+    example = fit.tensor(np.arange(1))
+    passes = [speed_profiles([dense, *models.values()], example, batch_sizes=(64,), repeats=20) for _ in range(3)]
+    ms = [float(np.median([p[i]["latency_ms"]["64"] for p in passes])) for i in range(len(models) + 1)]
+    base_val, base_test = accuracy(dense, val, show_progress=False), accuracy(dense, test, show_progress=False)
+    rows = [{"criterion": "dense", "removed": "–", "MACs": 1.0, "ms b64": round(ms[0], 2), "speed-up": 1.0,
+             "held-out": round(base_val, 2), "test": round(base_test, 2)}]
+    for i, (cut, crits) in enumerate(cuts.items(), start=1):
+        net = models[cut]
+        row = {"criterion": ", ".join(crits), "removed": ", ".join(cut),
+               "MACs": round(passes[0][i]["macs"] / passes[0][0]["macs"], 3), "ms b64": round(ms[i], 2),
+               "speed-up": round(ms[0] / ms[i], 2), "held-out": round(accuracy(net, val, show_progress=False), 2),
+               "test": round(accuracy(net, test, show_progress=False), 2)}
+        if args.epochs > 0:
+            rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, seed=args.seed)
+            trained = finetune_model(net, fit, rcfg, teacher=dense)
+            after = accuracy(trained, val, show_progress=False)
+            t_after = accuracy(trained, test, show_progress=False)
+            row.update({f"held-out + {args.epochs} ep": round(after, 2), f"test + {args.epochs} ep": round(t_after, 2),
+                        "test drop": round(base_test - t_after, 2)})
+        rows.append(row)
+        print(row, flush=True)
+
+    cmd = shlex.join(["python", "benchmarks/bench_blocks.py", *sys.argv[1:]])
+    machine = "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+    task = f"classes {', '.join(train_all.classes)}" if classes else "all 10 classes"
+    score_rows = [{"block": b, **{c: round(scores[c][b], 4) for c in criteria}} for b in scores[criteria[0]]]
+    mean_note = (": norm, lrp and taylor on the block's change minus its mean change per channel"
+                 if args.reference == "mean" else "")
+    write_page(args.out, [
+        f"# Block criteria: {args.arch}, {task}, {args.blocks} blocks replaced by their shortcut", "",
+        f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. "
+        f"Blocks ranked on {args.samples} reference images of the training data minus {val_size} held out "
+        f"({'at most ceil(k / stages) per stage' if args.spread else 'the k lowest wherever they are'}; lrp: "
+        f"{args.composite}; reference {args.reference}{mean_note}); the library's `prune_blocks`. "
+        f"Recovery: {args.epochs} epoch(s) of RECOVERY_RECIPE "
+        f"(distillation, BatchNorm statistics updated, lr {RECOVERY_RECIPE.lr:g}, batch {RECOVERY_RECIPE.batch_size}), "
+        f"seed {args.seed}; criteria that chose the same blocks share a row. Accuracy (%) on the held-out training "
+        "images (which the dense model was trained on) and, reported only, on the test split"
+        + (" of those classes" if classes else "") + ". Speed: median of 3 passes of 20 batch-64 forward passes, "
+        "all models in one alternation.", "",
+        markdown_table(rows, [(k, k) for k in dict.fromkeys(k for r in rows for k in r)]), "",
+        "## Block scores (low = removed first)", "",
+        markdown_table(score_rows, [(k, k) for k in score_rows[0]]), ""])
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows, "scores": scores},
+                                                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

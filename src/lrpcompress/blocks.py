@@ -1,0 +1,307 @@
+"""Depth pruning: whole residual blocks replaced by their shortcut.
+
+A channel cut leaves every layer narrower, and a CPU runs narrow convolutions below their share of the MACs
+(docs/FINDINGS.md §12). Removing a whole block whose output has its input's shape (a residual block: its shortcut
+then carries the signal alone) keeps every remaining layer at full width, so the speed follows the MACs removed
+(§14). The public verb is :func:`prune_blocks`; scores, selection and the surgery are separate functions, so a
+benchmark can rank with one criterion and cut with another.
+
+Criteria (low score = removed first), each summed over ``samples`` reference images of the data given, so a
+class subset ranks by what those classes use:
+
+- ``norm``: ``‖out − in‖ / ‖in‖`` per image, how much the block changes its input (label-free magnitude);
+- ``lrp``: ``|Σ (out − in) · g|`` per image with ``g`` the LRP relevance per unit of the block's output from the
+  true class (:func:`~lrpcompress.relevance.removal_relevance`): the first-order change of that relevance when
+  the block becomes the identity;
+- ``taylor``: the same with the plain gradient of the true-class logit;
+- (``norm``, ``lrp`` and ``taylor`` with ``reference="mean"``: on the change minus its mean per channel, the part a
+  constant shift cannot replace;)
+- ``l1``: mean ``|w|`` of the block's weights with BatchNorm folded in (no data);
+- ``sensitivity``: the cross-entropy increase on the reference images when the block alone is removed;
+- ``random``: seeded uniform scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import ImageData, sample_indices
+from .errors import LrpcError
+from .models import model_device
+from .progress import progress
+from .relevance import (REMOVAL_REFERENCES, START_POINTS, RelevanceConfig, _find_folds, _folded_params, _per_channel,
+                        removal_relevance)
+from .rules import COMPOSITES, WEIGHTED
+
+BLOCK_CRITERIA = ("norm", "lrp", "taylor", "l1", "sensitivity", "random")
+
+
+@dataclass(frozen=True)
+class BlockPruneConfig:
+    """Which residual blocks to remove: the ``count`` lowest-scored by ``criterion``, or the ``names`` given.
+
+    ``spread``: at most ceil(count / stages) blocks from one stage (a stage is the container holding the blocks);
+    by default the lowest scores are taken wherever they are. ``reference="mean"`` measures the ``norm``, ``lrp``
+    and ``taylor`` criteria on the block's change minus its mean change per channel (the part a constant shift
+    cannot replace; recovery training re-learns shifts) instead of the whole change (``"zero"``). ``composite`` / ``start`` / ``epsilon`` set the
+    ``lrp`` criterion's relevance; ``samples`` reference images (class-balanced, seeded) feed every data-based
+    criterion.
+    """
+
+    count: int = 0
+    criterion: str = "norm"
+    names: tuple[str, ...] = ()
+    spread: bool = False
+    reference: str = "zero"
+    composite: str = "epsilon_plus"
+    start: str = "true"
+    epsilon: float = 1e-6
+    samples: int = 512
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
+            raise LrpcError(f"the number of blocks to remove must be an int >= 0, got {self.count!r}")
+        if self.criterion not in BLOCK_CRITERIA:
+            raise LrpcError(f"unknown block criterion {self.criterion!r}; choose one of {', '.join(BLOCK_CRITERIA)}")
+        if not isinstance(self.names, tuple) or not all(isinstance(n, str) and n for n in self.names):
+            raise LrpcError("block names must be a tuple of module names such as ('layer1.0', 'layer2.2')")
+        if self.names and self.count:
+            raise LrpcError("give either a number of blocks to remove or their names, not both")
+        if len(set(self.names)) != len(self.names):
+            raise LrpcError(f"a block is named twice: {', '.join(self.names)}")
+        if self.reference not in REMOVAL_REFERENCES:
+            raise LrpcError(f"unknown block reference {self.reference!r}; choose one of {', '.join(REMOVAL_REFERENCES)}")
+        if self.reference == "mean" and self.criterion not in ("norm", "lrp", "taylor"):
+            raise LrpcError(f"reference='mean' applies to the norm, lrp and taylor criteria, not {self.criterion}")
+        if self.composite not in COMPOSITES:
+            raise LrpcError(f"unknown LRP composite {self.composite!r}; choose one of {', '.join(COMPOSITES)}")
+        if self.start not in START_POINTS:
+            raise LrpcError(f"unknown start {self.start!r}; choose one of {', '.join(START_POINTS)}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise LrpcError(f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
+
+    @property
+    def relevance_config(self) -> RelevanceConfig:
+        return RelevanceConfig(composite=self.composite, start=self.start, epsilon=self.epsilon, samples=self.samples,
+                               batch_size=self.batch_size, seed=self.seed)
+
+
+@dataclass
+class BlockResult:
+    """A block cut: the new model, the blocks removed (in score order) and every candidate's score."""
+
+    model: nn.Module
+    removed: list[str]
+    scores: dict[str, float] = field(default_factory=dict)  # empty when the blocks were named
+    candidates: list[str] = field(default_factory=list)
+
+
+def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Children of ``nn.Sequential`` containers that hold weights and return a tensor of their input's shape (the
+    outermost such modules, in order): replacing one by the identity leaves a model that still runs."""
+    same: dict[str, bool] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential):
+            for child_name, child in mod.named_children():
+                full = f"{name}.{child_name}" if name else child_name
+                if any(isinstance(m, WEIGHTED) for m in child.modules()):
+                    hooks.append(child.register_forward_hook(
+                        lambda _m, inp, out, full=full: same.__setitem__(
+                            full, isinstance(out, torch.Tensor) and inp[0].shape == out.shape)))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    ok = [n for n, s in same.items() if s]
+    return [n for n in ok if not any(n.startswith(o + ".") for o in ok)]
+
+
+def remove_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` with each named module replaced by ``nn.Identity`` (the original is left as it was)."""
+    net = copy.deepcopy(model)
+    for name in names:
+        net.set_submodule(name, nn.Identity())
+    return net
+
+
+def _scoring_indices(data: ImageData, config: BlockPruneConfig) -> np.ndarray:
+    return sample_indices(len(data), config.samples, config.seed, data.y)
+
+
+def _norm_scores(model: nn.Module, data: ImageData, blocks: Sequence[str], config: BlockPruneConfig,
+                 show_progress: bool) -> dict[str, float]:
+    """Σ ‖d − m‖ / ‖in‖ per image, d = out − in and m zero or the mean of d per channel (``config.reference``);
+    ‖d − m‖² = ‖d‖² − 2 m·S + P‖m‖² with S the per-channel sums of d and P the positions, so one pass suffices."""
+    mods = dict(model.named_modules())
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {b: [] for b in blocks}
+    positions: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(_m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            x, d = inp[0].double(), out.double() - inp[0].double()
+            parts[name].append((d.flatten(1).pow(2).sum(1), _per_channel(d), x.flatten(1).norm(dim=1)))
+            positions[name] = d[0, 0].numel() if d.dim() > 2 else 1
+        return record
+
+    handles = [mods[b].register_forward_hook(hook(b)) for b in blocks]
+    idx = _scoring_indices(data, config)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x, _y in progress(data.batches(config.batch_size, idx, model_device(model)),
+                                  total=-(-len(idx) // config.batch_size), desc="block norms", unit="batch",
+                                  disable=not show_progress):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    score = {}
+    for b in blocks:
+        sq, sums, x_norm = (torch.cat(t).cpu() for t in zip(*parts[b]))
+        if config.reference == "mean":
+            m = sums.sum(0) / (positions[b] * len(sums))
+            sq = sq - 2 * sums @ m + positions[b] * m.pow(2).sum()
+        score[b] = float((sq.clamp_min(0).sqrt() / x_norm.clamp_min(1e-12)).sum())
+    return score
+
+
+def _sensitivity_scores(model: nn.Module, data: ImageData, blocks: Sequence[str], config: BlockPruneConfig,
+                        show_progress: bool) -> dict[str, float]:
+    mods = dict(model.named_modules())
+    idx = _scoring_indices(data, config)
+    dev = model_device(model)
+    score = dict.fromkeys(blocks, 0.0)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x, y in progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
+                                 desc="block sensitivity", unit="batch", disable=not show_progress):
+                base = float(F.cross_entropy(model(x), y, reduction="sum"))
+                for b in blocks:
+                    h = mods[b].register_forward_hook(lambda _m, inp, _out: inp[0])  # the block as the identity
+                    try:
+                        score[b] += float(F.cross_entropy(model(x), y, reduction="sum")) - base
+                    finally:
+                        h.remove()
+    finally:
+        model.train(was_training)
+    return score
+
+
+def _l1_scores(model: nn.Module, blocks: Sequence[str], example: torch.Tensor) -> dict[str, float]:
+    folds = {layer: bn for bn, layer in _find_folds(model, example).items()}
+    mods = dict(model.named_modules())
+    score = {}
+    for b in blocks:
+        ws = [_folded_params(m, folds.get(m))[0] for m in mods[b].modules() if isinstance(m, WEIGHTED)]
+        score[b] = float(sum(w.abs().double().sum() for w in ws) / sum(w.numel() for w in ws))
+    return score
+
+
+def block_scores(model: nn.Module, data: ImageData, blocks: Sequence[str], config: BlockPruneConfig,
+                 show_progress: bool = True) -> dict[str, float]:
+    """Each block's score under ``config.criterion`` (low = remove first); see the module docstring."""
+    crit = config.criterion
+    if crit == "norm":
+        return _norm_scores(model, data, blocks, config, show_progress)
+    if crit in ("lrp", "taylor"):
+        return removal_relevance(model, data, blocks, config.relevance_config, lrp=crit == "lrp",
+                                 reference=config.reference, show_progress=show_progress)
+    if crit == "sensitivity":
+        return _sensitivity_scores(model, data, blocks, config, show_progress)
+    if crit == "l1":
+        return _l1_scores(model, blocks, data.tensor(np.arange(1), model_device(model)))
+    rng = np.random.default_rng(config.seed)
+    return {b: float(v) for b, v in zip(blocks, rng.random(len(blocks)))}
+
+
+def _check_count(count: int, candidates: Sequence[str]) -> None:
+    if count > len(candidates):
+        raise LrpcError(f"cannot remove {count} blocks: the model has {len(candidates)} removable blocks "
+                        f"({', '.join(candidates) or 'none'})")
+
+
+def select_blocks(scores: Mapping[str, float], count: int, spread: bool = False) -> list[str]:
+    """The ``count`` lowest-scored blocks (ties by name), lowest first; ``spread``: at most ceil(count / stages)
+    from one stage (the blocks' parent container)."""
+    _check_count(count, list(scores))
+    ranked = sorted(scores, key=lambda b: (scores[b], b))
+    if not spread:
+        return ranked[:count]
+    stage = {b: b.rpartition(".")[0] for b in ranked}
+    cap = math.ceil(count / max(len(set(stage.values())), 1))
+    taken: list[str] = []
+    for b in ranked:
+        if len(taken) == count:
+            break
+        if sum(stage[t] == stage[b] for t in taken) < cap:
+            taken.append(b)
+    return taken
+
+
+def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig,
+                 show_progress: bool = True) -> BlockResult:
+    """Remove residual blocks from a copy of ``model`` (left unchanged), ranked on reference images of ``data``."""
+    example = data.tensor(np.arange(1), model_device(model))
+    candidates = removable_blocks(model, example)
+    if config.names:
+        unknown = [n for n in config.names if n not in candidates]
+        if unknown:
+            raise LrpcError(f"{unknown[0]} is not a removable block; the model's are: {', '.join(candidates) or 'none'}")
+        return BlockResult(remove_blocks(model, config.names), list(config.names), {}, candidates)
+    _check_count(config.count, candidates)  # before the scoring pass
+    scores = block_scores(model, data, candidates, config, show_progress) if config.count else {}
+    chosen = select_blocks(scores, config.count, config.spread) if config.count else []
+    return BlockResult(remove_blocks(model, chosen), chosen, scores, candidates)
+
+
+def replaced_blocks(built: nn.Module, model: nn.Module) -> list[str]:
+    """Modules of a freshly ``built`` architecture that ``model`` replaces by ``nn.Identity`` (outermost only):
+    what a file must record for the loader to rebuild ``model``."""
+    have = dict(model.named_modules())
+    out = []
+    for name, mod in built.named_modules():
+        if (name and not isinstance(mod, nn.Identity) and isinstance(have.get(name), nn.Identity)
+                and not any(name.startswith(o + ".") for o in out)):
+            out.append(name)
+    return out
+
+
+def apply_removed(model: nn.Module, names: object) -> nn.Module:
+    """Replace the named modules of a freshly built ``model`` by ``nn.Identity`` (a file's ``removed`` list);
+    validates every entry. The weights are left for ``load_state_dict``, which then finds none of theirs."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LrpcError("the file's removed list must hold module names")
+    if len(set(names)) != len(names):
+        raise LrpcError("the file removes a module twice")
+    mods = dict(model.named_modules())
+    for n in names:
+        if not n or n not in mods:
+            raise LrpcError(f"the file removes {n!r}, which is not a module of this architecture")
+        if any(n.startswith(o + ".") for o in names):
+            raise LrpcError(f"the file removes {n!r} inside another removed module")
+    for n in names:
+        model.set_submodule(n, nn.Identity())
+    return model
+
+
+__all__ = ["BLOCK_CRITERIA", "BlockPruneConfig", "BlockResult", "apply_removed", "block_scores", "prune_blocks",
+           "removable_blocks", "remove_blocks", "replaced_blocks", "select_blocks"]

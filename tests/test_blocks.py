@@ -1,0 +1,299 @@
+"""Depth pruning: candidates, scores against independent references, selection, surgery and the file round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from lrpcompress.blocks import (BLOCK_CRITERIA, BlockPruneConfig, apply_removed, block_scores, prune_blocks,
+                                removable_blocks, remove_blocks, replaced_blocks, select_blocks)
+from lrpcompress.compress import CompressConfig, QuantConfig, compress, load_compressed
+from lrpcompress.data import ImageData, sample_indices
+from lrpcompress.errors import LrpcError
+from lrpcompress.models import build_model
+from lrpcompress.relevance import RelevanceConfig, _find_folds, removal_relevance
+from lrpcompress.structured import ChannelPruneConfig, module_shapes, prune_channels
+
+RESNET20_BLOCKS = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+
+
+def random_data(n: int = 24, classes: int = 10, seed: int = 0) -> ImageData:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    return ImageData(x, np.arange(n) % classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple(str(i) for i in range(classes)))
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture()
+def resnet20():
+    torch.manual_seed(0)
+    return trained_like(build_model("resnet20", 10))
+
+
+def test_removable_blocks_are_the_shape_keeping_residual_blocks():
+    assert removable_blocks(build_model("resnet20", 10), torch.zeros(1, 3, 32, 32)) == RESNET20_BLOCKS
+    r18 = torchvision.models.resnet18(num_classes=10)
+    assert removable_blocks(r18, torch.zeros(1, 3, 32, 32)) == ["layer1.0", "layer1.1", "layer2.1", "layer3.1",
+                                                                 "layer4.1"]
+    # a Sequential of layers: only those with weights that keep the shape, and the outermost of nested ones
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)), nn.Conv2d(8, 4, 1))
+    assert removable_blocks(net, torch.zeros(1, 3, 8, 8)) == ["2"]
+
+
+def test_remove_blocks_copies_and_runs_the_shortcut_alone(resnet20):
+    x = torch.randn(2, 3, 32, 32)
+    before = resnet20(x)
+    net = remove_blocks(resnet20, ["layer1.1", "layer3.2"])
+    assert isinstance(net.layer1[1], nn.Identity) and not isinstance(resnet20.layer1[1], nn.Identity)
+    torch.testing.assert_close(resnet20(x), before)  # the original is untouched
+    h = [resnet20.get_submodule(n).register_forward_hook(lambda _m, inp, _o: inp[0]) for n in ("layer1.1", "layer3.2")]
+    try:
+        torch.testing.assert_close(net(x), resnet20(x))
+    finally:
+        for handle in h:
+            handle.remove()
+
+
+def test_select_blocks_takes_the_lowest_and_spreads_on_request():
+    scores = {"a.0": 1.0, "a.1": 2.0, "a.2": 0.5, "b.0": 3.0, "b.1": 1.0, "c.0": 9.0}
+    assert select_blocks(scores, 3) == ["a.2", "a.0", "b.1"]  # ties broken by name
+    assert select_blocks(scores, 0) == []
+    assert select_blocks(scores, 3, spread=True) == ["a.2", "b.1", "c.0"]  # at most one per stage
+    assert select_blocks(scores, 4, spread=True) == ["a.2", "a.0", "b.1", "b.0"]  # ceil(4 / 3) = 2 per stage
+    with pytest.raises(LrpcError, match="cannot remove 7 blocks: the model has 6"):
+        select_blocks(scores, 7)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"count": -1}, "int >= 0"),
+    ({"count": 2, "criterion": "entropy"}, "choose one of norm"),
+    ({"count": 1, "names": ("layer1.0",)}, "not both"),
+    ({"names": ("layer1.0", "layer1.0")}, "named twice"),
+    ({"names": ["layer1.0"]}, "tuple of module names"),
+    ({"count": 1, "composite": "zplus"}, "unknown LRP composite"),
+    ({"count": 1, "start": "logit"}, "unknown start"),
+    ({"count": 1, "samples": 0}, ">= 1"),
+])
+def test_block_config_names_the_fix(kwargs, message):
+    with pytest.raises(LrpcError, match=message):
+        BlockPruneConfig(**kwargs)
+
+
+def _images(data: ImageData, cfg: BlockPruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = sample_indices(len(data), cfg.samples, cfg.seed, data.y)
+    return data.tensor(idx), torch.from_numpy(data.y[idx])
+
+
+def test_norm_and_sensitivity_scores_match_a_direct_computation(resnet20):
+    data = random_data(20)
+    cfg = BlockPruneConfig(1, "norm", samples=12, batch_size=5)
+    x, y = _images(data, cfg)
+    seen = {}
+    h = resnet20.layer2[1].register_forward_hook(lambda _m, inp, out: seen.update(i=inp[0], o=out))
+    try:
+        with torch.no_grad():
+            resnet20(x)
+    finally:
+        h.remove()
+    i, o = seen["i"].flatten(1), seen["o"].flatten(1)
+    want = float(((o - i).norm(dim=1) / i.norm(dim=1)).sum())
+    assert block_scores(resnet20, data, ["layer2.1"], cfg, show_progress=False)["layer2.1"] == pytest.approx(want, rel=1e-5)
+    cfg = BlockPruneConfig(1, "sensitivity", samples=12, batch_size=5)
+    with torch.no_grad():
+        want = float(F.cross_entropy(remove_blocks(resnet20, ["layer3.1"])(x), y, reduction="sum")
+                     - F.cross_entropy(resnet20(x), y, reduction="sum"))
+    got = block_scores(resnet20, data, ["layer3.1"], cfg, show_progress=False)["layer3.1"]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_l1_score_is_the_mean_folded_weight_magnitude(resnet20):
+    blk = resnet20.layer1[2]
+    folded = []
+    for conv, bn in ((blk.conv1, blk.bn1), (blk.conv2, blk.bn2)):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded.append((conv.weight * scale.view(-1, 1, 1, 1)).detach())
+    want = float(sum(w.abs().sum() for w in folded) / sum(w.numel() for w in folded))
+    got = block_scores(resnet20, random_data(2), ["layer1.2"], BlockPruneConfig(1, "l1"), show_progress=False)
+    assert got["layer1.2"] == pytest.approx(want, rel=1e-5)
+    assert _find_folds(resnet20, torch.zeros(1, 3, 32, 32))  # the model really has BatchNorms to fold
+
+
+def test_taylor_block_score_is_the_first_order_change_of_the_true_logit(resnet20):
+    """Independent reference: finite differences along out → in (the block shrunk towards the identity)."""
+    resnet20 = resnet20.double()
+    data = random_data(6)
+    cfg = BlockPruneConfig(1, "taylor", samples=6, batch_size=6)
+    x, y = _images(data, cfg)
+    x = x.double()
+
+    def logit_at(t: float) -> torch.Tensor:
+        h = resnet20.layer2[2].register_forward_hook(lambda _m, inp, out: out - t * (out - inp[0]))
+        try:
+            with torch.no_grad():
+                return resnet20(x).gather(1, y.view(-1, 1)).squeeze(1)
+        finally:
+            h.remove()
+
+    eps = 1e-5
+    want = float(((logit_at(eps) - logit_at(-eps)) / (2 * eps)).abs().sum())
+    got = block_scores(resnet20, data, ["layer2.2"], cfg, show_progress=False)["layer2.2"]
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def _change_and_gradient(model: nn.Module, block: str, x: torch.Tensor, y: torch.Tensor):
+    """The block's input, its change out − in, and the plain gradient of the true logit at its output."""
+    seen = {}
+    h = model.get_submodule(block).register_forward_hook(lambda _m, inp, out: seen.update(i=inp[0], o=out))
+    try:
+        logits = model(x)
+        g, = torch.autograd.grad(logits.gather(1, y.view(-1, 1)).sum(), seen["o"])
+    finally:
+        h.remove()
+    return seen["i"].detach(), (seen["o"] - seen["i"]).detach(), g
+
+
+def test_mean_reference_scores_the_change_minus_its_mean_per_channel(resnet20):
+    """Two-pass reference: the mean change per channel first, then the scores from it (the library does one pass)."""
+    data = random_data(12)
+    cfg = BlockPruneConfig(1, "taylor", reference="mean", samples=12, batch_size=5)
+    x, y = _images(data, cfg)
+    for relu in (m for m in resnet20.modules() if isinstance(m, nn.ReLU)):
+        relu.inplace = False
+    inp, d, g = _change_and_gradient(resnet20, "layer2.1", x, y)
+    centred = d - d.mean((0, 2, 3), keepdim=True)
+    want = float((centred * g).flatten(1).sum(1).abs().sum())
+    assert block_scores(resnet20, data, ["layer2.1"], cfg, False)["layer2.1"] == pytest.approx(want, rel=1e-4)
+    plain = float((d * g).flatten(1).sum(1).abs().sum())
+    assert removal_relevance(resnet20, data, ["layer2.1"], RelevanceConfig(samples=12, batch_size=5), lrp=False,
+                             show_progress=False)["layer2.1"] == pytest.approx(plain, rel=1e-4)
+    want = float((centred.flatten(1).norm(dim=1) / inp.flatten(1).norm(dim=1)).sum())
+    cfg = BlockPruneConfig(1, "norm", reference="mean", samples=12, batch_size=5)
+    assert block_scores(resnet20, data, ["layer2.1"], cfg, False)["layer2.1"] == pytest.approx(want, rel=1e-4)
+    with pytest.raises(LrpcError, match="reference='mean' applies to the norm, lrp and taylor"):
+        BlockPruneConfig(1, "l1", reference="mean")
+    with pytest.raises(LrpcError, match="unknown block reference"):
+        BlockPruneConfig(1, "norm", reference="median")
+    with pytest.raises(LrpcError, match="unknown reference"):
+        removal_relevance(resnet20, data, ["layer2.1"], reference="median", show_progress=False)
+
+
+def test_lrp_block_score_follows_the_composite(resnet20):
+    data = random_data(8)
+    rel = RelevanceConfig(composite="epsilon", epsilon=1e-9, samples=8)
+    eps_scores = removal_relevance(resnet20, data, RESNET20_BLOCKS, rel, lrp=True, show_progress=False)
+    grad_scores = removal_relevance(resnet20, data, RESNET20_BLOCKS, rel, lrp=False, show_progress=False)
+    for b in RESNET20_BLOCKS:  # LRP-0 through ReLU networks is gradient x input
+        assert eps_scores[b] == pytest.approx(grad_scores[b], rel=1e-3)
+    zplus = removal_relevance(resnet20, data, RESNET20_BLOCKS, RelevanceConfig(samples=8), show_progress=False)
+    assert zplus["layer3.2"] == pytest.approx(grad_scores["layer3.2"], rel=1e-4)  # after it: pooling and ε on fc
+    assert any(zplus[b] != pytest.approx(grad_scores[b], rel=1e-2) for b in RESNET20_BLOCKS[:-1])
+    # the model is left as it was: no hooks, eval mode, in-place ReLUs restored
+    assert all(not m._forward_hooks for m in resnet20.modules())
+
+
+def test_removal_relevance_refuses_shape_changing_modules(resnet20):
+    with pytest.raises(LrpcError, match="changes the shape"):
+        removal_relevance(resnet20, random_data(4), ["layer2.0"], RelevanceConfig(samples=4), show_progress=False)
+    with pytest.raises(LrpcError, match="no such module"):
+        removal_relevance(resnet20, random_data(4), ["layer9.0"], RelevanceConfig(samples=4), show_progress=False)
+
+
+@pytest.mark.parametrize("criterion", BLOCK_CRITERIA)
+def test_every_criterion_removes_the_lowest_scored_blocks(resnet20, criterion):
+    data = random_data(16)
+    res = prune_blocks(resnet20, data, BlockPruneConfig(3, criterion, samples=16, seed=1), show_progress=False)
+    assert res.candidates == RESNET20_BLOCKS and set(res.scores) == set(RESNET20_BLOCKS)
+    assert res.removed == sorted(res.scores, key=lambda b: (res.scores[b], b))[:3]
+    assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.removed)
+    assert res.model(data.tensor(np.arange(2))).shape == (2, 10)
+    again = prune_blocks(resnet20, data, BlockPruneConfig(3, criterion, samples=16, seed=1), show_progress=False)
+    assert again.scores == res.scores  # a seed gives the same scores
+
+
+def test_scores_come_from_the_data_given(resnet20):
+    """A class subset ranks by its own images (the norm criterion needs no labels, but sees only those images)."""
+    data = random_data(40, seed=3)
+    sub = data.restrict_classes([0, 1])
+    cfg = BlockPruneConfig(2, "norm", samples=40)
+    assert block_scores(resnet20, data, RESNET20_BLOCKS, cfg, False) != block_scores(resnet20, sub, RESNET20_BLOCKS,
+                                                                                      cfg, False)
+
+
+def test_named_blocks_and_bad_requests(resnet20):
+    data = random_data(4)
+    res = prune_blocks(resnet20, data, BlockPruneConfig(names=("layer2.2", "layer1.0")), show_progress=False)
+    assert res.removed == ["layer2.2", "layer1.0"] and res.scores == {}
+    with pytest.raises(LrpcError, match="layer2.0 is not a removable block"):
+        prune_blocks(resnet20, data, BlockPruneConfig(names=("layer2.0",)), show_progress=False)
+    with pytest.raises(LrpcError, match="cannot remove 8 blocks: the model has 7"):
+        prune_blocks(resnet20, data, BlockPruneConfig(8), show_progress=False)
+    assert prune_blocks(resnet20, data, BlockPruneConfig(0), show_progress=False).removed == []
+
+
+def test_block_cut_with_a_channel_cut_compresses_into_a_file_that_loads_back(tmp_path, resnet20):
+    data = random_data(24)
+    cut = prune_blocks(resnet20, data, BlockPruneConfig(names=("layer1.1", "layer3.1")), show_progress=False).model
+    slim = prune_channels(cut, data, ChannelPruneConfig(0.3, criterion="l1", samples=24), show_progress=False).model
+    assert slim.widths[4] == 32 - 10  # layer2.1 lost 30%; the removed layer1.1 and layer3.1 keep their entries
+    assert slim.widths[1] == 16 and slim.widths[7] == 64
+    cfg = CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", bits=8), bias_correction=False)
+    res = compress(slim, data, cfg, "resnet20", show_progress=False)
+    assert res.compressed.model_spec["removed"] == ["layer1.1", "layer3.1"]
+    path = tmp_path / "cut.lrpc"
+    res.compressed.save(path)
+    loaded, _ = load_compressed(path)
+    assert module_shapes(loaded) == module_shapes(slim)
+    assert isinstance(loaded.layer3[1], nn.Identity)
+    x = data.tensor(np.arange(4))
+    torch.testing.assert_close(loaded(x), res.compressed.to_module()(x))
+    assert (loaded(x) - slim(x)).abs().max() < 0.1 * slim(x).abs().max()
+
+
+def test_torchvision_block_cut_loads_back(tmp_path):
+    torch.manual_seed(0)
+    model = trained_like(torchvision.models.resnet18(num_classes=10))
+    data = random_data(8)
+    res = prune_blocks(model, data, BlockPruneConfig(2, "taylor", samples=8), show_progress=False)
+    cfg = CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", bits=8), bias_correction=False)
+    comp = compress(res.model, data, cfg, "resnet18", show_progress=False)
+    assert comp.compressed.model_spec["removed"] == replaced_blocks(torchvision.models.resnet18(), res.model)
+    assert sorted(comp.compressed.model_spec["removed"]) == sorted(res.removed)
+    path = tmp_path / "r18.lrpc"
+    comp.compressed.save(path)
+    loaded, _ = load_compressed(path)
+    x = data.tensor(np.arange(2))
+    torch.testing.assert_close(loaded(x), comp.compressed.to_module()(x))
+
+
+def test_unpruned_files_carry_no_removed_list(resnet20):
+    cfg = CompressConfig(quant=QuantConfig(allocation="uniform", importance="none", bits=8), bias_correction=False)
+    assert "removed" not in compress(resnet20, random_data(8), cfg, "resnet20", show_progress=False).compressed.model_spec
+
+
+@pytest.mark.parametrize("names,message", [
+    ("layer1.0", "must hold module names"),
+    ([3], "must hold module names"),
+    (["layer1.0", "layer1.0"], "twice"),
+    (["layer9.0"], "not a module"),
+    ([""], "not a module"),
+    (["layer1", "layer1.0"], "inside another removed module"),
+])
+def test_apply_removed_refuses_bad_entries(names, message):
+    with pytest.raises(LrpcError, match=message):
+        apply_removed(build_model("resnet20", 10), names)
