@@ -17,26 +17,9 @@ from lrpcompress.errors import LrpcError
 from lrpcompress.models import build_model
 from lrpcompress.relevance import RelevanceConfig, _find_folds, removal_relevance
 from lrpcompress.structured import ChannelPruneConfig, module_shapes, prune_channels
+from test_structured import random_data, trained_like
 
 RESNET20_BLOCKS = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
-
-
-def random_data(n: int = 24, classes: int = 10, seed: int = 0) -> ImageData:
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-    return ImageData(x, np.arange(n) % classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), tuple(str(i) for i in range(classes)))
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture()
@@ -88,7 +71,7 @@ def test_select_blocks_takes_the_lowest_and_spreads_on_request():
     ({"names": ["layer1.0"]}, "tuple of module names"),
     ({"count": 1, "composite": "zplus"}, "unknown LRP composite"),
     ({"count": 1, "start": "logit"}, "unknown start"),
-    ({"count": 1, "samples": 0}, ">= 1"),
+    ({"count": 1, "samples": 0}, "at least 1"),
 ])
 def test_block_config_names_the_fix(kwargs, message):
     with pytest.raises(LrpcError, match=message):

@@ -37,9 +37,9 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import model_device
 from .progress import progress
-from .relevance import (REMOVAL_REFERENCES, START_POINTS, RelevanceConfig, _find_folds, _folded_params, _per_channel,
+from .relevance import (REMOVAL_REFERENCES, RelevanceConfig, _find_folds, _folded_params, _per_channel,
                         removal_relevance)
-from .rules import COMPOSITES, WEIGHTED
+from .rules import WEIGHTED
 
 BLOCK_CRITERIA = ("norm", "lrp", "taylor", "l1", "sensitivity", "random")
 
@@ -83,15 +83,10 @@ class BlockPruneConfig:
             raise LrpcError(f"unknown block reference {self.reference!r}; choose one of {', '.join(REMOVAL_REFERENCES)}")
         if self.reference == "mean" and self.criterion not in ("norm", "lrp", "taylor"):
             raise LrpcError(f"reference='mean' applies to the norm, lrp and taylor criteria, not {self.criterion}")
-        if self.composite not in COMPOSITES:
-            raise LrpcError(f"unknown LRP composite {self.composite!r}; choose one of {', '.join(COMPOSITES)}")
-        if self.start not in START_POINTS:
-            raise LrpcError(f"unknown start {self.start!r}; choose one of {', '.join(START_POINTS)}")
-        if self.samples < 1 or self.batch_size < 1:
-            raise LrpcError(f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
+        self.relevance_config()  # composite, start, epsilon, samples, batch size: checked where they are defined
 
-    @property
     def relevance_config(self) -> RelevanceConfig:
+        """The scoring settings of the ``lrp`` and ``taylor`` criteria."""
         return RelevanceConfig(composite=self.composite, start=self.start, epsilon=self.epsilon, samples=self.samples,
                                batch_size=self.batch_size, seed=self.seed)
 
@@ -223,7 +218,7 @@ def block_scores(model: nn.Module, data: ImageData, blocks: Sequence[str], confi
     if crit == "norm":
         return _norm_scores(model, data, blocks, config, show_progress)
     if crit in ("lrp", "taylor"):
-        return removal_relevance(model, data, blocks, config.relevance_config, lrp=crit == "lrp",
+        return removal_relevance(model, data, blocks, config.relevance_config(), lrp=crit == "lrp",
                                  reference=config.reference, show_progress=show_progress)
     if crit == "sensitivity":
         return _sensitivity_scores(model, data, blocks, config, show_progress)
