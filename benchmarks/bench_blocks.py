@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--spread", action="store_true", help="at most ceil(k / stages) blocks from one stage")
     ap.add_argument("--reference", default="zero", choices=("zero", "mean"),
                     help="norm / lrp / taylor on the block's whole change (zero) or on its change minus the mean "
-                         "change per channel (mean); other criteria are run as they are")
+                         "change per channel (mean; the library's default for lrp and taylor); other criteria are run "
+                         "as they are")
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(SHARED))

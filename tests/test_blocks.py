@@ -121,7 +121,7 @@ def test_taylor_block_score_is_the_first_order_change_of_the_true_logit(resnet20
     """Independent reference: finite differences along out → in (the block shrunk towards the identity)."""
     resnet20 = resnet20.double()
     data = random_data(6)
-    cfg = BlockPruneConfig(1, "taylor", samples=6, batch_size=6)
+    cfg = BlockPruneConfig(1, "taylor", reference="zero", samples=6, batch_size=6)
     x, y = _images(data, cfg)
     x = x.double()
 
@@ -168,6 +168,7 @@ def test_mean_reference_scores_the_change_minus_its_mean_per_channel(resnet20):
     want = float((centred.flatten(1).norm(dim=1) / inp.flatten(1).norm(dim=1)).sum())
     cfg = BlockPruneConfig(1, "norm", reference="mean", samples=12, batch_size=5)
     assert block_scores(resnet20, data, ["layer2.1"], cfg, False)["layer2.1"] == pytest.approx(want, rel=1e-4)
+    assert [BlockPruneConfig(1, c).reference for c in ("norm", "lrp", "taylor", "l1")] == ["zero", "mean", "mean", "zero"]
     with pytest.raises(LrpcError, match="reference='mean' applies to the norm, lrp and taylor"):
         BlockPruneConfig(1, "l1", reference="mean")
     with pytest.raises(LrpcError, match="unknown block reference"):

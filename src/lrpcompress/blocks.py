@@ -14,8 +14,8 @@ class subset ranks by what those classes use:
   true class (:func:`~lrpcompress.relevance.removal_relevance`): the first-order change of that relevance when
   the block becomes the identity;
 - ``taylor``: the same with the plain gradient of the true-class logit;
-- (``norm``, ``lrp`` and ``taylor`` with ``reference="mean"``: on the change minus its mean per channel, the part a
-  constant shift cannot replace;)
+- (``norm``, ``lrp`` and ``taylor`` with ``reference="mean"``, the default of ``lrp`` and ``taylor``: on the change
+  minus its mean per channel, the part a constant shift cannot replace;)
 - ``l1``: mean ``|w|`` of the block's weights with BatchNorm folded in (no data);
 - ``sensitivity``: the cross-entropy increase on the reference images when the block alone is removed;
 - ``random``: seeded uniform scores.
@@ -51,7 +51,9 @@ class BlockPruneConfig:
     ``spread``: at most ceil(count / stages) blocks from one stage (a stage is the container holding the blocks);
     by default the lowest scores are taken wherever they are. ``reference="mean"`` measures the ``norm``, ``lrp``
     and ``taylor`` criteria on the block's change minus its mean change per channel (the part a constant shift
-    cannot replace; recovery training re-learns shifts) instead of the whole change (``"zero"``). ``composite`` / ``start`` / ``epsilon`` set the
+    cannot replace; recovery training re-learns shifts) instead of the whole change (``"zero"``); unset, it is
+    ``"mean"`` for ``lrp`` and ``taylor`` (plain LRP ranks a stage-3 block low and loses 2-3 points after recovery
+    on ResNet-20; from the mean it is level with ``norm``, docs/FINDINGS.md §15) and ``"zero"`` otherwise. ``composite`` / ``start`` / ``epsilon`` set the
     ``lrp`` criterion's relevance; ``samples`` reference images (class-balanced, seeded) feed every data-based
     criterion.
     """
@@ -60,7 +62,7 @@ class BlockPruneConfig:
     criterion: str = "norm"
     names: tuple[str, ...] = ()
     spread: bool = False
-    reference: str = "zero"
+    reference: str | None = None
     composite: str = "epsilon_plus"
     start: str = "true"
     epsilon: float = 1e-6
@@ -79,6 +81,8 @@ class BlockPruneConfig:
             raise LrpcError("give either a number of blocks to remove or their names, not both")
         if len(set(self.names)) != len(self.names):
             raise LrpcError(f"a block is named twice: {', '.join(self.names)}")
+        if self.reference is None:  # the variant that works (docs/FINDINGS.md §15), recorded in the config
+            object.__setattr__(self, "reference", "mean" if self.criterion in ("lrp", "taylor") else "zero")
         if self.reference not in REMOVAL_REFERENCES:
             raise LrpcError(f"unknown block reference {self.reference!r}; choose one of {', '.join(REMOVAL_REFERENCES)}")
         if self.reference == "mean" and self.criterion not in ("norm", "lrp", "taylor"):

@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default), lrp "
                         "(relevance of that change under --composite), taylor (its gradient x change), l1 (mean "
                         "|weight|), sensitivity (loss without the block), random")
-    c.add_argument("--block-reference", default="zero", choices=("zero", "mean"),
+    c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
-                        "its mean per channel (mean: the part a shift cannot replace)")
+                        "its mean per channel (mean: the part a shift cannot replace); default mean for lrp and "
+                        "taylor, zero for norm")
     c.add_argument("--block-spread", action="store_true",
                    help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
@@ -352,7 +353,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     elif a.channel_fractions is not None:
         raise LrpcError("--channel-fractions is what --prune-channels auto tries: add --prune-channels auto")
     cut_blocks = bool(a.prune_blocks)
-    if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference != "zero"):
+    if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference is not None):
         raise LrpcError("--block-criterion, --block-reference and --block-spread rank blocks for --prune-blocks: "
                         "add --prune-blocks N")
     if cut_blocks and search:
