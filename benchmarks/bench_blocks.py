@@ -52,10 +52,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512, help="reference images that rank the blocks (the CLI default)")
     ap.add_argument("--composite", default="epsilon_plus", help="LRP composite of the lrp criterion")
     ap.add_argument("--spread", action="store_true", help="at most ceil(k / stages) blocks from one stage")
-    ap.add_argument("--reference", default="zero", choices=("zero", "mean"),
+    ap.add_argument("--reference", default="zero", choices=("zero", "mean", "library"),
                     help="norm / lrp / taylor on the block's whole change (zero) or on its change minus the mean "
-                         "change per channel (mean; the library's default for lrp and taylor); other criteria are run "
-                         "as they are")
+                         "change per channel (mean); library: each criterion's default (mean for lrp and taylor, zero "
+                         "for norm); other criteria are run as they are")
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(SHARED))
@@ -79,7 +79,7 @@ def main() -> None:
     cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them
     scores: dict[str, dict[str, float]] = {}
     for crit in criteria:
-        ref = args.reference if crit in ("norm", "lrp", "taylor") else "zero"
+        ref = None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor") else "zero"
         cfg = BlockPruneConfig(args.blocks, crit, spread=args.spread, reference=ref, composite=args.composite,
                                samples=args.samples, seed=args.seed)
         res = prune_blocks(dense, fit, cfg, show_progress=False)
@@ -114,8 +114,9 @@ def main() -> None:
     machine = "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
     task = f"classes {', '.join(train_all.classes)}" if classes else "all 10 classes"
     score_rows = [{"block": b, **{c: round(scores[c][b], 4) for c in criteria}} for b in scores[criteria[0]]]
-    mean_note = (": norm, lrp and taylor on the block's change minus its mean change per channel"
-                 if args.reference == "mean" else "")
+    mean_note = {"zero": "", "mean": ": norm, lrp and taylor on the block's change minus its mean change per channel",
+                 "library": ": each criterion's library default, the mean change for lrp and taylor, zero for norm"}[
+        args.reference]
     write_page(args.out, [
         f"# Block criteria: {args.arch}, {task}, {args.blocks} blocks replaced by their shortcut", "",
         f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. "
