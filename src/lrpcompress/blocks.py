@@ -37,8 +37,8 @@ from .data import ImageData, sample_indices
 from .errors import LrpcError
 from .models import model_device
 from .progress import progress
-from .relevance import (REMOVAL_REFERENCES, RelevanceConfig, _find_folds, _folded_params, _per_channel,
-                        removal_relevance)
+from .relevance import (REMOVAL_REFERENCES, RelevanceConfig, _eval_out_of_place, _find_folds, _folded_params,
+                        _per_channel, removal_relevance)
 from .rules import WEIGHTED
 
 BLOCK_CRITERIA = ("norm", "lrp", "taylor", "l1", "sensitivity", "random")
@@ -118,14 +118,12 @@ def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
                     hooks.append(child.register_forward_hook(
                         lambda _m, inp, out, full=full: same.__setitem__(
                             full, isinstance(out, torch.Tensor) and inp[0].shape == out.shape)))
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        with _eval_out_of_place(model), torch.no_grad():
+            model(example)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     ok = [n for n, s in same.items() if s]
     return [n for n in ok if not any(n.startswith(o + ".") for o in ok)]
 
@@ -159,10 +157,8 @@ def _norm_scores(model: nn.Module, data: ImageData, blocks: Sequence[str], confi
 
     handles = [mods[b].register_forward_hook(hook(b)) for b in blocks]
     idx = _scoring_indices(data, config)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with _eval_out_of_place(model), torch.no_grad():
             for x, _y in progress(data.batches(config.batch_size, idx, model_device(model)),
                                   total=-(-len(idx) // config.batch_size), desc="block norms", unit="batch",
                                   disable=not show_progress):
@@ -170,7 +166,6 @@ def _norm_scores(model: nn.Module, data: ImageData, blocks: Sequence[str], confi
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     score = {}
     for b in blocks:
         sq, sums, x_norm = (torch.cat(t).cpu() for t in zip(*parts[b]))
@@ -187,21 +182,16 @@ def _sensitivity_scores(model: nn.Module, data: ImageData, blocks: Sequence[str]
     idx = _scoring_indices(data, config)
     dev = model_device(model)
     score = dict.fromkeys(blocks, 0.0)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            for x, y in progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
-                                 desc="block sensitivity", unit="batch", disable=not show_progress):
-                base = float(F.cross_entropy(model(x), y, reduction="sum"))
-                for b in blocks:
-                    h = mods[b].register_forward_hook(lambda _m, inp, _out: inp[0])  # the block as the identity
-                    try:
-                        score[b] += float(F.cross_entropy(model(x), y, reduction="sum")) - base
-                    finally:
-                        h.remove()
-    finally:
-        model.train(was_training)
+    with _eval_out_of_place(model), torch.no_grad():
+        for x, y in progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
+                             desc="block sensitivity", unit="batch", disable=not show_progress):
+            base = float(F.cross_entropy(model(x), y, reduction="sum"))
+            for b in blocks:
+                h = mods[b].register_forward_hook(lambda _m, inp, _out: inp[0])  # the block as the identity
+                try:
+                    score[b] += float(F.cross_entropy(model(x), y, reduction="sum")) - base
+                finally:
+                    h.remove()
     return score
 
 

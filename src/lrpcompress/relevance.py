@@ -533,9 +533,7 @@ def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_s
     params = [mods[n].weight for n in names]
     dev = model_device(model)
     acc = [torch.zeros(p.shape, dtype=torch.float64, device=dev) for p in params]
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_out_of_place(model):
         bar = progress(data.batches(batch_size, idx, dev), total=-(-len(idx) // batch_size), desc="taylor",
                        unit="batch", disable=not show_progress)
         for x, y in bar:
@@ -543,8 +541,6 @@ def taylor_scores(model: nn.Module, data: ImageData, samples: int = 512, batch_s
             g = torch.autograd.grad(logits, params, grad_outputs=F.one_hot(y, logits.shape[1]).to(logits.dtype))
             for a, gi, p in zip(acc, g, params):
                 a += (gi * p.detach()).double()
-    finally:
-        model.train(was_training)
     return {f"{n}.weight": a.cpu() for n, a in zip(names, acc)}
 
 
