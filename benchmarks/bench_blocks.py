@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
-from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
         print(row, flush=True)
 
     cmd = shlex.join(["python", "benchmarks/bench_blocks.py", *sys.argv[1:]])
-    machine = "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+    machine = cpu_line()
     task = f"classes {', '.join(train_all.classes)}" if classes else "all 10 classes"
     score_rows = [{"block": b, **{c: round(scores[c][b], 4) for c in criteria}} for b in scores[criteria[0]]]
     mean_note = {"zero": "", "mean": ": norm, lrp and taylor on the block's change minus its mean change per channel",

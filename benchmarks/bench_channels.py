@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
-from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
@@ -122,7 +122,7 @@ def measure_speed(arch: str, args: argparse.Namespace, train, example,
         return round(float(np.median([p[i]["latency_ms"][b] for p in passes])), 3)
 
     d = passes[0][0]
-    cpu = "{model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+    cpu = cpu_line()
     dense_row = {"params": d["params"], "macs": d["macs"], "latency_b1_ms": ms(0, "1"), "latency_b64_ms": ms(0, "64"),
                  "peak_mem_b64_mb": round(d["peak_memory_bytes"]["64"] / 2**20, 2), "cpu": cpu}
     out: dict[Budget | str, dict] = {"dense": dense_row}

@@ -50,7 +50,7 @@ from bench_channels import budget_name, parse_budget  # noqa: E402
 
 from lrpcompress.blocks import removable_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, sample_indices, split_train_val  # noqa: E402
-from lrpcompress.evaluation import accuracy, cpu_description, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import Add, load_model  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.relevance import _start_grad, lrp_pass  # noqa: E402
@@ -205,7 +205,7 @@ def main() -> None:
         print(row, flush=True)
     single_rows = [{"block": b, "accuracy without it (scoring images)": round(single[b], 2)} for b in ranked]
     cmd = shlex.join(["python", "benchmarks/probe_depth.py", *sys.argv[1:]])
-    machine = "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+    machine = cpu_line()
     write_page(args.out, [
         "# Whole blocks or channels: speed and recovery (held-out training images)", "",
         f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. {args.arch}, all classes. "

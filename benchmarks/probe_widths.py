@@ -28,7 +28,7 @@ from bench_channels import parse_budget, slim_architecture  # noqa: E402
 from run_benchmark import SHARED, add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data  # noqa: E402
-from lrpcompress.evaluation import cpu_description, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import fold_batchnorm, load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
     lines = ["# Speed against MACs: slim architectures timed together", "",
              f"Produced by: `python benchmarks/probe_widths.py --models {args.models} --budgets {args.budgets} "
              f"--passes {args.passes} --repeats {args.repeats}`  ",
-             "Machine: {machine}, {model}, {kernels} kernels, {threads} CPU threads, ".format(**cpu_description())
+             f"Machine: {cpu_line()}, "
              + f"torch {torch.__version__}. "
              f"Median of {args.passes} passes of {args.repeats} forward passes each, every architecture of a model in one "
              "alternation; `speed-up` = dense ms / slim ms at batch 64; `BN folded`: both timed again with BatchNorm folded "

@@ -114,6 +114,12 @@ def cpu_description() -> dict[str, object]:
             "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
+def cpu_line() -> str:
+    """:func:`cpu_description` as one line for a results page, e.g. ``x86_64, Intel Xeon ..., AVX512 kernels, 2
+    threads``."""
+    return "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+
+
 def speed_profiles(models: Sequence[nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 64),
                    repeats: int = 30) -> list[dict]:
     """Params, MACs per image, CPU latency (ms, median) per batch size and peak memory of each model.
