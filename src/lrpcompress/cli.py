@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
     c.add_argument("--block-criterion", default="norm", choices=("norm", "lrp", "taylor", "l1", "sensitivity", "random"),
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default), lrp "
-                        "(relevance of that change under --composite), taylor (its gradient x change), l1 (mean "
-                        "|weight|), sensitivity (loss without the block), random")
+                        "(relevance of that change under --composite: ahead of taylor and l1, level with norm, docs/FINDINGS.md "
+                        "§16), taylor (its gradient x change), l1 (mean |weight|), sensitivity (loss without the "
+                        "block), random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
                         "its mean per channel (mean: the part a shift cannot replace); default mean for lrp and "
