@@ -8,6 +8,7 @@ loses 5-15 points). The block counterpart: replace a removed residual block by `
 library's float recovery (``RECOVERY_RECIPE``; the shift is a trainable parameter there, as a bias would be).
 
     python benchmarks/probe_block_shift.py     # ResNet-20: the norm cut and plain LRP's cut, 2 epochs, ~13 min
+    python benchmarks/probe_block_shift.py --cuts layer1.0,layer1.1,layer2.2   # the committed page, ~6 min
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lrpcompress.data import ImageData, load_data, sample_indices, split_train_v
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
+from lrpcompress.relevance import _eval_out_of_place, _per_channel  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -56,18 +58,16 @@ def mean_changes(model: nn.Module, data: ImageData, names: list[str], samples: i
     def hook(name: str):
         def rec(_m: nn.Module, inp: tuple, out: torch.Tensor) -> None:
             d = (out - inp[0]).double()
-            sums[name] = sums.get(name, 0) + d.sum(dim=[0, *range(2, d.dim())])
+            sums[name] = sums.get(name, 0) + _per_channel(d).sum(0)
             counts[name] += d.numel() // d.shape[1]
         return rec
 
     handles = [mods[b].register_forward_hook(hook(b)) for b in names]
-    was = model.training
-    model.eval()
     try:
-        for x, _y in data.batches(64, sample_indices(len(data), samples, seed, data.y)):
-            model(x)
+        with _eval_out_of_place(model):
+            for x, _y in data.batches(64, sample_indices(len(data), samples, seed, data.y)):
+                model(x)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return {b: sums[b] / counts[b] for b in names}
