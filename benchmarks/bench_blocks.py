@@ -14,6 +14,7 @@ batch 64 of the dense model and every distinct cut, timed in one alternation (me
     python benchmarks/bench_blocks.py --classes 0,1,8 --blocks 4 --epochs 1 --out benchmarks/results/blocks_task.md
     python benchmarks/bench_blocks.py --arch resnet44 --blocks 7 --criteria norm,lrp,taylor
     python benchmarks/bench_blocks.py --criteria norm,lrp --reference mean --out benchmarks/results/blocks_rn20_mean.md
+    python benchmarks/bench_blocks.py --arch resnet32 --weights resnet32=/tmp/resnet32-scratch.pt --blocks 5
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(SHARED))
+    add_weights_option(ap)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocks.md"))
     args = ap.parse_args()
     criteria = [c for c in args.criteria.split(",") if c]
@@ -68,7 +71,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data_dir = Path(args.shared) / "data" / "cifar10-jpeg"
     train_all, test = load_data(data_dir, "train"), load_data(data_dir, "test")
-    dense = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    dense = load_model(args.arch, checkpoint(args.arch, args))
     classes = parse_classes(args.classes, train_all.classes) if args.classes else None
     if classes:
         dense = restrict_classes(dense, classes)

@@ -108,8 +108,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .blocks import BLOCK_CRITERIA
     from .compress import METHODS, ROUNDINGS
     from .quantization import GRIDS
+    from .structured import CHANNEL_CRITERIA
 
     ap = _Parser(prog="lrpcompress", description="Compress trained PyTorch models with LRP.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune-blocks", type=_block_count_or_names, default=0,
                    help="residual blocks replaced by their shortcut before any channel cut: how many (the lowest "
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
-    c.add_argument("--block-criterion", default="norm", choices=("norm", "lrp", "taylor", "l1", "sensitivity", "random"),
+    c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default), lrp "
                         "(relevance of that change under --composite: ahead of taylor and l1, level with norm, docs/FINDINGS.md "
                         "§16), taylor (its gradient x change), l1 (mean |weight|), sensitivity (loss without the "
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peak SGD learning rate of --recover-epochs (default {RECOVER_LR})")
     c.add_argument("--recover-batch", type=_positive_int, default=None,
                    help=f"batch size of --recover-epochs (default {RECOVER_BATCH})")
-    c.add_argument("--channel-criterion", default="lrp", choices=("lrp", "l1", "bn_scale", "taylor", "random"),
+    c.add_argument("--channel-criterion", default="lrp", choices=CHANNEL_CRITERIA,
                    help="how channels are ranked for --prune-channels")
     c.add_argument("--channel-composite", default="epsilon", help="LRP composite of the lrp channel criterion")
     c.add_argument("--channel-reference", default="mean", choices=("mean", "zero"),
