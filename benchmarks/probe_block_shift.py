@@ -33,6 +33,7 @@ from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.relevance import _eval_out_of_place, _per_channel  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from run_benchmark import checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -88,7 +89,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     data_dir = Path(args.shared) / "data" / "cifar10-jpeg"
     train_all, test = load_data(data_dir, "train"), load_data(data_dir, "test")
-    dense = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    dense = load_model(args.arch, checkpoint(args.arch, args))
     fit, val = split_train_val(train_all, args.val_size, args.seed)
     rows = [{"cut": "dense", "replaced by": "–", "held-out": round(accuracy(dense, val, show_progress=False), 2),
              "test": round(accuracy(dense, test, show_progress=False), 2)}]

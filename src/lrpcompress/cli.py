@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default), lrp "
                         "(relevance of that change under --composite: the fastest cut, ahead of or level with taylor "
-                        "and l1 on 5 of 6 budgets, level with norm; docs/FINDINGS.md §16-17), taylor (its gradient x "
-                        "change), l1 (mean |weight|), sensitivity (loss without the block), random")
+                        "and l1 on 5 of 6 budgets, at most 0.21 behind norm; docs/FINDINGS.md §16-17), taylor (its "
+                        "gradient x change), l1 (mean |weight|), sensitivity (loss without the block), random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
                         "its mean per channel (mean: the part a shift cannot replace); default mean for lrp and "
