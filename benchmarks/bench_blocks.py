@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512, help="reference images that rank the blocks (the CLI default)")
     ap.add_argument("--composite", default="epsilon_plus", help="LRP composite of the lrp criterion")
     ap.add_argument("--spread", action="store_true", help="at most ceil(k / stages) blocks from one stage")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="remove the blocks in this many rounds, rescoring the rest on the cut model in between")
     ap.add_argument("--reference", default="zero", choices=("zero", "mean", "library"),
                     help="norm / lrp / taylor on the block's whole change (zero) or on its change minus the mean "
                          "change per channel (mean); library: each criterion's default (mean for lrp and taylor, zero "
@@ -84,7 +86,7 @@ def main() -> None:
     for crit in criteria:
         ref = None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor") else "zero"
         cfg = BlockPruneConfig(args.blocks, crit, spread=args.spread, reference=ref, composite=args.composite,
-                               samples=args.samples, seed=args.seed)
+                               samples=args.samples, seed=args.seed, steps=args.steps)
         res = prune_blocks(dense, fit, cfg, show_progress=False)
         scores[crit] = res.scores
         cuts.setdefault(tuple(sorted(res.removed, key=res.candidates.index)), []).append(crit)
@@ -124,7 +126,8 @@ def main() -> None:
         f"# Block criteria: {args.arch}, {task}, {args.blocks} blocks replaced by their shortcut", "",
         f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. "
         f"Blocks ranked on {args.samples} reference images of the training data minus {val_size} held out "
-        f"({'at most ceil(k / stages) per stage' if args.spread else 'the k lowest wherever they are'}; lrp: "
+        f"({'at most ceil(k / stages) per stage' if args.spread else 'the k lowest wherever they are'}"
+        f"{f', in {args.steps} rounds rescored on the cut model' if args.steps > 1 else ''}; lrp: "
         f"{args.composite}; reference {args.reference}{mean_note}); the library's `prune_blocks`. "
         f"Recovery: {args.epochs} epoch(s) of RECOVERY_RECIPE "
         f"(distillation, BatchNorm statistics updated, lr {RECOVERY_RECIPE.lr:g}, batch {RECOVERY_RECIPE.batch_size}), "

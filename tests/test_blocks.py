@@ -61,6 +61,10 @@ def test_select_blocks_takes_the_lowest_and_spreads_on_request():
     assert select_blocks(scores, 4, spread=True) == ["a.2", "a.0", "b.1", "b.0"]  # ceil(4 / 3) = 2 per stage
     with pytest.raises(LrpcError, match="cannot remove 7 blocks: the model has 6"):
         select_blocks(scores, 7)
+    # a later round: blocks taken before count toward the total (cap ceil(4 / 3) = 2) and their stage's share
+    rest = {b: v for b, v in scores.items() if b not in ("a.2", "a.0")}
+    assert select_blocks(rest, 2, spread=True, taken=["a.2", "a.0"]) == ["b.1", "b.0"]
+    assert select_blocks(rest, 2, taken=["a.2", "a.0"]) == ["b.1", "a.1"]
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -72,6 +76,9 @@ def test_select_blocks_takes_the_lowest_and_spreads_on_request():
     ({"count": 1, "composite": "zplus"}, "unknown LRP composite"),
     ({"count": 1, "start": "logit"}, "unknown start"),
     ({"count": 1, "samples": 0}, "at least 1"),
+    ({"count": 2, "steps": 0}, "steps must be an int >= 1"),
+    ({"count": 2, "steps": 3}, "use steps <= count"),
+    ({"names": ("layer1.0",), "steps": 2}, "use steps <= count"),
 ])
 def test_block_config_names_the_fix(kwargs, message):
     with pytest.raises(LrpcError, match=message):
@@ -208,6 +215,24 @@ def test_every_criterion_removes_the_lowest_scored_blocks(resnet20, criterion):
     assert res.model(data.tensor(np.arange(2))).shape == (2, 10)
     again = prune_blocks(resnet20, data, BlockPruneConfig(3, criterion, samples=16, seed=1), show_progress=False)
     assert again.scores == res.scores  # a seed gives the same scores
+
+
+@pytest.mark.parametrize("criterion", ["norm", "lrp"])
+def test_steps_rescore_the_remaining_blocks_on_the_cut_model(resnet20, criterion):
+    """Each round removes the lowest blocks as scored on the model the earlier rounds left (computed here by hand)."""
+    data = random_data(16)
+    cfg = BlockPruneConfig(3, criterion, samples=16, steps=2)  # rounds of 1 and 2 blocks
+    res = prune_blocks(resnet20, data, cfg, show_progress=False)
+    first = block_scores(resnet20, data, RESNET20_BLOCKS, cfg, False)
+    lowest = min(first, key=lambda b: (first[b], b))
+    rest = [b for b in RESNET20_BLOCKS if b != lowest]
+    second = block_scores(remove_blocks(resnet20, [lowest]), data, rest, cfg, False)
+    assert second != {b: first[b] for b in rest}  # the cut changes the other blocks' scores
+    assert res.removed == [lowest, *sorted(second, key=lambda b: (second[b], b))[:2]]
+    assert res.scores == {lowest: first[lowest], **second}
+    assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.removed)
+    one = prune_blocks(resnet20, data, BlockPruneConfig(3, criterion, samples=16), show_progress=False)
+    assert one.scores == first and one.removed == sorted(first, key=lambda b: (first[b], b))[:3]
 
 
 def test_scores_come_from_the_data_given(resnet20):

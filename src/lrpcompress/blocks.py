@@ -69,10 +69,16 @@ class BlockPruneConfig:
     samples: int = 512
     batch_size: int = 64
     seed: int = 0
+    steps: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
             raise LrpcError(f"the number of blocks to remove must be an int >= 0, got {self.count!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise LrpcError(f"steps must be an int >= 1, got {self.steps!r}")
+        if self.steps > 1 and self.steps > self.count:
+            raise LrpcError(f"steps={self.steps} rounds need at least as many blocks to remove (count={self.count}); "
+                            f"use steps <= count, or steps=1 with named blocks")
         if self.criterion not in BLOCK_CRITERIA:
             raise LrpcError(f"unknown block criterion {self.criterion!r}; choose one of {', '.join(BLOCK_CRITERIA)}")
         if not isinstance(self.names, tuple) or not all(isinstance(n, str) and n for n in self.names):
@@ -97,7 +103,8 @@ class BlockPruneConfig:
 
 @dataclass
 class BlockResult:
-    """A block cut: the new model, the blocks removed (in score order) and every candidate's score."""
+    """A block cut: the new model, the blocks removed (lowest score first, round by round) and every candidate's
+    score (with ``steps`` > 1: a removed block's from the round that removed it, the others' from the last round)."""
 
     model: nn.Module
     removed: list[str]
@@ -228,22 +235,24 @@ def _check_count(count: int, candidates: Sequence[str]) -> None:
                         f"({', '.join(candidates) or 'none'})")
 
 
-def select_blocks(scores: Mapping[str, float], count: int, spread: bool = False) -> list[str]:
-    """The ``count`` lowest-scored blocks (ties by name), lowest first; ``spread``: at most ceil(count / stages)
-    from one stage (the blocks' parent container)."""
+def select_blocks(scores: Mapping[str, float], count: int, spread: bool = False,
+                  taken: Sequence[str] = ()) -> list[str]:
+    """The ``count`` lowest-scored blocks (ties by name), lowest first; ``spread``: at most ceil(total / stages)
+    from one stage (the blocks' parent container), where ``taken`` are blocks removed in earlier rounds: they count
+    toward the total, the stages and each stage's cap."""
     _check_count(count, list(scores))
     ranked = sorted(scores, key=lambda b: (scores[b], b))
     if not spread:
         return ranked[:count]
-    stage = {b: b.rpartition(".")[0] for b in ranked}
-    cap = math.ceil(count / max(len(set(stage.values())), 1))
-    taken: list[str] = []
+    stage = {b: b.rpartition(".")[0] for b in [*ranked, *taken]}
+    cap = math.ceil((count + len(taken)) / max(len(set(stage.values())), 1))
+    chosen: list[str] = []
     for b in ranked:
-        if len(taken) == count:
+        if len(chosen) == count:
             break
-        if sum(stage[t] == stage[b] for t in taken) < cap:
-            taken.append(b)
-    return taken
+        if sum(stage[t] == stage[b] for t in [*taken, *chosen]) < cap:
+            chosen.append(b)
+    return chosen
 
 
 def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig,
@@ -257,9 +266,19 @@ def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig,
             raise LrpcError(f"{unknown[0]} is not a removable block; the model's are: {', '.join(candidates) or 'none'}")
         return BlockResult(remove_blocks(model, config.names), list(config.names), {}, candidates)
     _check_count(config.count, candidates)  # before the scoring pass
-    scores = block_scores(model, data, candidates, config, show_progress) if config.count else {}
-    chosen = select_blocks(scores, config.count, config.spread) if config.count else []
-    return BlockResult(remove_blocks(model, chosen), chosen, scores, candidates)
+    if not config.count:
+        return BlockResult(remove_blocks(model, []), [], {}, candidates)
+    # round r removes blocks count*r//steps .. count*(r+1)//steps - 1, scored on the model cut by the earlier rounds
+    sizes = [config.count * (r + 1) // config.steps - config.count * r // config.steps for r in range(config.steps)]
+    net, chosen, scores = model, [], {}
+    for size in sizes:
+        left = [b for b in candidates if b not in chosen]
+        round_scores = block_scores(net, data, left, config, show_progress)
+        picked = select_blocks(round_scores, size, config.spread, taken=chosen)
+        scores.update(round_scores)  # a removed block keeps the score of the round that removed it
+        chosen += picked
+        net = remove_blocks(model, chosen)
+    return BlockResult(net, chosen, scores, candidates)
 
 
 def replaced_blocks(built: nn.Module, model: nn.Module) -> list[str]:

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "taylor, zero for norm")
     c.add_argument("--block-spread", action="store_true",
                    help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage")
+    c.add_argument("--block-steps", type=_positive_int, default=1,
+                   help="remove the --prune-blocks N blocks in this many rounds, rescoring the rest on the cut "
+                        "model in between (1..N; default 1: one scoring pass)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after block or channel pruning, before quantization "
                         "(distillation from the unpruned model, BatchNorm statistics updated)")
@@ -356,9 +359,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     elif a.channel_fractions is not None:
         raise LrpcError("--channel-fractions is what --prune-channels auto tries: add --prune-channels auto")
     cut_blocks = bool(a.prune_blocks)
-    if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference is not None):
-        raise LrpcError("--block-criterion, --block-reference and --block-spread rank blocks for --prune-blocks: "
-                        "add --prune-blocks N")
+    if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference is not None
+                           or a.block_steps != 1):
+        raise LrpcError("--block-criterion, --block-reference, --block-spread and --block-steps rank blocks for "
+                        "--prune-blocks: add --prune-blocks N")
     if cut_blocks and search:
         raise LrpcError("--prune-blocks is not combined with --prune-channels auto; give a channel fraction instead")
     if a.recover_epochs == 0 and (a.recover_lr is not None or a.recover_batch is not None):
@@ -373,7 +377,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         count, names = (a.prune_blocks, ()) if isinstance(a.prune_blocks, int) else (0, a.prune_blocks)
         bcfg = BlockPruneConfig(count, a.block_criterion, names=names, spread=a.block_spread, reference=a.block_reference,
                                 composite=a.composite, start=a.start, samples=a.samples, batch_size=a.batch_size,
-                                seed=a.seed)
+                                seed=a.seed, steps=a.block_steps)
         bres = prune_blocks(model, fit, bcfg)
         slim = bres.model
         if not is_builtin_arch(a.arch):
