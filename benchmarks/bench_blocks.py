@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
+from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
@@ -70,6 +71,14 @@ def main() -> None:
     bad = [c for c in criteria if c not in BLOCK_CRITERIA]
     if bad:
         ap.error(f"unknown criterion {bad[0]!r}; choose from {', '.join(BLOCK_CRITERIA)}")
+    try:  # every setting checked before the data and model load
+        configs = {crit: BlockPruneConfig(
+            args.blocks, crit, spread=args.spread, composite=args.composite, samples=args.samples, seed=args.seed,
+            steps=args.steps,
+            reference=None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor")
+            else "zero") for crit in criteria}
+    except LrpcError as e:
+        ap.error(str(e))
     torch.manual_seed(args.seed)
     data_dir = Path(args.shared) / "data" / "cifar10-jpeg"
     train_all, test = load_data(data_dir, "train"), load_data(data_dir, "test")
@@ -83,10 +92,7 @@ def main() -> None:
 
     cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them
     scores: dict[str, dict[str, float]] = {}
-    for crit in criteria:
-        ref = None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor") else "zero"
-        cfg = BlockPruneConfig(args.blocks, crit, spread=args.spread, reference=ref, composite=args.composite,
-                               samples=args.samples, seed=args.seed, steps=args.steps)
+    for crit, cfg in configs.items():
         res = prune_blocks(dense, fit, cfg, show_progress=False)
         scores[crit] = res.scores
         cuts.setdefault(tuple(sorted(res.removed, key=res.candidates.index)), []).append(crit)
