@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
+from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks, removable_blocks  # noqa: E402
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
@@ -81,12 +81,18 @@ def main() -> None:
         ap.error(str(e))
     torch.manual_seed(args.seed)
     data_dir = Path(args.shared) / "data" / "cifar10-jpeg"
-    train_all, test = load_data(data_dir, "train"), load_data(data_dir, "test")
-    dense = load_model(args.arch, checkpoint(args.arch, args))
-    classes = parse_classes(args.classes, train_all.classes) if args.classes else None
+    try:
+        train_all, test = load_data(data_dir, "train"), load_data(data_dir, "test")
+        dense = load_model(args.arch, checkpoint(args.arch, args))
+        classes = parse_classes(args.classes, train_all.classes) if args.classes else None
+    except LrpcError as e:
+        ap.error(str(e))
     if classes:
         dense = restrict_classes(dense, classes)
         train_all, test = train_all.restrict_classes(classes), test.restrict_classes(classes)
+    n_blocks = len(removable_blocks(dense, train_all.tensor(np.arange(1))))
+    if args.blocks > n_blocks:  # the block count is only known once the model is built
+        ap.error(f"--blocks {args.blocks} is more than {args.arch}'s {n_blocks} removable blocks; use --blocks <= {n_blocks}")
     val_size = min(args.val_size, len(train_all) // 5)
     fit, val = split_train_val(train_all, val_size, args.seed)
 
