@@ -22,12 +22,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lrpcompress.calibration import _hooked_eval  # noqa: E402
 from lrpcompress.data import load_data  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 
 def variance_ratios(model: torch.nn.Module, data, idx) -> dict[str, float]:
@@ -65,12 +67,13 @@ def main() -> None:
     ap.add_argument("--test-stride", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    add_weights_option(ap)
     args = ap.parse_args()
     shared = Path(args.shared)
     train = load_data(shared / "data" / "cifar10-jpeg", "train")
     test = load_data(shared / "data" / "cifar10-jpeg", "test")
     test = test.subset(np.arange(0, len(test), args.test_stride))
-    dense = load_model(args.arch, shared / "models" / f"{args.arch}-cifar10jpeg.pt")
+    dense = load_model(args.arch, checkpoint(args.arch, args))
     idx = np.random.default_rng(args.seed).permutation(len(train))[:args.images]
     for refit in args.refits.split(","):
         extra = {"reconstruct": False} if refit == "none" else {"refit_scope": refit}

@@ -57,6 +57,7 @@ from lrpcompress.relevance import _start_grad, lrp_pass  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.rules import get_composite  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 RANKS = {"sensitivity": "the accuracy without each block alone",
@@ -145,10 +146,11 @@ def main() -> None:
                                                          "(after the cuts and choices are made on training images)")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "depth_probe.md"))
+    add_weights_option(ap)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
-    dense = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    dense = load_model(args.arch, checkpoint(args.arch, args))
     fit, val = split_train_val(train_all, args.val_size, args.seed)
     example = fit.tensor(np.arange(1))
     candidates = removable_blocks(dense, example)

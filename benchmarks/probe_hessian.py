@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lrpcompress.calibration import _hooked_eval, _patches, hessian_supported  # noqa: E402
 from lrpcompress.compress import compress, method_config, score_key  # noqa: E402
@@ -37,6 +38,7 @@ from lrpcompress.relevance import _start_grad, lrp_pass  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.rules import get_composite  # noqa: E402
 from lrpcompress.search import with_knobs  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 VARIANTS = {  # label -> (position weight, composite whose pass gives g), None: the library's plain Hessians
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--knobs", default="0:1,0:2", help="SPARSITY:FLOOR settings of the size search, ','-separated")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gptq" / "hessian_probe.md"))
+    add_weights_option(ap)
     args = ap.parse_args()
     knobs = [(float(k.split(":")[0]), int(k.split(":")[1])) for k in args.knobs.split(",")]
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
@@ -100,7 +103,7 @@ def main() -> None:
     heads = []
     for sub in args.subsets.split(";"):
         classes = None if sub == "all" else [int(c) for c in sub.split(",")]
-        model = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+        model = load_model(args.arch, checkpoint(args.arch, args))
         train, test = train_all, test_all
         if classes is not None:
             model = restrict_classes(model, classes)

@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lrpcompress.data import ImageData, load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy  # noqa: E402
@@ -34,6 +35,7 @@ from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.rules import get_composite  # noqa: E402
 from lrpcompress.structured import (ChannelPruneConfig, _graph, _input_means, prunable_groups,  # noqa: E402
                                    prune_channels)
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 COMPOSITES = {"ε (≈ gradient)": "epsilon", "z⁺": "epsilon_plus"}
@@ -85,12 +87,13 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=1500)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reference_probe.md"))
+    add_weights_option(ap)
     args = ap.parse_args()
     torch.manual_seed(0)
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
-    dense_all = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    dense_all = load_model(args.arch, checkpoint(args.arch, args))
     rows = {f"{c} · {a}": {"score": f"{c} · {a}"} for c in COMPOSITES for a in AGGREGATES}
     rows.update({k: {"score": k} for k in ("library default (ε, mean, per image abs(Σ))", "filter L1")})
     heads = []

@@ -39,6 +39,7 @@ from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig, prune_channels  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 from bench_channels import budget_name, parse_budget  # noqa: E402
 
@@ -63,13 +64,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "refit_probe.md"))
+    add_weights_option(ap)
     args = ap.parse_args()
     arms = [(a[0], a[1], float(a[2]), float(a[3]) if len(a) > 3 else 0.0)
             for a in (arm.split(":") for arm in args.arms.split("|"))]
     if any(r not in REFITS for _, r, _, _ in arms):
         ap.error(f"the refit part of an arm must be one of {', '.join(REFITS)}")
     train_all = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
-    dense_all = load_model(args.arch, Path(args.shared) / "models" / f"{args.arch}-cifar10jpeg.pt")
+    dense_all = load_model(args.arch, checkpoint(args.arch, args))
     rows = []
     for subset in args.subsets.split(";"):
         classes = None if subset == "all" else [int(c) for c in subset.split(",")]
