@@ -1,0 +1,143 @@
+"""One table of every committed block-cut run: each criterion at its library default, per model, budget and seed.
+
+Reads the ``.json`` pages that ``bench_blocks.py`` wrote under ``benchmarks/results`` (no model is loaded, nothing is
+trained), keeps the runs on all 10 classes with the default scoring settings and recovery epochs, and lines up, for
+every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the norm, L1 and Taylor, each
+as test accuracy after recovery and speed-up at batch 64. A page counts for a criterion only where the criterion ran
+at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm).
+
+    python benchmarks/summarize_blocks.py                      # writes benchmarks/results/blocks_summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lrpcompress.report import markdown_table, write_page  # noqa: E402
+
+LIBRARY_REFERENCE = {"norm": "zero", "lrp": "mean", "taylor": "mean", "l1": None}
+COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")
+
+
+def page_settings(command: str) -> dict | None:
+    """The bench_blocks.py options of a page's command; None for runs off the defaults this table compares."""
+    argv = shlex.split(command)[2:]
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--arch", default="resnet20")
+    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--criteria", default="norm,lrp,taylor,l1,sensitivity,random")
+    ap.add_argument("--classes", default=None)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--composite", default="epsilon_plus")
+    ap.add_argument("--spread", action="store_true")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--reference", default="zero")
+    ap.add_argument("--val-size", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shared")
+    ap.add_argument("--weights", action="append")
+    ap.add_argument("--out")
+    s = ap.parse_args(argv)
+    if s.classes or s.spread or s.samples != 512 or s.composite != "epsilon_plus" or s.val_size != 2000:
+        return None
+    return vars(s)
+
+
+def collect(results: Path, epochs: int) -> tuple[dict, dict]:
+    """{(arch, blocks, seed): {column: row}} and {arch: dense test accuracy} from every block page."""
+    cells: dict[tuple[str, int, int], dict[str, dict]] = {}
+    dense: dict[str, float] = {}
+    for path in sorted(results.rglob("blocks*.json")):
+        page = json.loads(path.read_text())
+        s = page_settings(page["command"])
+        if s is None or s["epochs"] != epochs:
+            continue
+        key = (s["arch"], s["blocks"], s["seed"])
+        for row in page["rows"]:
+            if row["criterion"] == "dense":
+                dense[s["arch"]] = row["test"]
+                continue
+            for crit in row["criterion"].split(", "):
+                if crit not in LIBRARY_REFERENCE:
+                    continue
+                ref = LIBRARY_REFERENCE[crit] if s["reference"] == "library" or crit == "l1" else s["reference"]
+                if ref != LIBRARY_REFERENCE[crit]:
+                    continue
+                column = "lrp rounds" if crit == "lrp" and s["steps"] > 1 else crit
+                if crit != "lrp" and s["steps"] > 1:
+                    continue  # other criteria in rounds are not a library default either
+                entry = {"test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "removed": row["removed"],
+                         "page": str(path.relative_to(results))}
+                cells.setdefault(key, {}).setdefault(column, entry)
+    return cells, dense
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--epochs", type=int, default=2, help="recovery epochs of the runs compared")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocks_summary.md"))
+    args = ap.parse_args()
+    results = Path(args.results)
+    if not results.is_dir():
+        ap.error(f"no results folder at {results}")
+    cells, dense = collect(results, args.epochs)
+    if not cells:
+        ap.error(f"no bench_blocks.py pages with {args.epochs} recovery epochs under {results}")
+
+    def fmt(e: dict | None) -> str:
+        return "–" if e is None else f"{e['test']:.2f} ({e['speed']:.2f}×)"
+
+    rows = []
+    for (arch, k, seed), c in sorted(cells.items()):
+        row = {"model": arch, "blocks": k, "seed": seed, **{col: fmt(c.get(col)) for col in COLUMNS}}
+        lrp, rounds = c.get("lrp"), c.get("lrp rounds")
+        row["rounds − one pass"] = f"{rounds['test'] - lrp['test']:+.2f}" if lrp and rounds else "–"
+        others = [c[o]["test"] for o in ("norm", "l1", "taylor") if o in c]
+        best = max([e["test"] for e in (lrp, rounds) if e], default=None)
+        row["best lrp − best other"] = f"{best - max(others):+.2f}" if best is not None and others else "–"
+        rows.append(row)
+
+    means = []
+    for arch, k in sorted({(a, b) for a, b, _ in cells}):
+        seeds = sorted(s for a, b, s in cells if (a, b) == (arch, k))
+        row = {"model": arch, "blocks": k, "dense": dense.get(arch, float("nan"))}
+        for col in COLUMNS:
+            got = [cells[(arch, k, s)][col]["test"] for s in seeds if col in cells[(arch, k, s)]]
+            row[col] = f"{statistics.fmean(got):.2f} (n={len(got)})" if got else "–"
+        means.append(row)
+
+    paired = [(a, b, s, c["lrp rounds"]["test"] - c["lrp"]["test"]) for (a, b, s), c in sorted(cells.items())
+              if "lrp" in c and "lrp rounds" in c]
+    cmd = shlex.join(["python", "benchmarks/summarize_blocks.py", *sys.argv[1:]])
+    lines = [
+        "# Block cuts: every committed run side by side", "",
+        f"Command: `{cmd}` (reads the `blocks*.json` pages under `benchmarks/results`; nothing is run). All 10 classes, "
+        f"{args.epochs} epochs of RECOVERY_RECIPE, 512 scoring images, 2,000 held out; each criterion at its library "
+        "default (lrp and taylor from the mean change, the norm from zero); `lrp rounds` is lrp with `--steps` = blocks "
+        "(rescored on the cut model after each block). Cells: test accuracy after recovery (%) and speed-up at batch 64 "
+        "measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "
+        "scoring images, the held-out split and the training order; rows of one seed are paired.", "",
+        markdown_table(rows, [(k, k) for k in rows[0]]), "",
+        "## Means over the seeds run", "",
+        markdown_table(means, [(k, k) for k in means[0]]), "",
+    ]
+    if paired:
+        diffs = [d for *_, d in paired]
+        lines += [f"Rounds against one pass, paired by seed: {len(paired)} runs, mean {statistics.fmean(diffs):+.2f}, "
+                  f"ahead in {sum(d > 0.005 for d in diffs)}, level in {sum(abs(d) <= 0.005 for d in diffs)}, "
+                  f"behind in {sum(d < -0.005 for d in diffs)} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
+    write_page(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
