@@ -116,6 +116,21 @@ def main() -> None:
             row[col] = f"{statistics.fmean(got):.2f} (n={len(got)})" if got else "–"
         means.append(row)
 
+    front = []
+    for arch in sorted({a for a, _, _ in cells}):
+        points = []
+        for k in sorted({b for a, b, _ in cells if a == arch}):
+            seeds = [s for a, b, s in cells if (a, b) == (arch, k)]
+            for col in COLUMNS:
+                got = [cells[(arch, k, s)][col] for s in seeds if col in cells[(arch, k, s)]]
+                if got:
+                    points.append((col, k, statistics.fmean(e["test"] for e in got),
+                                   statistics.fmean(e["speed"] for e in got), len(got)))
+        for col, k, acc, speed, n in sorted(points, key=lambda p: -p[3]):
+            beaten = any(a2 >= acc and s2 >= speed and (a2, s2) != (acc, speed) for _, _, a2, s2, _ in points)
+            front.append({"model": arch, "criterion": col, "blocks": k, "speed-up": f"{speed:.2f}×",
+                          "test": f"{acc:.2f} (n={n})", "on the front": "–" if beaten else "yes"})
+
     paired = [(a, b, s, c["lrp rounds"]["test"] - c["lrp"]["test"]) for (a, b, s), c in sorted(cells.items())
               if "lrp" in c and "lrp rounds" in c]
     cmd = shlex.join(["python", "benchmarks/summarize_blocks.py", *sys.argv[1:]])
@@ -131,6 +146,11 @@ def main() -> None:
         "## Means over the seeds run", "",
         markdown_table(means, [(k, k) for k in means[0]]), "",
     ]
+    lines += ["## Speed against accuracy", "",
+              "Per model, every criterion and block count (means over the seeds run): a cut is on the front when no "
+              "other cut of that model is both at least as fast and at least as accurate. Speed-ups come from "
+              "different runs (±0.1×), so the front is a rough guide.", "",
+              markdown_table(front, [(k, k) for k in front[0]]), ""]
     if paired:
         diffs = [d for *_, d in paired]
         lines += [f"Rounds against one pass, paired by seed: {len(paired)} runs, mean {statistics.fmean(diffs):+.2f}, "
