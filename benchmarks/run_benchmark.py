@@ -271,12 +271,13 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
         log(f"  budget {budget}x took {time.perf_counter() - t0:.0f} s")
     for budget, epochs in args.finetune.get(arch, []):
         # the knob (sparsity) is chosen on validation data without fine-tuning, then that setting is fine-tuned
-        pick = r.best_of("lrp", budget, r.optimal_candidates("lrp", budget))
-        if pick is None:
+        picked = r.pick("lrp", budget, r.optimal_candidates("lrp", budget))
+        if picked is None:
             log(f"  lrp+ft{epochs} @ {budget}x: no setting fits")
             continue
+        # the config the row measured (its knobs also name what finish() adds, such as the rounding)
+        pick, ft = picked
         knobs = dict(pick["knobs"])
-        ft = next(c for k, c in r.optimal_candidates("lrp", budget) if k == knobs)
         ft = replace(ft, finetune=FinetuneConfig(epochs=epochs, seed=args.seed, **finetune_recipe(args)))
         row = r.finish(f"lrp+ft{epochs}", budget, r.run(ft), dict(knobs, finetune_epochs=epochs))
         row["finetune_recipe"] = recipe_name(args)
