@@ -1,12 +1,13 @@
 """One table of every committed block-cut run: each criterion at its library default, per model, budget and seed.
 
 Reads the ``.json`` pages that ``bench_blocks.py`` wrote under ``benchmarks/results`` (no model is loaded, nothing is
-trained), keeps the runs on all 10 classes with the default scoring settings and recovery epochs, and lines up, for
+trained), keeps the runs on all 10 classes (or on ``--classes``) with the default scoring settings and recovery epochs, and lines up, for
 every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the norm, L1 and Taylor, each
 as test accuracy after recovery and speed-up at batch 64. A page counts for a criterion only where the criterion ran
 at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm).
 
     python benchmarks/summarize_blocks.py                      # writes benchmarks/results/blocks_summary.md
+    python benchmarks/summarize_blocks.py --classes 0,1,8 --epochs 1 --out benchmarks/results/blocks_task_summary.md
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ LIBRARY_REFERENCE = {"norm": "zero", "lrp": "mean", "taylor": "mean", "l1": None
 COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")
 
 
-def page_settings(command: str) -> dict | None:
+def page_settings(command: str, classes: str | None = None) -> dict | None:
     """The bench_blocks.py options of a page's command; None for runs off the defaults this table compares."""
     argv = shlex.split(command)[2:]
     ap = argparse.ArgumentParser(add_help=False)
@@ -47,18 +48,18 @@ def page_settings(command: str) -> dict | None:
     ap.add_argument("--weights", action="append")
     ap.add_argument("--out")
     s = ap.parse_args(argv)
-    if s.classes or s.spread or s.samples != 512 or s.composite != "epsilon_plus" or s.val_size != 2000:
+    if s.classes != classes or s.spread or s.samples != 512 or s.composite != "epsilon_plus" or s.val_size != 2000:
         return None
     return vars(s)
 
 
-def collect(results: Path, epochs: int) -> tuple[dict, dict]:
+def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dict, dict]:
     """{(arch, blocks, seed): {column: row}} and {arch: dense test accuracy} from every block page."""
     cells: dict[tuple[str, int, int], dict[str, dict]] = {}
     dense: dict[str, float] = {}
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
-        s = page_settings(page["command"])
+        s = page_settings(page["command"], classes)
         if s is None or s["epochs"] != epochs:
             continue
         key = (s["arch"], s["blocks"], s["seed"])
@@ -85,14 +86,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs of the runs compared")
+    ap.add_argument("--classes", default=None, help="the runs on this class subset, as the pages give it (e.g. 0,1,8)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocks_summary.md"))
     args = ap.parse_args()
     results = Path(args.results)
     if not results.is_dir():
         ap.error(f"no results folder at {results}")
-    cells, dense = collect(results, args.epochs)
+    cells, dense = collect(results, args.epochs, args.classes)
     if not cells:
-        ap.error(f"no bench_blocks.py pages with {args.epochs} recovery epochs under {results}")
+        ap.error(f"no bench_blocks.py pages with {args.epochs} recovery epochs"
+                 f"{f' on classes {args.classes}' if args.classes else ''} under {results}")
 
     def fmt(e: dict | None) -> str:
         return "–" if e is None else f"{e['test']:.2f} ({e['speed']:.2f}×)"
@@ -136,8 +139,9 @@ def main() -> None:
     cmd = shlex.join(["python", "benchmarks/summarize_blocks.py", *sys.argv[1:]])
     lines = [
         "# Block cuts: every committed run side by side", "",
-        f"Command: `{cmd}` (reads the `blocks*.json` pages under `benchmarks/results`; nothing is run). All 10 classes, "
-        f"{args.epochs} epochs of RECOVERY_RECIPE, 512 scoring images, 2,000 held out; each criterion at its library "
+        f"Command: `{cmd}` (reads the `blocks*.json` pages under `benchmarks/results`; nothing is run). "
+        f"{f'Classes {args.classes} (test images of those classes)' if args.classes else 'All 10 classes'}, "
+        f"{args.epochs} epoch(s) of RECOVERY_RECIPE, 512 scoring images, 2,000 held out; each criterion at its library "
         "default (lrp and taylor from the mean change, the norm from zero); `lrp rounds` is lrp with `--steps` = blocks "
         "(rescored on the cut model after each block). Cells: test accuracy after recovery (%) and speed-up at batch 64 "
         "measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "

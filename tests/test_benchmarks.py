@@ -95,6 +95,10 @@ def test_summarize_blocks_pairs_runs_at_library_defaults(tmp_path):
     # lrp from zero (the page's own default) is not lrp's library default and is left out; l1 counts as it is
     assert [c.strip() for c in seed1.strip("|").split("|")][3:8] == ["–", "–", "–", "86.00 (1.50×)", "–"]
     assert "99.00" not in out.read_text()  # a class subset is another task
+    task = tmp_path / "task.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--classes", "0,1,8", "--out", task)
+    assert proc.returncode == 0, proc.stderr
+    assert "| resnet20 | 3 | 0 | 99.00 (1.50×) |" in task.read_text() and "86.50" not in task.read_text()
     assert "1 runs, mean +0.75, ahead in 1" in out.read_text()
     # the rounds' cut is faster and more accurate than every other: the only one on the speed/accuracy front
     assert "| resnet20 | lrp rounds | 3 | 1.60× | 87.25 (n=1) | yes |" in lines
