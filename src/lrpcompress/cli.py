@@ -170,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="residual blocks replaced by their shortcut before any channel cut: how many (the lowest "
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
-                   help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default), lrp "
-                        "(relevance of that change under --composite: the fastest cut, ahead of or level with taylor "
-                        "and l1 on 5 of 6 budgets, at most 0.21 behind norm; docs/FINDINGS.md §16-17), taylor (its "
-                        "gradient x change), l1 (mean |weight|), sensitivity (loss without the block), random")
+                   help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: the "
+                        "most accurate on class subsets), lrp (relevance of that change under --composite: on all "
+                        "classes the fastest cut, ahead of or level with taylor and l1 in 6 of 7 settings, 0.2 behind "
+                        "norm on ResNet-20 at 3 blocks; on class subsets 0.2-0.9 behind norm; docs/FINDINGS.md §19), "
+                        "taylor (its gradient x change), l1 (mean |weight|), sensitivity (loss without the block), "
+                        "random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
                         "its mean per channel (mean: the part a shift cannot replace); default mean for lrp and "
@@ -182,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage")
     c.add_argument("--block-steps", type=_positive_int, default=1,
                    help="remove the --prune-blocks N blocks in this many rounds, rescoring the rest on the cut "
-                        "model in between (1..N; default 1: one scoring pass)")
+                        "model in between (1..N; default 1: one scoring pass; before recovery the rounds' cut "
+                        "was better on ResNet-32/44, worse on ResNet-56; after it level on the mean, docs/FINDINGS.md "
+                        "§19)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after block or channel pruning, before quantization "
                         "(distillation from the unpruned model, BatchNorm statistics updated)")
