@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks, removable_blocks  # noqa: E402
+from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
@@ -45,7 +45,8 @@ from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 SHARED = ROOT.parent / "shared"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (summarize_blocks.py reads committed pages' commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet20")
     ap.add_argument("--blocks", type=int, default=3, help="blocks removed by every criterion")
@@ -66,17 +67,27 @@ def main() -> None:
     ap.add_argument("--shared", default=str(SHARED))
     add_weights_option(ap)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocks.md"))
+    return ap
+
+
+def block_configs(args: argparse.Namespace, criteria: list[str]) -> dict[str, BlockPruneConfig]:
+    """Each criterion's BlockPruneConfig under the options (``--reference`` applies to norm, lrp and taylor)."""
+    return {crit: BlockPruneConfig(
+        args.blocks, crit, spread=args.spread, composite=args.composite, samples=args.samples, seed=args.seed,
+        steps=args.steps,
+        reference=None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor")
+        else "zero") for crit in criteria}
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     criteria = [c for c in args.criteria.split(",") if c]
     bad = [c for c in criteria if c not in BLOCK_CRITERIA]
     if bad:
         ap.error(f"unknown criterion {bad[0]!r}; choose from {', '.join(BLOCK_CRITERIA)}")
     try:  # every setting checked before the data and model load
-        configs = {crit: BlockPruneConfig(
-            args.blocks, crit, spread=args.spread, composite=args.composite, samples=args.samples, seed=args.seed,
-            steps=args.steps,
-            reference=None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor")
-            else "zero") for crit in criteria}
+        configs = block_configs(args, criteria)
     except LrpcError as e:
         ap.error(str(e))
     torch.manual_seed(args.seed)
@@ -90,16 +101,16 @@ def main() -> None:
     if classes:
         dense = restrict_classes(dense, classes)
         train_all, test = train_all.restrict_classes(classes), test.restrict_classes(classes)
-    n_blocks = len(removable_blocks(dense, train_all.tensor(np.arange(1))))
-    if args.blocks > n_blocks:  # the block count is only known once the model is built
-        ap.error(f"--blocks {args.blocks} is more than {args.arch}'s {n_blocks} removable blocks; use --blocks <= {n_blocks}")
     val_size = min(args.val_size, len(train_all) // 5)
     fit, val = split_train_val(train_all, val_size, args.seed)
 
     cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them
     scores: dict[str, dict[str, float]] = {}
     for crit, cfg in configs.items():
-        res = prune_blocks(dense, fit, cfg, show_progress=False)
+        try:  # a count above the model's removable blocks fails here, before any scoring
+            res = prune_blocks(dense, fit, cfg, show_progress=False)
+        except LrpcError as e:
+            ap.error(str(e))
         scores[crit] = res.scores
         cuts.setdefault(tuple(sorted(res.removed, key=res.candidates.index)), []).append(crit)
         print(f"{crit}: {', '.join(res.removed)}", flush=True)

@@ -22,35 +22,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from lrpcompress.blocks import BlockPruneConfig  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
-LIBRARY_REFERENCE = {"norm": "zero", "lrp": "mean", "taylor": "mean", "l1": None}
+from bench_blocks import block_configs, build_parser  # noqa: E402
+
+CRITERIA = ("lrp", "norm", "l1", "taylor")
 COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")
 
 
-def page_settings(command: str, classes: str | None = None) -> dict | None:
-    """The bench_blocks.py options of a page's command; None for runs off the defaults this table compares."""
-    argv = shlex.split(command)[2:]
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--arch", default="resnet20")
-    ap.add_argument("--blocks", type=int, default=3)
-    ap.add_argument("--criteria", default="norm,lrp,taylor,l1,sensitivity,random")
-    ap.add_argument("--classes", default=None)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=512)
-    ap.add_argument("--composite", default="epsilon_plus")
-    ap.add_argument("--spread", action="store_true")
-    ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--reference", default="zero")
-    ap.add_argument("--val-size", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shared")
-    ap.add_argument("--weights", action="append")
-    ap.add_argument("--out")
-    s = ap.parse_args(argv)
-    if s.classes != classes or s.spread or s.samples != 512 or s.composite != "epsilon_plus" or s.val_size != 2000:
+def page_settings(command: str, classes: str | None = None) -> argparse.Namespace | None:
+    """bench_blocks.py's options of a page's command; None for runs off the defaults this table compares."""
+    ap = build_parser()
+    s = ap.parse_args(shlex.split(command)[2:])
+    if s.classes != classes or s.spread or any(getattr(s, k) != ap.get_default(k)
+                                               for k in ("samples", "composite", "val_size")):
         return None
-    return vars(s)
+    return s
 
 
 def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dict, dict]:
@@ -60,21 +50,19 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
         s = page_settings(page["command"], classes)
-        if s is None or s["epochs"] != epochs:
+        if s is None or s.epochs != epochs:
             continue
-        key = (s["arch"], s["blocks"], s["seed"])
+        key = (s.arch, s.blocks, s.seed)
+        configs = block_configs(s, list(CRITERIA))  # what the page ran each criterion with
         for row in page["rows"]:
             if row["criterion"] == "dense":
-                dense[s["arch"]] = row["test"]
+                dense[s.arch] = row["test"]
                 continue
             for crit in row["criterion"].split(", "):
-                if crit not in LIBRARY_REFERENCE:
-                    continue
-                ref = LIBRARY_REFERENCE[crit] if s["reference"] == "library" or crit == "l1" else s["reference"]
-                if ref != LIBRARY_REFERENCE[crit]:
-                    continue
-                column = "lrp rounds" if crit == "lrp" and s["steps"] > 1 else crit
-                if crit != "lrp" and s["steps"] > 1:
+                if crit not in configs or configs[crit].reference != BlockPruneConfig(1, crit).reference:
+                    continue  # a criterion off its library default reference
+                column = "lrp rounds" if crit == "lrp" and s.steps > 1 else crit
+                if crit != "lrp" and s.steps > 1:
                     continue  # other criteria in rounds are not a library default either
                 entry = {"test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "removed": row["removed"],
                          "page": str(path.relative_to(results))}

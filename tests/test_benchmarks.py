@@ -46,7 +46,7 @@ def test_bench_blocks_rejects_more_blocks_than_the_model_has(tmp_path, shared_di
     out = tmp_path / "page.md"
     proc = bench("bench_blocks.py", "--shared", shared, "--weights", f"resnet20={weights}", "--blocks", 8,
                  "--epochs", 0, "--out", out)
-    assert_argparse_error(proc, "more than resnet20's 7 removable blocks; use --blocks <= 7")
+    assert_argparse_error(proc, "cannot remove 8 blocks: the model has 7 removable blocks")
     assert not out.exists()
 
 
