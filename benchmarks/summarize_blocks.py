@@ -4,7 +4,9 @@ Reads the ``.json`` pages that ``bench_blocks.py`` wrote under ``benchmarks/resu
 trained), keeps the runs on all 10 classes (or on ``--classes``) with the default scoring settings and recovery epochs, and lines up, for
 every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the norm, L1 and Taylor, each
 as test accuracy after recovery and speed-up at batch 64. A page counts for a criterion only where the criterion ran
-at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm).
+at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm). Runs with
+``--spread`` (at most ceil(k / stages) blocks from one stage) get columns of their own, ``<criterion> spread``, and a
+paired tally against the same criterion without the cap.
 
     python benchmarks/summarize_blocks.py                      # writes benchmarks/results/blocks_summary.md
     python benchmarks/summarize_blocks.py --classes 0,1,8 --epochs 1 --out benchmarks/results/blocks_task_summary.md
@@ -30,14 +32,14 @@ from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from bench_blocks import block_configs, build_parser  # noqa: E402
 
 CRITERIA = ("lrp", "norm", "l1", "taylor")
-COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")
+COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")  # always shown; "<column> spread" where such runs exist
 
 
 def page_settings(command: str, classes: str | None = None) -> argparse.Namespace | None:
     """bench_blocks.py's options of a page's command; None for runs off the defaults this table compares."""
     ap = build_parser()
     s = ap.parse_args(shlex.split(command)[2:])
-    if s.classes != classes or s.spread or any(getattr(s, k) != ap.get_default(k)
+    if s.classes != classes or any(getattr(s, k) != ap.get_default(k)
                                                for k in ("samples", "composite", "val_size")):
         return None
     return s
@@ -61,9 +63,9 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
             for crit in row["criterion"].split(", "):
                 if crit not in configs or configs[crit].reference != BlockPruneConfig(1, crit).reference:
                     continue  # a criterion off its library default reference
-                column = "lrp rounds" if crit == "lrp" and s.steps > 1 else crit
                 if crit != "lrp" and s.steps > 1:
                     continue  # other criteria in rounds are not a library default either
+                column = ("lrp rounds" if s.steps > 1 else crit) + (" spread" if s.spread else "")
                 entry = {"test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "removed": row["removed"],
                          "page": str(path.relative_to(results))}
                 cells.setdefault(key, {}).setdefault(column, entry)
@@ -85,16 +87,19 @@ def main() -> None:
         ap.error(f"no bench_blocks.py pages with {args.epochs} recovery epochs"
                  f"{f' on classes {args.classes}' if args.classes else ''} under {results}")
 
+    present = {col for c in cells.values() for col in c}
+    columns = [col for base in COLUMNS for col in (base, f"{base} spread") if col in COLUMNS or col in present]
+
     def fmt(e: dict | None) -> str:
         return "–" if e is None else f"{e['test']:.2f} ({e['speed']:.2f}×)"
 
     rows = []
     for (arch, k, seed), c in sorted(cells.items()):
-        row = {"model": arch, "blocks": k, "seed": seed, **{col: fmt(c.get(col)) for col in COLUMNS}}
+        row = {"model": arch, "blocks": k, "seed": seed, **{col: fmt(c.get(col)) for col in columns}}
         lrp, rounds = c.get("lrp"), c.get("lrp rounds")
         row["rounds − one pass"] = f"{rounds['test'] - lrp['test']:+.2f}" if lrp and rounds else "–"
-        others = [c[o]["test"] for o in ("norm", "l1", "taylor") if o in c]
-        best = max([e["test"] for e in (lrp, rounds) if e], default=None)
+        others = [e["test"] for col, e in c.items() if not col.startswith("lrp")]
+        best = max([e["test"] for col, e in c.items() if col.startswith("lrp")], default=None)
         row["best lrp − best other"] = f"{best - max(others):+.2f}" if best is not None and others else "–"
         rows.append(row)
 
@@ -102,7 +107,7 @@ def main() -> None:
     for arch, k in sorted({(a, b) for a, b, _ in cells}):
         seeds = sorted(s for a, b, s in cells if (a, b) == (arch, k))
         row = {"model": arch, "blocks": k, "dense": dense.get(arch, float("nan"))}
-        for col in COLUMNS:
+        for col in columns:
             got = [cells[(arch, k, s)][col]["test"] for s in seeds if col in cells[(arch, k, s)]]
             row[col] = f"{statistics.fmean(got):.2f} (n={len(got)})" if got else "–"
         means.append(row)
@@ -112,7 +117,7 @@ def main() -> None:
         points = []
         for k in sorted({b for a, b, _ in cells if a == arch}):
             seeds = [s for a, b, s in cells if (a, b) == (arch, k)]
-            for col in COLUMNS:
+            for col in columns:
                 got = [cells[(arch, k, s)][col] for s in seeds if col in cells[(arch, k, s)]]
                 if got:
                     points.append((col, k, statistics.fmean(e["test"] for e in got),
@@ -133,7 +138,9 @@ def main() -> None:
         "default (lrp and taylor from the mean change, the norm from zero); `lrp rounds` is lrp with `--steps` = blocks "
         "(rescored on the cut model after each block). Cells: test accuracy after recovery (%) and speed-up at batch 64 "
         "measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "
-        "scoring images, the held-out split and the training order; rows of one seed are paired.", "",
+        "scoring images, the held-out split and the training order; rows of one seed are paired."
+        + (" `<criterion> spread`: the same criterion with `--spread` (at most ceil(k / stages) blocks from one "
+           "stage)." if len(columns) > len(COLUMNS) else ""), "",
         markdown_table(rows, [(k, k) for k in rows[0]]), "",
         "## Means over the seeds run", "",
         markdown_table(means, [(k, k) for k in means[0]]), "",
@@ -148,6 +155,12 @@ def main() -> None:
         lines += [f"Rounds against one pass, paired by seed: {len(paired)} runs, mean {statistics.fmean(diffs):+.2f}, "
                   f"ahead in {sum(d > 0.005 for d in diffs)}, level in {sum(abs(d) <= 0.005 for d in diffs)}, "
                   f"behind in {sum(d < -0.005 for d in diffs)} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
+    for col in (col for col in columns if col.endswith(" spread")):
+        base = col.removesuffix(" spread")
+        diffs = [c[col]["test"] - c[base]["test"] for _, c in sorted(cells.items()) if col in c and base in c]
+        if diffs:
+            lines += [f"`{col}` against `{base}`, paired by seed: {len(diffs)} runs, mean "
+                      f"{statistics.fmean(diffs):+.2f} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
     write_page(args.out, lines)
 
 

@@ -99,11 +99,33 @@ def test_summarize_blocks_pairs_runs_at_library_defaults(tmp_path):
     proc = bench("summarize_blocks.py", "--results", res, "--classes", "0,1,8", "--out", task)
     assert proc.returncode == 0, proc.stderr
     assert "| resnet20 | 3 | 0 | 99.00 (1.50×) |" in task.read_text() and "86.50" not in task.read_text()
+    assert "spread" not in out.read_text()  # no capped runs on 10 classes: no columns for them
     assert "1 runs, mean +0.75, ahead in 1" in out.read_text()
     # the rounds' cut is faster and more accurate than every other: the only one on the speed/accuracy front
     assert "| resnet20 | lrp rounds | 3 | 1.60× | 87.25 (n=1) | yes |" in lines
     assert "| resnet20 | norm | 3 | 1.50× | 87.00 (n=1) | – |" in lines
     assert sum(line.endswith("| yes |") for line in lines) == 1
+
+
+def test_summarize_blocks_gives_spread_runs_columns_and_a_paired_tally(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    task = "--blocks 3 --reference library --classes 0,1,8 --epochs 1"
+    rows = [{**_row(c, t), "test + 1 ep": t} for c, t in (("lrp", 95.0), ("norm", 96.0))]
+    _page(res / "blocks_a.json", f"{task} --criteria lrp,norm", rows)
+    capped = [{**_row(c, t), "test + 1 ep": t} for c, t in (("lrp", 96.5), ("norm", 95.75))]
+    _page(res / "blocks_b.json", f"{task} --criteria lrp,norm --spread", capped)
+    out = tmp_path / "task.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--classes", "0,1,8", "--epochs", 1, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert "| model | blocks | seed | lrp | lrp spread | lrp rounds | norm | norm spread | l1 | taylor |" in "\n".join(lines)
+    row = next(line for line in lines if line.startswith("| resnet20 | 3 | 0 |"))
+    # the best LRP cut (capped) against the best other (the norm without the cap)
+    assert [c.strip() for c in row.strip("|").split("|")][3:] == [
+        "95.00 (1.50×)", "96.50 (1.50×)", "–", "96.00 (1.50×)", "95.75 (1.50×)", "–", "–", "–", "+0.50"]
+    assert "`lrp spread` against `lrp`, paired by seed: 1 runs, mean +1.50" in out.read_text()
+    assert "`norm spread` against `norm`, paired by seed: 1 runs, mean -0.25" in out.read_text()
 
 
 def test_summarize_blocks_without_pages_is_an_error(tmp_path):
