@@ -72,6 +72,19 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
     return cells, dense
 
 
+def test_noise(dense: dict[str, float], classes: str | None) -> str:
+    """How far one test accuracy moves by chance: the binomial standard error on CIFAR-10's test images."""
+    n = 1000 * len(classes.split(",")) if classes else 10000  # CIFAR-10: 1,000 test images per class
+    accs = [a / 100 for a in dense.values() if a == a]
+    if not accs:
+        return ""
+    se = [100 * (p * (1 - p) / n) ** 0.5 for p in (min(accs), max(accs))]
+    return (f"Noise: one test accuracy on these {n:,} images has a binomial standard error of about "
+            f"±{max(se):.2f} points at the dense accuracies here, so a gap of a few tenths between two columns of one "
+            "row is within chance; cuts of one seed share the test images, which makes their difference less noisy "
+            "than that, and the means over seeds and the paired ranges show how much a seed moves a result.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -144,6 +157,7 @@ def main() -> None:
         markdown_table(rows, [(k, k) for k in rows[0]]), "",
         "## Means over the seeds run", "",
         markdown_table(means, [(k, k) for k in means[0]]), "",
+        test_noise(dense, args.classes), "",
     ]
     lines += ["## Speed against accuracy", "",
               "Per model, every criterion and block count (means over the seeds run): a cut is on the front when no "

@@ -100,6 +100,9 @@ def test_summarize_blocks_pairs_runs_at_library_defaults(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| resnet20 | 3 | 0 | 99.00 (1.50×) |" in task.read_text() and "86.50" not in task.read_text()
     assert "spread" not in out.read_text()  # no capped runs on 10 classes: no columns for them
+    # dense 90%: binomial standard error sqrt(0.9 * 0.1 / n) on 10,000 and on 3,000 test images
+    assert "on these 10,000 images has a binomial standard error of about ±0.30 points" in out.read_text()
+    assert "on these 3,000 images has a binomial standard error of about ±0.55 points" in task.read_text()
     assert "1 runs, mean +0.75, ahead in 1" in out.read_text()
     # the rounds' cut is faster and more accurate than every other: the only one on the speed/accuracy front
     assert "| resnet20 | lrp rounds | 3 | 1.60× | 87.25 (n=1) | yes |" in lines
