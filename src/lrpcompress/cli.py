@@ -170,18 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="residual blocks replaced by their shortcut before any channel cut: how many (the lowest "
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
-                   help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: "
-                        "without --block-spread the most accurate on class subsets), lrp (relevance of that change "
-                        "under --composite: on all classes the fastest cut, ahead of or level with taylor and l1 in 6 "
-                        "of 7 settings, 0.2 behind norm on ResNet-20 at 3 blocks; on class subsets 0.2-0.9 behind "
-                        "norm, first on ResNet-32/44 with --block-spread; docs/FINDINGS.md §19), taylor (its gradient "
-                        "x change), l1 (mean |weight|), sensitivity (loss without the block), random")
+                   help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: on "
+                        "class subsets 0.24 ahead of lrp on the mean of 9 paired runs), lrp (relevance of that change "
+                        "under --composite: on all 10 classes the fastest cut at equal count and on every model's "
+                        "speed/accuracy front, ahead of taylor and l1 on the paired means; on class subsets -0.9 to "
+                        "+0.4 against norm; docs/FINDINGS.md §19-20), taylor (its gradient x change), l1 (mean "
+                        "|weight|), sensitivity (loss without the block), random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
                         "its mean per channel (mean: the part a shift cannot replace); default mean for lrp and "
                         "taylor, zero for norm")
     c.add_argument("--block-spread", action="store_true",
-                   help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage")
+                   help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage (on class subsets "
+                        "of ResNet-44 +0.2 to +0.5 on the mean for lrp and norm; mixed on ResNet-32, a loss on "
+                        "ResNet-20; §20)")
     c.add_argument("--block-steps", type=_positive_int, default=1,
                    help="remove the --prune-blocks N blocks in this many rounds, rescoring the rest on the cut "
                         "model in between (1..N; default 1: one scoring pass; before recovery the rounds' cut "
