@@ -45,20 +45,35 @@ def page_settings(command: str, classes: str | None = None) -> argparse.Namespac
     return s
 
 
+def model_labels(pages: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], str]:
+    """A row label per (arch, weights file): the arch alone, and the file's name beside it where one arch was run
+    from more than one checkpoint (two trained ResNet-32s are two models, not two seeds of one)."""
+    files: dict[str, set] = {}
+    for arch, weights in pages:
+        files.setdefault(arch, set()).add(weights)
+    return {(arch, w): arch if len(files[arch]) == 1 else f"{arch} ({Path(w).name if w else 'shared'})"
+            for arch, w in pages}
+
+
 def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dict, dict]:
-    """{(arch, blocks, seed): {column: row}} and {arch: dense test accuracy} from every block page."""
+    """{(model, blocks, seed): {column: row}} and {model: dense test accuracy} from every block page."""
     cells: dict[tuple[str, int, int], dict[str, dict]] = {}
     dense: dict[str, float] = {}
+    pages = []
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
         s = page_settings(page["command"], classes)
         if s is None or s.epochs != epochs:
             continue
-        key = (s.arch, s.blocks, s.seed)
+        pages.append((path, s, page))
+    labels = model_labels([(s.arch, dict(s.weights or []).get(s.arch)) for _, s, _ in pages])
+    for path, s, page in pages:
+        model = labels[(s.arch, dict(s.weights or []).get(s.arch))]
+        key = (model, s.blocks, s.seed)
         configs = block_configs(s, list(CRITERIA))  # what the page ran each criterion with
         for row in page["rows"]:
             if row["criterion"] == "dense":
-                dense[s.arch] = row["test"]
+                dense[model] = row["test"]
                 continue
             for crit in row["criterion"].split(", "):
                 if crit not in configs or configs[crit].reference != BlockPruneConfig(1, crit).reference:

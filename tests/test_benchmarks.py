@@ -131,6 +131,23 @@ def test_summarize_blocks_gives_spread_runs_columns_and_a_paired_tally(tmp_path)
     assert "`norm spread` against `norm`, paired by seed: 1 runs, mean -0.25" in out.read_text()
 
 
+def test_summarize_blocks_keeps_two_checkpoints_of_one_arch_apart(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    run = "--arch resnet32 --blocks 5 --criteria lrp --reference library"
+    _page(res / "blocks_a.json", f"{run} --weights resnet32=/m/first.pt", [_row("lrp", 86.0)])
+    _page(res / "blocks_b.json", f"{run} --weights resnet32=/m/second.pt", [_row("lrp", 85.0)])
+    _page(res / "blocks_c.json", "--blocks 3 --criteria lrp --reference library", [_row("lrp", 87.0)])
+    out = tmp_path / "summary.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    # the same seed of two trained models is two rows, not one cell filled by whichever page came first
+    assert "| resnet32 (first.pt) | 5 | 0 | 86.00 (1.50×) |" in text
+    assert "| resnet32 (second.pt) | 5 | 0 | 85.00 (1.50×) |" in text
+    assert "| resnet20 | 3 | 0 | 87.00 (1.50×) |" in text  # one checkpoint: the arch alone
+
+
 def test_summarize_blocks_without_pages_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = bench("summarize_blocks.py", "--results", tmp_path / "empty", "--out", tmp_path / "s.md")
