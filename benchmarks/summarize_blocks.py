@@ -39,8 +39,7 @@ def page_settings(command: str, classes: str | None = None) -> argparse.Namespac
     """bench_blocks.py's options of a page's command; None for runs off the defaults this table compares."""
     ap = build_parser()
     s = ap.parse_args(shlex.split(command)[2:])
-    if s.classes != classes or any(getattr(s, k) != ap.get_default(k)
-                                               for k in ("samples", "composite", "val_size")):
+    if s.classes != classes or any(getattr(s, k) != ap.get_default(k) for k in ("samples", "composite", "val_size")):
         return None
     return s
 
@@ -87,7 +86,7 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
     return cells, dense
 
 
-def test_noise(dense: dict[str, float], classes: str | None) -> str:
+def noise_line(dense: dict[str, float], classes: str | None) -> str:
     """How far one test accuracy moves by chance: the binomial standard error on CIFAR-10's test images."""
     n = 1000 * len(classes.split(",")) if classes else 10000  # CIFAR-10: 1,000 test images per class
     accs = [a / 100 for a in dense.values() if a == a]
@@ -172,7 +171,7 @@ def main() -> None:
         markdown_table(rows, [(k, k) for k in rows[0]]), "",
         "## Means over the seeds run", "",
         markdown_table(means, [(k, k) for k in means[0]]), "",
-        test_noise(dense, args.classes), "",
+        noise_line(dense, args.classes), "",
     ]
     lines += ["## Speed against accuracy", "",
               "Per model, every criterion and block count (means over the seeds run): a cut is on the front when no "
