@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: on "
-                        "class subsets 0.24 ahead of lrp on the mean of 9 paired runs), lrp (relevance of that change "
+                        "class subsets 0.27 ahead of lrp on the mean of 12 paired runs), lrp (relevance of that change "
                         "under --composite: on all 10 classes the fastest cut at equal count and on every model's "
                         "speed/accuracy front, ahead of taylor and l1 on the paired means; on class subsets -0.9 to "
                         "+0.4 against norm; docs/FINDINGS.md §19-20), taylor (its gradient x change), l1 (mean "
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "taylor, zero for norm")
     c.add_argument("--block-spread", action="store_true",
                    help="--prune-blocks N takes at most ceil(N / stages) blocks from one stage (on class subsets "
-                        "of ResNet-44 +0.2 to +0.5 on the mean for lrp and norm; mixed on ResNet-32, a loss on "
+                        "of ResNet-44 +0.2 to +0.5 on the mean for lrp and norm; mixed on ResNet-32/56, a loss on "
                         "ResNet-20; §20)")
     c.add_argument("--block-steps", type=_positive_int, default=1,
                    help="remove the --prune-blocks N blocks in this many rounds, rescoring the rest on the cut "
