@@ -64,10 +64,10 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
         s = page_settings(page["command"], classes)
         if s is None or s.epochs != epochs:
             continue
-        pages.append((path, s, page))
-    labels = model_labels([(s.arch, dict(s.weights or []).get(s.arch)) for _, s, _ in pages])
-    for path, s, page in pages:
-        model = labels[(s.arch, dict(s.weights or []).get(s.arch))]
+        pages.append((path, s, page, (s.arch, dict(s.weights or []).get(s.arch))))
+    labels = model_labels([checkpoint for *_, checkpoint in pages])
+    for path, s, page, checkpoint in pages:
+        model = labels[checkpoint]
         key = (model, s.blocks, s.seed)
         configs = block_configs(s, list(CRITERIA))  # what the page ran each criterion with
         for row in page["rows"]:
@@ -84,6 +84,11 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
                          "page": str(path.relative_to(results))}
                 cells.setdefault(key, {}).setdefault(column, entry)
     return cells, dense
+
+
+def paired(cells: dict, col: str, base: str) -> list[float]:
+    """``col`` minus ``base`` (test accuracy) in every (model, blocks, seed) that has both."""
+    return [c[col]["test"] - c[base]["test"] for c in cells.values() if col in c and base in c]
 
 
 def noise_line(dense: dict[str, float], classes: str | None) -> str:
@@ -154,8 +159,6 @@ def main() -> None:
             front.append({"model": arch, "criterion": col, "blocks": k, "speed-up": f"{speed:.2f}×",
                           "test": f"{acc:.2f} (n={n})", "on the front": "–" if beaten else "yes"})
 
-    paired = [(a, b, s, c["lrp rounds"]["test"] - c["lrp"]["test"]) for (a, b, s), c in sorted(cells.items())
-              if "lrp" in c and "lrp rounds" in c]
     cmd = shlex.join(["python", "benchmarks/summarize_blocks.py", *sys.argv[1:]])
     lines = [
         "# Block cuts: every committed run side by side", "",
@@ -178,14 +181,14 @@ def main() -> None:
               "other cut of that model is both at least as fast and at least as accurate. Speed-ups come from "
               "different runs (±0.1×), so the front is a rough guide.", "",
               markdown_table(front, [(k, k) for k in front[0]]), ""]
-    if paired:
-        diffs = [d for *_, d in paired]
-        lines += [f"Rounds against one pass, paired by seed: {len(paired)} runs, mean {statistics.fmean(diffs):+.2f}, "
+    diffs = paired(cells, "lrp rounds", "lrp")
+    if diffs:
+        lines += [f"Rounds against one pass, paired by seed: {len(diffs)} runs, mean {statistics.fmean(diffs):+.2f}, "
                   f"ahead in {sum(d > 0.005 for d in diffs)}, level in {sum(abs(d) <= 0.005 for d in diffs)}, "
                   f"behind in {sum(d < -0.005 for d in diffs)} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
     for col in (col for col in columns if col.endswith(" spread")):
         base = col.removesuffix(" spread")
-        diffs = [c[col]["test"] - c[base]["test"] for _, c in sorted(cells.items()) if col in c and base in c]
+        diffs = paired(cells, col, base)
         if diffs:
             lines += [f"`{col}` against `{base}`, paired by seed: {len(diffs)} runs, mean "
                       f"{statistics.fmean(diffs):+.2f} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
