@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import base64
 import json
 import shlex
 import sys
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
-from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_line, predictions, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
@@ -79,6 +80,13 @@ def block_configs(args: argparse.Namespace, criteria: list[str]) -> dict[str, Bl
         else "zero") for crit in criteria}
 
 
+def outcomes(net: torch.nn.Module, data) -> tuple[float, str]:
+    """Accuracy (%) on ``data`` and which of its images were right: packed bits (one per image, in order, padded to a
+    byte), base64, for per-image paired tests between cuts (summarize_blocks.py)."""
+    right = predictions(net, data, show_progress=False) == data.y
+    return 100.0 * float(right.mean()), base64.b64encode(np.packbits(right)).decode("ascii")
+
+
 def main() -> None:
     ap = build_parser()
     args = ap.parse_args()
@@ -119,20 +127,24 @@ def main() -> None:
     example = fit.tensor(np.arange(1))
     passes = [speed_profiles([dense, *models.values()], example, batch_sizes=(64,), repeats=20) for _ in range(3)]
     ms = [float(np.median([p[i]["latency_ms"]["64"] for p in passes])) for i in range(len(models) + 1)]
-    base_val, base_test = accuracy(dense, val, show_progress=False), accuracy(dense, test, show_progress=False)
+
+    base_val = accuracy(dense, val, show_progress=False)
+    base_test, dense_right = outcomes(dense, test)
+    correct = {"dense": dense_right}  # per row (the criteria that chose the cut): the last test pass's images right
     rows = [{"criterion": "dense", "removed": "–", "MACs": 1.0, "ms b64": round(ms[0], 2), "speed-up": 1.0,
              "held-out": round(base_val, 2), "test": round(base_test, 2)}]
     for i, (cut, crits) in enumerate(cuts.items(), start=1):
         net = models[cut]
         row = {"criterion": ", ".join(crits), "removed": ", ".join(cut),
                "MACs": round(passes[0][i]["macs"] / passes[0][0]["macs"], 3), "ms b64": round(ms[i], 2),
-               "speed-up": round(ms[0] / ms[i], 2), "held-out": round(accuracy(net, val, show_progress=False), 2),
-               "test": round(accuracy(net, test, show_progress=False), 2)}
+               "speed-up": round(ms[0] / ms[i], 2), "held-out": round(accuracy(net, val, show_progress=False), 2)}
+        acc, correct[row["criterion"]] = outcomes(net, test)
+        row["test"] = round(acc, 2)
         if args.epochs > 0:
             rcfg = replace(RECOVERY_RECIPE, epochs=args.epochs, seed=args.seed)
             trained = finetune_model(net, fit, rcfg, teacher=dense)
             after = accuracy(trained, val, show_progress=False)
-            t_after = accuracy(trained, test, show_progress=False)
+            t_after, correct[row["criterion"]] = outcomes(trained, test)
             row.update({f"held-out + {args.epochs} ep": round(after, 2), f"test + {args.epochs} ep": round(t_after, 2),
                         "test drop": round(base_test - t_after, 2)})
         rows.append(row)
@@ -161,7 +173,8 @@ def main() -> None:
         markdown_table(rows, [(k, k) for k in dict.fromkeys(k for r in rows for k in r)]), "",
         "## Block scores (low = removed first)", "",
         markdown_table(score_rows, [(k, k) for k in score_rows[0]]), ""])
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows, "scores": scores},
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows, "scores": scores,
+                                                               "test_correct": correct},
                                                               indent=2) + "\n")
 
 

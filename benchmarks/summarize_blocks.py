@@ -15,11 +15,15 @@ paired tally against the same criterion without the cap.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import math
 import shlex
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -33,6 +37,12 @@ from bench_blocks import block_configs, build_parser  # noqa: E402
 
 CRITERIA = ("lrp", "norm", "l1", "taylor")
 COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")  # always shown; "<column> spread" where such runs exist
+# (column, against): the comparisons the paired table gives, where both columns have runs of one seed
+COMPARISONS = (("lrp", "norm"), ("lrp", "l1"), ("lrp", "taylor"), ("lrp rounds", "lrp"), ("lrp rounds", "norm"),
+               ("lrp rounds", "l1"), ("lrp rounds", "taylor"), ("lrp spread", "lrp"), ("norm spread", "norm"),
+               ("lrp spread", "norm"))
+PER_IMAGE = "per-image tests: ahead / behind at p < 0.05"  # a column only where pages keep per-image outcomes
+TIE = 0.005  # accuracies are rounded to 0.01: closer than this is the same accuracy
 
 
 def page_settings(command: str, classes: str | None = None) -> argparse.Namespace | None:
@@ -82,13 +92,66 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
                 column = ("lrp rounds" if s.steps > 1 else crit) + (" spread" if s.spread else "")
                 entry = {"test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "removed": row["removed"],
                          "page": str(path.relative_to(results))}
+                if row["criterion"] in page.get("test_correct", {}):  # pages since 2026-12-07 keep them
+                    entry["correct"] = unpack_correct(page["test_correct"][row["criterion"]])
                 cells.setdefault(key, {}).setdefault(column, entry)
     return cells, dense
 
 
-def paired(cells: dict, col: str, base: str) -> list[float]:
-    """``col`` minus ``base`` (test accuracy) in every (model, blocks, seed) that has both."""
-    return [c[col]["test"] - c[base]["test"] for c in cells.values() if col in c and base in c]
+def paired(cells: dict, col: str, base: str, field: str = "test") -> list[float]:
+    """``col`` minus ``base`` (``field``: test accuracy or speed-up) in every (model, blocks, seed) that has both."""
+    return [c[col][field] - c[base][field] for c in cells.values() if col in c and base in c]
+
+
+def unpack_correct(packed: str) -> np.ndarray:
+    """bench_blocks.py's per-image record (base64 of packed bits, one per test image, padded to a byte) as bools."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8)).astype(bool)
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
+    """Test images only ``a`` gets right, only ``b`` gets right, and McNemar's exact two-sided p on them."""
+    if a.shape != b.shape:
+        raise ValueError(f"per-image records of different test sets: {a.shape} and {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    return only_a, only_b, sign_test(only_a, only_b)
+
+
+def sign_test(ahead: int, behind: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least as lopsided as ``ahead`` : ``behind`` if either side
+    were equally likely to win each pair (ties dropped before). With the counts of images only one of two models
+    gets right, this is McNemar's exact test."""
+    n = ahead + behind
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(ahead, behind) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_row(cells: dict, col: str, base: str) -> dict | None:
+    """One line of the paired table: ``col`` against ``base`` over every run of one seed that has both."""
+    diffs = paired(cells, col, base)
+    if not diffs:
+        return None
+    up, down = sum(d > TIE for d in diffs), sum(d < -TIE for d in diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    speed = paired(cells, col, base, "speed")
+    return {"comparison": f"{col} − {base}", "runs": len(diffs), "mean": f"{statistics.fmean(diffs):+.2f}",
+            "± s.e.": "–" if se != se else f"{se:.2f}",
+            "ahead / level / behind": f"{up} / {len(diffs) - up - down} / {down}",
+            "range": f"{min(diffs):+.2f} to {max(diffs):+.2f}", "sign test p": f"{sign_test(up, down):.3f}",
+            "speed-up difference": f"{statistics.fmean(speed):+.2f}×", **per_image(cells, col, base)}
+
+
+def per_image(cells: dict, col: str, base: str) -> dict:
+    """Where both runs kept their test images' outcomes: in how many runs McNemar's test puts ``col`` ahead or behind
+    at p < 0.05 (the test images' noise alone, for that pair of trained models)."""
+    tests = [mcnemar(c[col]["correct"], c[base]["correct"]) for c in cells.values()
+             if col in c and base in c and "correct" in c[col] and "correct" in c[base]]
+    if not tests:
+        return {}
+    ahead = sum(p < 0.05 and a > b for a, b, p in tests)
+    behind = sum(p < 0.05 and a < b for a, b, p in tests)
+    return {PER_IMAGE: f"{ahead} / {behind} of {len(tests)}"}
 
 
 def noise_line(dense: dict[str, float], classes: str | None) -> str:
@@ -181,17 +244,20 @@ def main() -> None:
               "other cut of that model is both at least as fast and at least as accurate. Speed-ups come from "
               "different runs (±0.1×), so the front is a rough guide.", "",
               markdown_table(front, [(k, k) for k in front[0]]), ""]
-    diffs = paired(cells, "lrp rounds", "lrp")
-    if diffs:
-        lines += [f"Rounds against one pass, paired by seed: {len(diffs)} runs, mean {statistics.fmean(diffs):+.2f}, "
-                  f"ahead in {sum(d > 0.005 for d in diffs)}, level in {sum(abs(d) <= 0.005 for d in diffs)}, "
-                  f"behind in {sum(d < -0.005 for d in diffs)} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
-    for col in (col for col in columns if col.endswith(" spread")):
-        base = col.removesuffix(" spread")
-        diffs = paired(cells, col, base)
-        if diffs:
-            lines += [f"`{col}` against `{base}`, paired by seed: {len(diffs)} runs, mean "
-                      f"{statistics.fmean(diffs):+.2f} (range {min(diffs):+.2f} to {max(diffs):+.2f}).", ""]
+    comparisons = [r for r in (paired_row(cells, col, base) for col, base in COMPARISONS) if r]
+    if comparisons:
+        lines += ["## Criteria against each other, paired by seed", "",
+                  "Each line pools every (model, blocks, seed) where both columns ran: the mean difference in test "
+                  "accuracy (points) with its standard error over those runs (which holds the seed's noise and the "
+                  "test images' together), how often the first column is ahead, and the exact two-sided sign test: "
+                  "the chance of a split at least that lopsided if neither criterion were better (ties dropped). "
+                  "Runs of different models and budgets are pooled, so a small p says the first column tends to win "
+                  "a run, not by how much on any one model. Speed-up difference: mean over the same runs."
+                  + (" Per-image tests (runs whose pages keep each test image's outcome): McNemar's exact test on the "
+                     "images only one of the two cuts gets right, per run."
+                     if any(PER_IMAGE in r for r in comparisons) else ""), "",
+                  markdown_table(comparisons, [(k, k) for k in dict.fromkeys(k for r in comparisons for k in r)]),
+                  ""]
     write_page(args.out, lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import json
 from pathlib import Path
 
 import pytest
@@ -62,9 +63,26 @@ def test_bench_blocks_reports_missing_inputs_in_one_line(tmp_path, shared_dir, w
     assert_argparse_error(proc, message)
 
 
-def _page(path: Path, args: str, rows: list[dict]) -> None:
-    import json
+def test_bench_blocks_records_each_test_images_outcome(shared_dir, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_blocks import outcomes
+    from summarize_blocks import unpack_correct
 
+    from lrpcompress.data import load_data
+    from lrpcompress.evaluation import accuracy, predictions
+    from lrpcompress.models import load_model
+
+    shared, weights = shared_dir
+    test = load_data(shared / "data" / "cifar10-jpeg", "test")  # 20 images: packed into 3 bytes
+    net = load_model("resnet20", weights)
+    acc, packed = outcomes(net, test)
+    right = unpack_correct(packed)
+    assert len(right) == 24 and not right[20:].any()
+    assert right[:20].tolist() == (predictions(net, test, show_progress=False) == test.y).tolist()
+    assert acc == pytest.approx(accuracy(net, test, show_progress=False)) == 100 * right[:20].mean()
+
+
+def _page(path: Path, args: str, rows: list[dict]) -> None:
     dense = {"criterion": "dense", "removed": "–", "speed-up": 1.0, "test": 90.0}
     path.write_text(json.dumps({"command": f"python benchmarks/bench_blocks.py {args}", "rows": [dense, *rows]}))
 
@@ -103,7 +121,10 @@ def test_summarize_blocks_pairs_runs_at_library_defaults(tmp_path):
     # dense 90%: binomial standard error sqrt(0.9 * 0.1 / n) on 10,000 and on 3,000 test images
     assert "on these 10,000 images has a binomial standard error of about ±0.30 points" in out.read_text()
     assert "on these 3,000 images has a binomial standard error of about ±0.55 points" in task.read_text()
-    assert "1 runs, mean +0.75, ahead in 1" in out.read_text()
+    # paired table: rounds 87.25 against one pass 86.50 on the one seed that has both, and 0.10x faster
+    assert "| lrp rounds − lrp | 1 | +0.75 | – | 1 / 0 / 0 | +0.75 to +0.75 | 1.000 | +0.10× |" in lines
+    assert "| lrp − norm | 1 | -0.50 | – | 0 / 0 / 1 | -0.50 to -0.50 | 1.000 | +0.00× |" in lines
+    assert not any(line.startswith("| lrp − l1 |") for line in lines)  # no seed has both (seed 1's lrp is off)
     # the rounds' cut is faster and more accurate than every other: the only one on the speed/accuracy front
     assert "| resnet20 | lrp rounds | 3 | 1.60× | 87.25 (n=1) | yes |" in lines
     assert "| resnet20 | norm | 3 | 1.50× | 87.00 (n=1) | – |" in lines
@@ -127,8 +148,8 @@ def test_summarize_blocks_gives_spread_runs_columns_and_a_paired_tally(tmp_path)
     # the best LRP cut (capped) against the best other (the norm without the cap)
     assert [c.strip() for c in row.strip("|").split("|")][3:] == [
         "95.00 (1.50×)", "96.50 (1.50×)", "–", "96.00 (1.50×)", "95.75 (1.50×)", "–", "–", "–", "+0.50"]
-    assert "`lrp spread` against `lrp`, paired by seed: 1 runs, mean +1.50" in out.read_text()
-    assert "`norm spread` against `norm`, paired by seed: 1 runs, mean -0.25" in out.read_text()
+    assert "| lrp spread − lrp | 1 | +1.50 | – | 1 / 0 / 0 | +1.50 to +1.50 | 1.000 | +0.00× |" in lines
+    assert "| norm spread − norm | 1 | -0.25 | – | 0 / 0 / 1 | -0.25 to -0.25 | 1.000 | +0.00× |" in lines
 
 
 def test_summarize_blocks_keeps_two_checkpoints_of_one_arch_apart(tmp_path):
@@ -146,6 +167,72 @@ def test_summarize_blocks_keeps_two_checkpoints_of_one_arch_apart(tmp_path):
     assert "| resnet32 (first.pt) | 5 | 0 | 86.00 (1.50×) |" in text
     assert "| resnet32 (second.pt) | 5 | 0 | 85.00 (1.50×) |" in text
     assert "| resnet20 | 3 | 0 | 87.00 (1.50×) |" in text  # one checkpoint: the arch alone
+
+
+def test_summarize_blocks_pools_seeds_into_a_sign_test_and_a_standard_error(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    # lrp ahead of l1 on seeds 0-3 by 0.2, 0.4, 0.6, 0.0 (a tie: dropped from the sign test)
+    for seed, (lrp, l1) in enumerate([(86.2, 86.0), (86.4, 86.0), (86.6, 86.0), (86.0, 86.0)]):
+        _page(res / f"blocks_{seed}.json", f"--blocks 3 --criteria lrp,l1 --reference library --seed {seed}",
+              [_row("lrp", lrp, 1.7), _row("l1", l1, 1.5)])
+    out = tmp_path / "summary.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    # mean 0.30, sample s.d. 0.2582, s.e. 0.1291; three wins and no loss: p = 2 / 2**3
+    assert "| lrp − l1 | 4 | +0.30 | 0.13 | 3 / 1 / 0 | +0.00 to +0.60 | 0.250 | +0.20× |" in out.read_text()
+
+
+def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(tmp_path):
+    import base64
+
+    import numpy as np
+
+    def packed(n_right: int) -> str:
+        return base64.b64encode(np.packbits(np.arange(100) < n_right)).decode("ascii")
+
+    res = tmp_path / "results"
+    res.mkdir()
+    # seed 0: lrp right on 90 of 100 images, l1 on 70 of the same: 20 discordant images, all lrp's (p = 2 / 2**20);
+    # seed 1: 80 against 78, two discordant (p = 0.5); seed 2: a page from before per-image records
+    for seed, (a, b) in enumerate([(90, 70), (80, 78)]):
+        _page(res / f"blocks_{seed}.json", f"--blocks 3 --criteria lrp,l1 --reference library --seed {seed}",
+              [_row("lrp", float(a)), _row("l1", float(b))])
+        page = json.loads((res / f"blocks_{seed}.json").read_text())
+        page["test_correct"] = {"dense": packed(100), "lrp": packed(a), "l1": packed(b)}
+        (res / f"blocks_{seed}.json").write_text(json.dumps(page))
+    _page(res / "blocks_2.json", "--blocks 3 --criteria lrp,l1 --reference library --seed 2",
+          [_row("lrp", 80.0), _row("l1", 79.0)])
+    out = tmp_path / "summary.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| lrp − l1 |"))
+    assert row.endswith("| 1 / 0 of 2 |"), row
+
+
+def test_mcnemar_counts_the_images_only_one_model_gets_right():
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from summarize_blocks import mcnemar
+
+    a = np.array([1, 1, 1, 0, 0, 1], bool)
+    b = np.array([1, 0, 0, 1, 0, 1], bool)
+    assert mcnemar(a, b) == (2, 1, 1.0)
+    assert mcnemar(np.ones(10, bool), np.zeros(10, bool))[2] == pytest.approx(2 / 2 ** 10)
+    with pytest.raises(ValueError, match="different test sets"):
+        mcnemar(a, b[:5])
+
+
+def test_sign_test_is_the_exact_binomial_tail():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from summarize_blocks import sign_test
+
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(9, 0) == pytest.approx(2 / 2 ** 9)
+    # 11 of 16: 2 * (C(16,0) + ... + C(16,5)) / 2^16 = 2 * 6885 / 65536
+    assert sign_test(11, 5) == pytest.approx(2 * 6885 / 65536) == sign_test(5, 11)
+    assert sign_test(3, 3) == 1.0  # an even split is capped at 1, not 2 * P(X <= 3)
 
 
 def test_summarize_blocks_without_pages_is_an_error(tmp_path):

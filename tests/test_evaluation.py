@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from lrpcompress.data import ImageData
-from lrpcompress.evaluation import accuracy, count_macs, cpu_description, cpu_line, layer_macs, speed_profiles
+from lrpcompress.evaluation import (accuracy, count_macs, cpu_description, cpu_line, layer_macs, predictions,
+                                    speed_profiles)
 
 
 def _data(n: int = 37, seed: int = 0) -> ImageData:
@@ -38,6 +39,18 @@ def test_accuracy_counts_argmax_hits_over_every_batch_and_restores_training_mode
         sub = 100.0 * float((net(data.tensor(idx)).argmax(1) == torch.from_numpy(data.y[idx])).sum()) / 3
         net.train()
     assert accuracy(net, data, indices=idx, show_progress=False) == sub
+
+
+def test_predictions_are_the_argmax_per_image_in_index_order():
+    data, net = _data(), _net()
+    idx = np.array([11, 3, 7])
+    with torch.no_grad():
+        want = net.eval()(data.tensor(idx)).argmax(1).numpy()
+    net.train()
+    got = predictions(net, data, batch_size=2, indices=idx, show_progress=False)
+    assert got.dtype == np.int64 and got.tolist() == want.tolist()
+    assert net.training
+    assert len(predictions(net, data, batch_size=5, show_progress=False)) == len(data)
 
 
 def test_mac_counts_match_the_layer_formulas():

@@ -19,21 +19,28 @@ from .progress import progress
 
 
 @torch.inference_mode()
+def predictions(model: nn.Module, data: ImageData, batch_size: int = 500, show_progress: bool = True,
+                indices: np.ndarray | None = None) -> np.ndarray:
+    """Top-1 predicted class of every image of ``data`` (or of ``indices``, in that order), eval mode, as int64."""
+    was = model.training
+    model.eval()
+    out: list[np.ndarray] = []
+    n = len(data) if indices is None else len(indices)
+    try:
+        for x, _ in progress(data.batches(batch_size, indices, model_device(model)), total=-(-n // batch_size),
+                             desc="eval", unit="batch", disable=not show_progress):
+            out.append(model(x).argmax(1).cpu().numpy())
+    finally:
+        model.train(was)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
 def accuracy(model: nn.Module, data: ImageData, batch_size: int = 500, show_progress: bool = True,
              indices: np.ndarray | None = None) -> float:
     """Top-1 accuracy in percent over ``data`` (or ``indices`` of it), eval mode."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    n = len(data) if indices is None else len(indices)
-    try:
-        for x, y in progress(data.batches(batch_size, indices, model_device(model)), total=-(-n // batch_size), desc="eval",
-                             unit="batch", disable=not show_progress):
-            correct += int((model(x).argmax(1) == y).sum())  # int() syncs the device
-            total += len(y)
-    finally:
-        model.train(was)
-    return 100.0 * correct / max(total, 1)
+    pred = predictions(model, data, batch_size, show_progress, indices)
+    labels = data.y if indices is None else data.y[indices]
+    return 100.0 * int((pred == labels).sum()) / max(len(labels), 1)
 
 
 @torch.inference_mode()
