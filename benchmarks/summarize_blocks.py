@@ -45,9 +45,11 @@ PER_IMAGE = "per-image tests: ahead / behind at p < 0.05"  # a column only where
 TIE = 0.005  # accuracies are rounded to 0.01: closer than this is the same accuracy
 
 
-def page_settings(command: str, classes: str | None = None) -> argparse.Namespace | None:
-    """bench_blocks.py's options of a page's command; None for runs off the defaults this table compares."""
-    ap = build_parser()
+def page_settings(command: str, classes: str | None = None,
+                  ap: argparse.ArgumentParser | None = None) -> argparse.Namespace | None:
+    """bench_blocks.py's options of a page's command (``ap``: its parser, built once by the caller); None for runs off
+    the defaults this table compares."""
+    ap = ap or build_parser()
     s = ap.parse_args(shlex.split(command)[2:])
     if s.classes != classes or any(getattr(s, k) != ap.get_default(k) for k in ("samples", "composite", "val_size")):
         return None
@@ -69,9 +71,10 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
     cells: dict[tuple[str, int, int], dict[str, dict]] = {}
     dense: dict[str, float] = {}
     pages = []
+    parser = build_parser()
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
-        s = page_settings(page["command"], classes)
+        s = page_settings(page["command"], classes, parser)
         if s is None or s.epochs != epochs:
             continue
         pages.append((path, s, page, (s.arch, dict(s.weights or []).get(s.arch))))
@@ -163,8 +166,8 @@ def noise_line(dense: dict[str, float], classes: str | None) -> str:
     se = [100 * (p * (1 - p) / n) ** 0.5 for p in (min(accs), max(accs))]
     return (f"Noise: one test accuracy on these {n:,} images has a binomial standard error of about "
             f"±{max(se):.2f} points at the dense accuracies here, so a gap of a few tenths between two columns of one "
-            "row is within chance; cuts of one seed share the test images, which makes their difference less noisy "
-            "than that, and the means over seeds and the paired ranges show how much a seed moves a result.")
+            "row is within chance for two independent accuracies; cuts of one seed share the test images, which makes "
+            "their difference less noisy than that: the paired table below measures it over the runs.")
 
 
 def main() -> None:
