@@ -171,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: on "
-                        "class subsets 0.27 ahead of lrp on the mean of 12 paired runs), lrp (relevance of that change "
-                        "under --composite: on all 10 classes the fastest cut at equal count and on every model's "
-                        "speed/accuracy front, ahead of taylor and l1 on the paired means; on class subsets -0.9 to "
-                        "+0.4 against norm; docs/FINDINGS.md §19-20), taylor (its gradient x change), l1 (mean "
-                        "|weight|), sensitivity (loss without the block), random")
+                        "classes 0,1,8 ahead of lrp in 10 of 13 paired runs, by 0.25 +- 0.10), lrp (relevance of that "
+                        "change under --composite: on all 10 classes the fastest cut at equal count and on every "
+                        "model's speed/accuracy front, ahead of taylor by 0.26 +- 0.08 over 15 paired runs, level "
+                        "with l1 and norm in accuracy; docs/FINDINGS.md §19-21), taylor (its gradient x change), l1 "
+                        "(mean |weight|), sensitivity (loss without the block), random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
                         "its mean per channel (mean: the part a shift cannot replace); default mean for lrp and "
