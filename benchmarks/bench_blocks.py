@@ -20,8 +20,8 @@ batch 64 of the dense model and every distinct cut, timed in one alternation (me
 from __future__ import annotations
 
 import argparse
-import datetime
 import base64
+import datetime
 import json
 import shlex
 import sys

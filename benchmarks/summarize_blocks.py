@@ -5,8 +5,9 @@ trained), keeps the runs on all 10 classes (or on ``--classes``) with the defaul
 every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the norm, L1 and Taylor, each
 as test accuracy after recovery and speed-up at batch 64. A page counts for a criterion only where the criterion ran
 at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm). Runs with
-``--spread`` (at most ceil(k / stages) blocks from one stage) get columns of their own, ``<criterion> spread``, and a
-paired tally against the same criterion without the cap.
+``--spread`` (at most ceil(k / stages) blocks from one stage) get columns of their own, ``<criterion> spread``. A
+paired table tests the criteria against each other over the runs (mean ± standard error, exact sign test) and, where
+pages keep each test image's outcome (``bench_blocks.py`` since 2026-12-07), per run with McNemar's exact test.
 
     python benchmarks/summarize_blocks.py                      # writes benchmarks/results/blocks_summary.md
     python benchmarks/summarize_blocks.py --classes 0,1,8 --epochs 1 --out benchmarks/results/blocks_task_summary.md
