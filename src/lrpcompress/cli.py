@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--block-criterion scores on the reference images) or their names, e.g. layer1.0,layer2.2")
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: on "
-                        "classes 0,1,8 ahead of lrp in 10 of 13 paired runs, by 0.25 +- 0.10), lrp (relevance of that "
+                        "classes 0,1,8 ahead of lrp in 10 of 15 paired runs, by 0.22 +- 0.09), lrp (relevance of that "
                         "change under --composite: on all 10 classes the fastest cut at equal count and on every "
-                        "model's speed/accuracy front, ahead of taylor by 0.26 +- 0.08 over 15 paired runs, level "
+                        "model's speed/accuracy front, ahead of taylor by 0.30 +- 0.08 over 16 paired runs, level "
                         "with l1 and norm in accuracy; docs/FINDINGS.md §19-21), taylor (its gradient x change), l1 "
                         "(mean |weight|), sensitivity (loss without the block), random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
