@@ -88,6 +88,8 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
             if row["criterion"] == "dense":
                 dense[model] = row["test"]
                 continue
+            packed = page.get("test_correct", {}).get(row["criterion"])  # pages since 2026-12-07 keep it
+            correct = None if packed is None else unpack_correct(packed)  # one record for every criterion of the row
             for crit in row["criterion"].split(", "):
                 if crit not in configs or configs[crit].reference != BlockPruneConfig(1, crit).reference:
                     continue  # a criterion off its library default reference
@@ -96,15 +98,15 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
                 column = ("lrp rounds" if s.steps > 1 else crit) + (" spread" if s.spread else "")
                 entry = {"test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "removed": row["removed"],
                          "page": str(path.relative_to(results))}
-                if row["criterion"] in page.get("test_correct", {}):  # pages since 2026-12-07 keep them
-                    entry["correct"] = unpack_correct(page["test_correct"][row["criterion"]])
+                if correct is not None:
+                    entry["correct"] = correct
                 cells.setdefault(key, {}).setdefault(column, entry)
     return cells, dense
 
 
-def paired(cells: dict, col: str, base: str, field: str = "test") -> list[float]:
-    """``col`` minus ``base`` (``field``: test accuracy or speed-up) in every (model, blocks, seed) that has both."""
-    return [c[col][field] - c[base][field] for c in cells.values() if col in c and base in c]
+def pairs(cells: dict, col: str, base: str) -> list[tuple[dict, dict]]:
+    """(``col``'s entry, ``base``'s entry) in every (model, blocks, seed) that has both."""
+    return [(c[col], c[base]) for c in cells.values() if col in c and base in c]
 
 
 def unpack_correct(packed: str) -> np.ndarray:
@@ -133,24 +135,24 @@ def sign_test(ahead: int, behind: int) -> float:
 
 def paired_row(cells: dict, col: str, base: str) -> dict | None:
     """One line of the paired table: ``col`` against ``base`` over every run of one seed that has both."""
-    diffs = paired(cells, col, base)
-    if not diffs:
+    both = pairs(cells, col, base)
+    if not both:
         return None
+    diffs = [a["test"] - b["test"] for a, b in both]
     up, down = sum(d > TIE for d in diffs), sum(d < -TIE for d in diffs)
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    speed = paired(cells, col, base, "speed")
+    speed = [a["speed"] - b["speed"] for a, b in both]
     return {"comparison": f"{col} − {base}", "runs": len(diffs), "mean": f"{statistics.fmean(diffs):+.2f}",
             "± s.e.": "–" if se != se else f"{se:.2f}",
             "ahead / level / behind": f"{up} / {len(diffs) - up - down} / {down}",
             "range": f"{min(diffs):+.2f} to {max(diffs):+.2f}", "sign test p": f"{sign_test(up, down):.3f}",
-            "speed-up difference": f"{statistics.fmean(speed):+.2f}×", **per_image(cells, col, base)}
+            "speed-up difference": f"{statistics.fmean(speed):+.2f}×", **per_image(both)}
 
 
-def per_image(cells: dict, col: str, base: str) -> dict:
-    """Where both runs kept their test images' outcomes: in how many runs McNemar's test puts ``col`` ahead or behind
-    at p < 0.05 (the test images' noise alone, for that pair of trained models)."""
-    tests = [mcnemar(c[col]["correct"], c[base]["correct"]) for c in cells.values()
-             if col in c and base in c and "correct" in c[col] and "correct" in c[base]]
+def per_image(both: list[tuple[dict, dict]]) -> dict:
+    """Where both runs of a pair kept their test images' outcomes: in how many runs McNemar's test puts the first ahead
+    or behind at p < 0.05 (the test images' noise alone, for that pair of trained models)."""
+    tests = [mcnemar(a["correct"], b["correct"]) for a, b in both if "correct" in a and "correct" in b]
     if not tests:
         return {}
     ahead = sum(p < 0.05 and a > b for a, b, p in tests)

@@ -1,15 +1,18 @@
-"""The benchmark scripts' handling of bad settings: an argparse error naming the fix, no traceback, no page."""
+"""The benchmark scripts: bad settings give an argparse error naming the fix (no traceback, no page); the block
+summary pairs runs and tests their differences."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, make_npz_folder
+
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts' helpers are imported by some tests below
 
 
 def bench(script: str, *args: object) -> subprocess.CompletedProcess:
@@ -64,7 +67,6 @@ def test_bench_blocks_reports_missing_inputs_in_one_line(tmp_path, shared_dir, w
 
 
 def test_bench_blocks_records_each_test_images_outcome(shared_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_blocks import outcomes
     from summarize_blocks import unpack_correct
 
@@ -213,7 +215,6 @@ def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(t
 def test_mcnemar_counts_the_images_only_one_model_gets_right():
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from summarize_blocks import mcnemar
 
     a = np.array([1, 1, 1, 0, 0, 1], bool)
@@ -225,7 +226,6 @@ def test_mcnemar_counts_the_images_only_one_model_gets_right():
 
 
 def test_sign_test_is_the_exact_binomial_tail():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from summarize_blocks import sign_test
 
     assert sign_test(0, 0) == 1.0
