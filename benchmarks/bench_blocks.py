@@ -20,7 +20,6 @@ batch 64 of the dense model and every distinct cut, timed in one alternation (me
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import json
 import shlex
@@ -37,10 +36,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
-from lrpcompress.evaluation import accuracy, cpu_line, predictions, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from paired import outcomes  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -78,13 +78,6 @@ def block_configs(args: argparse.Namespace, criteria: list[str]) -> dict[str, Bl
         steps=args.steps,
         reference=None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor")
         else "zero") for crit in criteria}
-
-
-def outcomes(net: torch.nn.Module, data) -> tuple[float, str]:
-    """Accuracy (%) on ``data`` and which of its images were right: packed bits (one per image, in order, padded to a
-    byte), base64, for per-image paired tests between cuts (summarize_blocks.py)."""
-    right = predictions(net, data, show_progress=False) == data.y
-    return 100.0 * float(right.mean()), base64.b64encode(np.packbits(right)).decode("ascii")
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from lrpcompress.quantization import GRIDS  # noqa: E402
 from lrpcompress.recovery import FinetuneConfig  # noqa: E402
 from lrpcompress.report import markdown_table  # noqa: E402
 from lrpcompress.search import fit_sparsity, knob_grid, resolve_knobs, with_knobs  # noqa: E402
+from paired import mcnemar, outcomes, unpack_correct  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 OPTIMAL = ("lrp", "taylor", "mse", "random")
@@ -107,7 +108,7 @@ class Runner:
         self.runs: dict = {}
         self.val_cache: dict = {}
         self.tmp = Path(tempfile.mkdtemp())
-        self.base_test = accuracy(self.model, self.test, show_progress=False)
+        self.base_test, self.base_correct = outcomes(self.model, self.test)
         self.base_val = accuracy(self.model, self.val, show_progress=False)
         self.dense = None
 
@@ -192,9 +193,9 @@ class Runner:
         # files never import code: a user's factory (package.module:function) is loaded into a copy of the model
         loaded, _ = load_compressed(path, None if is_builtin_arch(self.arch) else copy.deepcopy(self.model).cpu())
         st = res.compressed.stats()
+        acc, correct = outcomes(loaded.to(self.device), self.test)
         return {"model": self.arch, "method": method, "budget": budget, "file_bytes": size,
-                "ratio": round(res.dense_bytes / size, 3),
-                "accuracy": round(accuracy(loaded.to(self.device), self.test, show_progress=False), 2),
+                "ratio": round(res.dense_bytes / size, 3), "accuracy": round(acc, 2), "test_correct": correct,
                 "drop": None, "sparsity": round(st["sparsity"], 4), "mean_bits": round(st["mean_bits"], 3),
                 "bits_per_weight": round(st["bits_per_weight"], 3), "seconds": round(res.seconds, 1),
                 "knobs": dict(knobs, **({} if self.grid == "symmetric" else {"grid": self.grid}),
@@ -243,7 +244,8 @@ def bench_model(arch: str, args: argparse.Namespace, log, emit) -> None:
     r = Runner(arch, args)
     log(f"{arch}: float test accuracy {r.base_test:.2f}%, validation {r.base_val:.2f}%")
     emit({"model": arch, "method": "float32", "budget": 1.0, "file_bytes": r.dense_bytes(), "ratio": 1.0,
-          "accuracy": round(r.base_test, 2), "sparsity": 0.0, "mean_bits": 32.0, "knobs": {}, "machine": args.machine})
+          "accuracy": round(r.base_test, 2), "test_correct": r.base_correct, "sparsity": 0.0, "mean_bits": 32.0,
+          "knobs": {}, "machine": args.machine})
     for budget in args.model_budgets.get(arch, args.budgets):
         t0 = time.perf_counter()
         cand = {
@@ -339,6 +341,27 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def per_image_rows(rows: list[dict], first: str = "lrp") -> list[dict]:
+    """``first`` against every other method at each (model, budget) where both rows kept their test images'
+    outcomes: the images only one of the two files gets right and McNemar's exact p on them (the test images' noise
+    alone, for this pair of files)."""
+    kept = {(r["model"], r["budget"], r["method"]): unpack_correct(r["test_correct"]) for r in rows
+            if r.get("test_correct") and r["method"] != "float32"}
+    acc = {(r["model"], r["budget"], r["method"]): r["accuracy"] for r in rows}
+    out = []
+    for (model, budget, method), mine in sorted(kept.items()):
+        if method != first:
+            continue
+        others = sorted(m for (mo, b, m) in kept if (mo, b) == (model, budget) and m != first)
+        for other in others:
+            only_first, only_other, p = mcnemar(mine, kept[(model, budget, other)])
+            out.append({"model": model, "budget": f"{budget:g}×", "comparison": f"{first} − {other}",
+                        "accuracy difference": f"{acc[(model, budget, first)] - acc[(model, budget, other)]:+.2f}",
+                        f"only {first} right": only_first, "only the other right": only_other,
+                        "McNemar p": f"{p:.3f}"})
+    return out
+
+
 def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started: str, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -364,6 +387,14 @@ def write_results(rows: list[dict], args: argparse.Namespace, out: Path, started
         mrows = [dict(r, knobs=", ".join(f"{k}={v}" for k, v in r["knobs"].items())) for r in rows if r["model"] == m]
         mrows.sort(key=lambda r: (r["budget"], -r["accuracy"]))
         lines += [markdown_table(mrows, cols), ""]
+    by_image = per_image_rows(rows)
+    if by_image:
+        lines += ["## lrp against each method, image by image", "",
+                  "Rows that kept each test image's outcome (measured from 2026-12-07 on): the images only one of the "
+                  "two files gets right, and McNemar's exact two-sided p on them: how likely a split that lopsided is "
+                  "if both files were equally accurate. It covers the test images' noise only; another seed (scoring "
+                  "images, held-out split) moves both files too.", "",
+                  markdown_table(by_image, [(k, k) for k in by_image[0]]), ""]
     (out / "results.md").write_text("\n".join(lines))
     (out / "summary.md").write_text(summary_table(rows))
     plot(rows, out / "accuracy_vs_size.png")

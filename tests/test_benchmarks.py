@@ -66,9 +66,8 @@ def test_bench_blocks_reports_missing_inputs_in_one_line(tmp_path, shared_dir, w
     assert_argparse_error(proc, message)
 
 
-def test_bench_blocks_records_each_test_images_outcome(shared_dir, tmp_path):
-    from bench_blocks import outcomes
-    from summarize_blocks import unpack_correct
+def test_outcomes_record_each_test_images_result(shared_dir, tmp_path):
+    from paired import outcomes, unpack_correct
 
     from lrpcompress.data import load_data
     from lrpcompress.evaluation import accuracy, predictions
@@ -185,6 +184,26 @@ def test_summarize_blocks_pools_seeds_into_a_sign_test_and_a_standard_error(tmp_
     assert "| lrp − l1 | 4 | +0.30 | 0.13 | 3 / 1 / 0 | +0.00 to +0.60 | 0.250 | +0.20× |" in out.read_text()
 
 
+def test_summarize_blocks_pairs_each_model_and_budget_apart(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    # resnet20 3 blocks: lrp ahead of l1 by 0.5 and 0.3 on seeds 0 and 1; resnet44 7 blocks: behind by 1.0 (seed 0)
+    for seed, (lrp, l1) in enumerate([(87.0, 86.5), (87.3, 87.0)]):
+        _page(res / f"blocks_rn20_{seed}.json", f"--blocks 3 --criteria lrp,l1 --reference library --seed {seed}",
+              [_row("lrp", lrp, 1.6), _row("l1", l1)])
+    _page(res / "blocks_rn44.json", "--arch resnet44 --blocks 7 --criteria lrp,l1 --reference library",
+          [_row("lrp", 88.0), _row("l1", 89.0)])
+    out = tmp_path / "summary.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    # pooled: +0.5, +0.3, -1.0 (mean -0.067); per budget each on its own (s.d. 0.141 / sqrt 2), no s.e. from one run
+    assert any(line.startswith("| lrp − l1 | 3 | -0.07 |") for line in lines)
+    assert "| resnet20 | 3 | lrp − l1 | 2 | +0.40 | 0.10 | 2 / 0 / 0 | +0.30 to +0.50 | 0.500 | +0.10× |" in lines
+    assert "| resnet44 | 7 | lrp − l1 | 1 | -1.00 | – | 0 / 0 / 1 | -1.00 to -1.00 | 1.000 | +0.00× |" in lines
+    assert not any("lrp − taylor" in line for line in lines)  # no taylor runs: no such line
+
+
 def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(tmp_path):
     import base64
 
@@ -212,10 +231,32 @@ def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(t
     assert row.endswith("| 1 / 0 of 2 |"), row
 
 
+def test_run_benchmark_pairs_lrp_with_each_method_image_by_image():
+    import base64
+
+    import numpy as np
+    from run_benchmark import per_image_rows
+
+    def row(method: str, budget: float, right: np.ndarray | None) -> dict:
+        if right is None:
+            return {"model": "resnet20", "method": method, "budget": budget, "accuracy": 50.0}
+        return {"model": "resnet20", "method": method, "budget": budget, "accuracy": 100.0 * right.mean(),
+                "test_correct": base64.b64encode(np.packbits(right)).decode("ascii")}
+
+    lrp = np.arange(40) < 30  # right on images 0-29
+    taylor = (np.arange(40) >= 2) & (np.arange(40) < 30)  # 2-29: lrp alone right on 2 images, taylor alone on none
+    rows = [row("float32", 1.0, np.ones(40, bool)), row("lrp", 8.0, lrp), row("taylor", 8.0, taylor),
+            row("magnitude", 8.0, None),  # a row from before the records: not paired
+            row("lrp", 12.0, lrp)]  # nothing else at 12x
+    assert per_image_rows(rows) == [{
+        "model": "resnet20", "budget": "8×", "comparison": "lrp − taylor", "accuracy difference": "+5.00",
+        "only lrp right": 2, "only the other right": 0, "McNemar p": "0.500"}]
+
+
 def test_mcnemar_counts_the_images_only_one_model_gets_right():
     import numpy as np
 
-    from summarize_blocks import mcnemar
+    from paired import mcnemar
 
     a = np.array([1, 1, 1, 0, 0, 1], bool)
     b = np.array([1, 0, 0, 1, 0, 1], bool)
@@ -226,7 +267,7 @@ def test_mcnemar_counts_the_images_only_one_model_gets_right():
 
 
 def test_sign_test_is_the_exact_binomial_tail():
-    from summarize_blocks import sign_test
+    from paired import sign_test
 
     assert sign_test(0, 0) == 1.0
     assert sign_test(9, 0) == pytest.approx(2 / 2 ** 9)
