@@ -342,11 +342,11 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def per_image_rows(rows: list[dict], first: str = "lrp") -> list[dict]:
-    """``first`` against every other method at each (model, budget) where both rows kept their test images'
-    outcomes: the images only one of the two files gets right and McNemar's exact p on them (the test images' noise
-    alone, for this pair of files)."""
+    """``first`` against every other post-training method at each (model, budget) where both rows kept their test
+    images' outcomes: the images only one of the two files gets right and McNemar's exact p on them (the test images'
+    noise alone, for this pair of files). Fine-tuned rows (``lrp+ft2``) are left out: they answer another question."""
     kept = {(r["model"], r["budget"], r["method"]): unpack_correct(r["test_correct"]) for r in rows
-            if r.get("test_correct") and r["method"] != "float32"}
+            if r.get("test_correct") and r["method"] != "float32" and "+ft" not in r["method"]}
     acc = {(r["model"], r["budget"], r["method"]): r["accuracy"] for r in rows}
     out = []
     for (model, budget, method), mine in sorted(kept.items()):

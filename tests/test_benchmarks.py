@@ -247,6 +247,7 @@ def test_run_benchmark_pairs_lrp_with_each_method_image_by_image():
     taylor = (np.arange(40) >= 2) & (np.arange(40) < 30)  # 2-29: lrp alone right on 2 images, taylor alone on none
     rows = [row("float32", 1.0, np.ones(40, bool)), row("lrp", 8.0, lrp), row("taylor", 8.0, taylor),
             row("magnitude", 8.0, None),  # a row from before the records: not paired
+            row("lrp+ft1", 8.0, taylor),  # fine-tuned: not a post-training method
             row("lrp", 12.0, lrp)]  # nothing else at 12x
     assert per_image_rows(rows) == [{
         "model": "resnet20", "budget": "8×", "comparison": "lrp − taylor", "accuracy difference": "+5.00",
