@@ -349,12 +349,12 @@ def per_image_rows(rows: list[dict], first: str = "lrp") -> list[dict]:
             if r.get("test_correct") and r["method"] != "float32" and "+ft" not in r["method"]}
     acc = {(r["model"], r["budget"], r["method"]): r["accuracy"] for r in rows}
     out = []
-    for (model, budget, method), mine in sorted(kept.items()):
+    for model, budget, method in sorted(kept):
         if method != first:
             continue
         others = sorted(m for (mo, b, m) in kept if (mo, b) == (model, budget) and m != first)
         for other in others:
-            only_first, only_other, p = mcnemar(mine, kept[(model, budget, other)])
+            only_first, only_other, p = mcnemar(kept[(model, budget, first)], kept[(model, budget, other)])
             out.append({"model": model, "budget": f"{budget:g}×", "comparison": f"{first} − {other}",
                         "accuracy difference": f"{acc[(model, budget, first)] - acc[(model, budget, other)]:+.2f}",
                         f"only {first} right": only_first, "only the other right": only_other,

@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: on "
                         "classes 0,1,8 ahead of lrp in 10 of 15 paired runs, by 0.22 +- 0.09), lrp (relevance of that "
                         "change under --composite: on all 10 classes the fastest cut at equal count and on every "
-                        "model's speed/accuracy front, ahead of taylor by 0.30 +- 0.08 over 16 paired runs, level "
-                        "with l1 and norm in accuracy; docs/FINDINGS.md §19-21), taylor (its gradient x change), l1 "
+                        "model's speed/accuracy front, ahead of taylor by 0.28 +- 0.08 over 17 paired runs and of "
+                        "l1 on ResNet-44 in all 8, level with l1 on ResNet-20 and with norm in accuracy; "
+                        "docs/FINDINGS.md §19-22), taylor (its gradient x change), l1 "
                         "(mean |weight|), sensitivity (loss without the block), random")
     c.add_argument("--block-reference", default=None, choices=("zero", "mean"),
                    help="norm, lrp and taylor measure a block's whole change to its input (zero) or the change minus "
