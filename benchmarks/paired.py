@@ -26,11 +26,16 @@ def outcomes(net: torch.nn.Module, data) -> tuple[float, str]:
     """Accuracy (%) on ``data`` and which of its images were right: packed bits (one per image, in order, padded to a
     byte), base64."""
     right = predictions(net, data, show_progress=False) == data.y
-    return 100.0 * float(right.mean()), base64.b64encode(np.packbits(right)).decode("ascii")
+    return 100.0 * float(right.mean()), pack_correct(right)
+
+
+def pack_correct(right: np.ndarray) -> str:
+    """One bool per image, in order, as the record rows keep: packed bits (padded to a byte), base64."""
+    return base64.b64encode(np.packbits(right)).decode("ascii")
 
 
 def unpack_correct(packed: str) -> np.ndarray:
-    """:func:`outcomes`' record as bools (its padding bits included: they are 0 in every record, so never discordant)."""
+    """:func:`pack_correct`'s record as bools (its padding bits included: they are 0 in every record, so never discordant)."""
     return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8)).astype(bool)
 
 

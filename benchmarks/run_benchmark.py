@@ -349,9 +349,7 @@ def per_image_rows(rows: list[dict], first: str = "lrp") -> list[dict]:
             if r.get("test_correct") and r["method"] != "float32" and "+ft" not in r["method"]}
     acc = {(r["model"], r["budget"], r["method"]): r["accuracy"] for r in rows}
     out = []
-    for model, budget, method in sorted(kept):
-        if method != first:
-            continue
+    for model, budget, _ in sorted(k for k in kept if k[2] == first):
         others = sorted(m for (mo, b, m) in kept if (mo, b) == (model, budget) and m != first)
         for other in others:
             only_first, only_other, p = mcnemar(kept[(model, budget, first)], kept[(model, budget, other)])

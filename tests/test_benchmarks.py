@@ -205,12 +205,11 @@ def test_summarize_blocks_pairs_each_model_and_budget_apart(tmp_path):
 
 
 def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(tmp_path):
-    import base64
-
     import numpy as np
+    from paired import pack_correct
 
     def packed(n_right: int) -> str:
-        return base64.b64encode(np.packbits(np.arange(100) < n_right)).decode("ascii")
+        return pack_correct(np.arange(100) < n_right)
 
     res = tmp_path / "results"
     res.mkdir()
@@ -232,16 +231,15 @@ def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(t
 
 
 def test_run_benchmark_pairs_lrp_with_each_method_image_by_image():
-    import base64
-
     import numpy as np
+    from paired import pack_correct
     from run_benchmark import per_image_rows
 
     def row(method: str, budget: float, right: np.ndarray | None) -> dict:
         if right is None:
             return {"model": "resnet20", "method": method, "budget": budget, "accuracy": 50.0}
         return {"model": "resnet20", "method": method, "budget": budget, "accuracy": 100.0 * right.mean(),
-                "test_correct": base64.b64encode(np.packbits(right)).decode("ascii")}
+                "test_correct": pack_correct(right)}
 
     lrp = np.arange(40) < 30  # right on images 0-29
     taylor = (np.arange(40) >= 2) & (np.arange(40) < 30)  # 2-29: lrp alone right on 2 images, taylor alone on none
