@@ -15,6 +15,11 @@ batch 64 of the dense model and every distinct cut, timed in one alternation (me
     python benchmarks/bench_blocks.py --arch resnet44 --blocks 7 --criteria norm,lrp,taylor
     python benchmarks/bench_blocks.py --criteria norm,lrp --reference mean --out benchmarks/results/blocks_rn20_mean.md
     python benchmarks/bench_blocks.py --arch resnet32 --weights resnet32=/tmp/resnet32-scratch.pt --blocks 5
+    python benchmarks/bench_blocks.py --arch resnet44 --speedup 1.75 --criteria lrp,l1,taylor --reference library
+
+``--speedup S`` replaces the block count by a CPU speed target (``BlockPruneConfig.speedup``): what removing each
+block saves at batch 64 is measured once on the dense model (``measure_block_costs``) and every criterion removes the
+blocks of smallest summed score whose savings reach the target; the page lists the costs beside the scores.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.blocks import BLOCK_CRITERIA, BlockPruneConfig, prune_blocks, remove_blocks  # noqa: E402
+from lrpcompress.blocks import (BLOCK_COSTS, BLOCK_CRITERIA, BlockPruneConfig, measure_block_costs,  # noqa: E402
+                                prune_blocks, removable_blocks, remove_blocks)
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
@@ -50,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The script's options (summarize_blocks.py reads committed pages' commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet20")
-    ap.add_argument("--blocks", type=int, default=3, help="blocks removed by every criterion")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks removed by every criterion (default 3)")
+    ap.add_argument("--speedup", type=float, default=None,
+                    help="instead of --blocks: a speed target; each criterion removes the blocks of smallest summed "
+                         "score whose measured cost reaches it")
+    ap.add_argument("--cost", default="cpu", choices=BLOCK_COSTS,
+                    help="what --speedup counts: CPU time at batch 64 (measured once) or MACs")
     ap.add_argument("--criteria", default=",".join(BLOCK_CRITERIA))
     ap.add_argument("--classes", default=None, help="a class subset (indices or names), e.g. 0,1,8")
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
@@ -73,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def block_configs(args: argparse.Namespace, criteria: list[str]) -> dict[str, BlockPruneConfig]:
     """Each criterion's BlockPruneConfig under the options (``--reference`` applies to norm, lrp and taylor)."""
+    count = 0 if args.speedup is not None else 3 if args.blocks is None else args.blocks
     return {crit: BlockPruneConfig(
-        args.blocks, crit, spread=args.spread, composite=args.composite, samples=args.samples, seed=args.seed,
-        steps=args.steps,
+        count, crit, speedup=args.speedup, cost=args.cost, spread=args.spread, composite=args.composite,
+        samples=args.samples, seed=args.seed, steps=args.steps,
         reference=None if args.reference == "library" else args.reference if crit in ("norm", "lrp", "taylor")
         else "zero") for crit in criteria}
 
@@ -87,6 +99,8 @@ def main() -> None:
     bad = [c for c in criteria if c not in BLOCK_CRITERIA]
     if bad:
         ap.error(f"unknown criterion {bad[0]!r}; choose from {', '.join(BLOCK_CRITERIA)}")
+    if args.speedup is not None and args.blocks is not None:
+        ap.error("give --blocks or --speedup, not both")
     try:  # every setting checked before the data and model load
         configs = block_configs(args, criteria)
     except LrpcError as e:
@@ -105,11 +119,17 @@ def main() -> None:
     val_size = min(args.val_size, len(train_all) // 5)
     fit, val = split_train_val(train_all, val_size, args.seed)
 
+    costs = None  # with --speedup: one measurement of the dense model's blocks for every criterion
+    if args.speedup is not None:
+        example = fit.tensor(np.arange(1))
+        costs = measure_block_costs(dense, example, removable_blocks(dense, example), args.cost)
+        print(f"block costs ({costs.unit}, model {costs.total:.4g}): "
+              + ", ".join(f"{b} {c:.4g}" for b, c in costs.blocks.items()), flush=True)
     cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them
     scores: dict[str, dict[str, float]] = {}
     for crit, cfg in configs.items():
         try:  # a count above the model's removable blocks fails here, before any scoring
-            res = prune_blocks(dense, fit, cfg, show_progress=False)
+            res = prune_blocks(dense, fit, cfg, show_progress=False, costs=costs)
         except LrpcError as e:
             ap.error(str(e))
         scores[crit] = res.scores
@@ -129,6 +149,7 @@ def main() -> None:
     for i, (cut, crits) in enumerate(cuts.items(), start=1):
         net = models[cut]
         row = {"criterion": ", ".join(crits), "removed": ", ".join(cut),
+               **({"predicted": round(costs.speedup(cut), 2)} if costs else {}),
                "MACs": round(passes[0][i]["macs"] / passes[0][0]["macs"], 3), "ms b64": round(ms[i], 2),
                "speed-up": round(ms[0] / ms[i], 2), "held-out": round(accuracy(net, val, show_progress=False), 2)}
         acc, correct[row["criterion"]] = outcomes(net, test)
@@ -146,13 +167,25 @@ def main() -> None:
     cmd = shlex.join(["python", "benchmarks/bench_blocks.py", *sys.argv[1:]])
     machine = cpu_line()
     task = f"classes {', '.join(train_all.classes)}" if classes else "all 10 classes"
-    score_rows = [{"block": b, **{c: round(scores[c][b], 4) for c in criteria}} for b in scores[criteria[0]]]
+    score_rows = [{"block": b, **({f"cost ({costs.unit})": round(costs.blocks[b], 3 if costs.unit == "ms" else None)}
+                                  if costs else {}), **{c: round(scores[c][b], 4) for c in criteria}}
+                  for b in scores[criteria[0]]]
+    budget = (f"blocks cut to a {args.speedup:g}x {args.cost} target" if args.speedup is not None
+              else f"{configs[criteria[0]].count} blocks replaced by their shortcut")
+    target = ("" if costs is None else
+              f"Budget: every criterion removes the blocks of smallest summed score whose costs add up to "
+              f"{costs.saving(args.speedup):.4g} {costs.unit} of the dense model's {costs.total:.4g}, a "
+              f"{args.speedup:g}x target; costs measured once for all criteria by `measure_block_costs`"
+              + (" (each group of blocks with the same layers and input shape removed at once and timed at batch 64 "
+                 "in alternation with the dense model, 50 rounds; its blocks share the median saving per round)"
+                 if costs.unit == "ms" else "") + "; `predicted`: the speed-up those costs predict for the cut, "
+              "`speed-up`: the one measured below. ")
     mean_note = {"zero": "", "mean": ": norm, lrp and taylor on the block's change minus its mean change per channel",
                  "library": ": each criterion's library default, the mean change for lrp and taylor, zero for norm"}[
         args.reference]
     write_page(args.out, [
-        f"# Block criteria: {args.arch}, {task}, {args.blocks} blocks replaced by their shortcut", "",
-        f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. "
+        f"# Block criteria: {args.arch}, {task}, {budget}", "",
+        f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. " + target +
         f"Blocks ranked on {args.samples} reference images of the training data minus {val_size} held out "
         f"({'at most ceil(k / stages) per stage' if args.spread else 'the k lowest wherever they are'}"
         f"{f', in {args.steps} rounds rescored on the cut model' if args.steps > 1 else ''}; lrp: "
@@ -167,6 +200,7 @@ def main() -> None:
         "## Block scores (low = removed first)", "",
         markdown_table(score_rows, [(k, k) for k in score_rows[0]]), ""])
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows, "scores": scores,
+                                                               "costs": costs.as_dict() if costs else None,
                                                                "test_correct": correct},
                                                               indent=2) + "\n")
 

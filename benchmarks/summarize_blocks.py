@@ -12,6 +12,10 @@ second one repeats LRP's lines against L1, Taylor and the norm for each (model, 
 
     python benchmarks/summarize_blocks.py                      # writes benchmarks/results/blocks_summary.md
     python benchmarks/summarize_blocks.py --classes 0,1,8 --epochs 1 --out benchmarks/results/blocks_task_summary.md
+    python benchmarks/summarize_blocks.py --speed-targets --out benchmarks/results/blocks_speed_summary.md
+
+``--speed-targets``: the pages run with ``--speedup S`` (every criterion cut to one CPU speed target) instead of
+those run with a block count; the ``target`` column takes the place of ``blocks``.
 """
 
 from __future__ import annotations
@@ -66,8 +70,17 @@ def model_labels(pages: list[tuple[str, str | None]]) -> dict[tuple[str, str | N
             for arch, w in pages}
 
 
-def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dict, dict]:
-    """{(model, blocks, seed): {column: row}} and {model: dense test accuracy} from every block page."""
+def page_budget(s: argparse.Namespace) -> int | str:
+    """A page's budget: its block count, or its speed target as text (``1.75x``) for pages run with ``--speedup``."""
+    if s.speedup is not None:
+        return f"{s.speedup:g}x" + ("" if s.cost == "cpu" else f" {s.cost}")
+    return 3 if s.blocks is None else s.blocks
+
+
+def collect(results: Path, epochs: int, classes: str | None = None,
+            speed_targets: bool = False) -> tuple[dict, dict]:
+    """{(model, budget, seed): {column: row}} and {model: dense test accuracy} from every block page with a block
+    count (``speed_targets``: with a speed target instead)."""
     cells: dict[tuple[str, int, int], dict[str, dict]] = {}
     dense: dict[str, float] = {}
     pages = []
@@ -75,13 +88,13 @@ def collect(results: Path, epochs: int, classes: str | None = None) -> tuple[dic
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
         s = page_settings(page["command"], classes, parser)
-        if s is None or s.epochs != epochs:
+        if s is None or s.epochs != epochs or (s.speedup is not None) != speed_targets:
             continue
         pages.append((path, s, page, (s.arch, dict(s.weights or []).get(s.arch))))
     labels = model_labels([checkpoint for *_, checkpoint in pages])
     for path, s, page, checkpoint in pages:
         model = labels[checkpoint]
-        key = (model, s.blocks, s.seed)
+        key = (model, page_budget(s), s.seed)
         configs = block_configs(s, list(CRITERIA))  # what the page ran each criterion with
         for row in page["rows"]:
             if row["criterion"] == "dense":
@@ -124,7 +137,7 @@ def paired_row(cells: dict, col: str, base: str) -> dict | None:
             "speed-up difference": f"{statistics.fmean(speed):+.2f}×", **per_image(both)}
 
 
-def budget_rows(cells: dict) -> list[dict]:
+def budget_rows(cells: dict, budget: str = "blocks") -> list[dict]:
     """The paired lines of :data:`BY_BUDGET` for each (model, blocks) on its own: is the first column ahead at every
     budget, not only pooled."""
     rows = []
@@ -133,7 +146,7 @@ def budget_rows(cells: dict) -> list[dict]:
         for col, base in BY_BUDGET:
             r = paired_row(mine, col, base)
             if r:
-                rows.append({"model": model, "blocks": k, **r})
+                rows.append({"model": model, budget: k, **r})
     return rows
 
 
@@ -166,14 +179,18 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs of the runs compared")
     ap.add_argument("--classes", default=None, help="the runs on this class subset, as the pages give it (e.g. 0,1,8)")
+    ap.add_argument("--speed-targets", action="store_true",
+                    help="the pages run with --speedup (one CPU speed target per run) instead of a block count")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "blocks_summary.md"))
     args = ap.parse_args()
     results = Path(args.results)
     if not results.is_dir():
         ap.error(f"no results folder at {results}")
-    cells, dense = collect(results, args.epochs, args.classes)
+    cells, dense = collect(results, args.epochs, args.classes, args.speed_targets)
+    budget = "target" if args.speed_targets else "blocks"
     if not cells:
         ap.error(f"no bench_blocks.py pages with {args.epochs} recovery epochs"
+                 f"{' and a --speedup target' if args.speed_targets else ''}"
                  f"{f' on classes {args.classes}' if args.classes else ''} under {results}")
 
     present = {col for c in cells.values() for col in c}
@@ -184,7 +201,7 @@ def main() -> None:
 
     rows = []
     for (arch, k, seed), c in sorted(cells.items()):
-        row = {"model": arch, "blocks": k, "seed": seed, **{col: fmt(c.get(col)) for col in columns}}
+        row = {"model": arch, budget: k, "seed": seed, **{col: fmt(c.get(col)) for col in columns}}
         lrp, rounds = c.get("lrp"), c.get("lrp rounds")
         row["rounds − one pass"] = f"{rounds['test'] - lrp['test']:+.2f}" if lrp and rounds else "–"
         others = [e["test"] for col, e in c.items() if not col.startswith("lrp")]
@@ -195,7 +212,7 @@ def main() -> None:
     means = []
     for arch, k in sorted({(a, b) for a, b, _ in cells}):
         seeds = sorted(s for a, b, s in cells if (a, b) == (arch, k))
-        row = {"model": arch, "blocks": k, "dense": dense.get(arch, float("nan"))}
+        row = {"model": arch, budget: k, "dense": dense.get(arch, float("nan"))}
         for col in columns:
             got = [cells[(arch, k, s)][col]["test"] for s in seeds if col in cells[(arch, k, s)]]
             row[col] = f"{statistics.fmean(got):.2f} (n={len(got)})" if got else "–"
@@ -213,7 +230,7 @@ def main() -> None:
                                    statistics.fmean(e["speed"] for e in got), len(got)))
         for col, k, acc, speed, n in sorted(points, key=lambda p: -p[3]):
             beaten = any(a2 >= acc and s2 >= speed and (a2, s2) != (acc, speed) for _, _, a2, s2, _ in points)
-            front.append({"model": arch, "criterion": col, "blocks": k, "speed-up": f"{speed:.2f}×",
+            front.append({"model": arch, "criterion": col, budget: k, "speed-up": f"{speed:.2f}×",
                           "test": f"{acc:.2f} (n={n})", "on the front": "–" if beaten else "yes"})
 
     cmd = shlex.join(["python", "benchmarks/summarize_blocks.py", *sys.argv[1:]])
@@ -252,7 +269,7 @@ def main() -> None:
                      if any(PER_IMAGE in r for r in comparisons) else ""), "",
                   markdown_table(comparisons, [(k, k) for k in dict.fromkeys(k for r in comparisons for k in r)]),
                   ""]
-    by_budget = budget_rows(cells)
+    by_budget = budget_rows(cells, budget)
     if by_budget:
         lines += ["## The same, per model and budget", "",
                   "LRP against L1, Taylor and the norm within each (model, blocks): the same columns over that budget's "

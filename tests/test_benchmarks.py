@@ -37,6 +37,9 @@ def shared_dir(tmp_path: Path, resnet20_weights: Path) -> tuple[Path, Path]:
     (("--steps", 0), "steps must be an int >= 1"),
     (("--blocks", 2, "--steps", 3), "use steps <= count"),
     (("--criteria", "norm,bogus"), "unknown criterion 'bogus'"),
+    (("--blocks", 2, "--speedup", 2.0), "give --blocks or --speedup, not both"),
+    (("--speedup", 1.0), "a number above 1"),
+    (("--speedup", 2.0, "--steps", 2), "one scoring pass"),
 ])
 def test_bench_blocks_rejects_bad_settings_before_loading(tmp_path, args, message):
     out = tmp_path / "page.md"
@@ -52,6 +55,25 @@ def test_bench_blocks_rejects_more_blocks_than_the_model_has(tmp_path, shared_di
                  "--epochs", 0, "--out", out)
     assert_argparse_error(proc, "cannot remove 8 blocks: the model has 7 removable blocks")
     assert not out.exists()
+
+
+def test_bench_blocks_cuts_every_criterion_to_one_speed_target(tmp_path, shared_dir):
+    shared, weights = shared_dir
+    out = tmp_path / "page.md"
+    proc = bench("bench_blocks.py", "--shared", shared, "--weights", f"resnet20={weights}", "--speedup", 1.3,
+                 "--cost", "macs", "--criteria", "lrp,l1", "--samples", 8, "--val-size", 4, "--epochs", 0,
+                 "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    page = json.loads(out.with_suffix(".json").read_text())
+    costs = page["costs"]
+    assert costs["unit"] == "MACs" and set(costs["blocks"].values()) == {4718592}
+    for row in page["rows"][1:]:  # equal MACs per block: the fewest blocks that reach 1.3x, each criterion's lowest
+        assert row["predicted"] >= 1.3 and row["MACs"] <= 1 / 1.3
+        assert row["MACs"] == pytest.approx(1 / row["predicted"], abs=5e-3)
+        crit = row["criterion"].split(", ")[0]
+        ranked = sorted(page["scores"][crit], key=lambda b: (page["scores"][crit][b], b))
+        assert sorted(row["removed"].split(", ")) == sorted(ranked[:len(row["removed"].split(", "))])
+    assert "a 1.3x target" in out.read_text() and "| cost (MACs) |" in out.read_text()
 
 
 @pytest.mark.parametrize("which, message", [("data", "data folder not found"), ("weights", "weights file not found")])
@@ -202,6 +224,54 @@ def test_summarize_blocks_pairs_each_model_and_budget_apart(tmp_path):
     assert "| resnet20 | 3 | lrp − l1 | 2 | +0.40 | 0.10 | 2 / 0 / 0 | +0.30 to +0.50 | 0.500 | +0.10× |" in lines
     assert "| resnet44 | 7 | lrp − l1 | 1 | -1.00 | – | 0 / 0 / 1 | -1.00 to -1.00 | 1.000 | +0.00× |" in lines
     assert not any("lrp − taylor" in line for line in lines)  # no taylor runs: no such line
+
+
+def test_summarize_blocks_keeps_speed_targets_apart_from_block_counts(tmp_path):
+    res = tmp_path / "results"
+    (res / "speed").mkdir(parents=True)
+    _page(res / "blocks_count.json", "--criteria lrp,l1 --reference library", [_row("lrp", 87.0), _row("l1", 86.0)])
+    for seed, (lrp, l1) in enumerate([(86.0, 85.7), (86.2, 86.0)]):
+        _page(res / "speed" / f"blocks_s{seed}.json",
+              f"--speedup 2.0 --criteria lrp,l1 --reference library --seed {seed}",
+              [_row("lrp", lrp, 2.2), _row("l1", l1, 2.3)])
+    _page(res / "speed" / "blocks_macs.json", "--speedup 2.0 --cost macs --criteria lrp --reference library",
+          [_row("lrp", 80.0)])
+    counts, speed = tmp_path / "counts.md", tmp_path / "speed.md"
+    assert bench("summarize_blocks.py", "--results", res, "--out", counts).returncode == 0
+    proc = bench("summarize_blocks.py", "--results", res, "--speed-targets", "--out", speed)
+    assert proc.returncode == 0, proc.stderr
+    text = speed.read_text()
+    # a page without --blocks removed 3 (bench_blocks' default); speed pages are not among the counts
+    assert "| resnet20 | 3 | 0 | 87.00 (1.50×) |" in counts.read_text() and "86.20" not in counts.read_text()
+    assert "| model | target | seed |" in text and "| resnet20 | 2x | 1 | 86.20 (2.20×) |" in text
+    assert "| resnet20 | 2x macs | 0 | 80.00 (1.50×) |" in text  # another cost is another budget
+    assert "| resnet20 | 2x | lrp − l1 | 2 | +0.25 | 0.05 | 2 / 0 / 0 | +0.20 to +0.30 | 0.500 | -0.10× |" in text
+    assert "87.00" not in text
+
+
+def test_retime_blocks_times_every_cut_of_one_model_together(tmp_path, resnet20_weights):
+    res = tmp_path / "results"
+    res.mkdir()
+    w = f"--weights resnet20={resnet20_weights}"
+    _page(res / "blocks_a.json", f"--criteria lrp,l1 --reference library {w}",
+          [dict(_row("lrp", 87.0), removed="layer1.0, layer1.1, layer1.2"), dict(_row("l1", 86.0), removed="layer3.2")])
+    _page(res / "blocks_b.json", f"--speedup 2.0 --criteria lrp --reference library --seed 1 {w}",
+          [dict(_row("lrp", 86.0, 2.2), removed="layer1.2, layer1.1, layer1.0")])
+    _page(res / "blocks_other.json", "--criteria lrp", [dict(_row("lrp", 50.0), removed="layer2.1")])  # shared model
+    out = tmp_path / "retimed.md"
+    proc = bench("retime_blocks.py", "--results", res, "--weights", f"resnet20={resnet20_weights}", "--passes", 1,
+                 "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+            if line.startswith("| layer")]
+    assert [r[0] for r in rows] == ["layer1.0, layer1.1, layer1.2", "layer3.2"]  # the three blocks are faster
+    stage1, last = rows
+    assert stage1[1] == "3" and stage1[4] == "1.50, 2.20" and stage1[5] == "86.5"  # one cut, two runs, mean test
+    assert stage1[6] == "lrp @ 3 s0; lrp @ 2x s1" and last[6] == "l1 @ 3 s0"
+    assert float(stage1[3]) > float(last[3]) and "50.0" not in out.read_text()
+    assert stage1[7] == "yes" and last[7] == "–"  # faster and more accurate
+    proc = bench("retime_blocks.py", "--results", res, "--arch", "resnet44", "--out", out)
+    assert_argparse_error(proc, "no bench_blocks.py pages of resnet44")
 
 
 def test_summarize_blocks_counts_per_image_mcnemar_tests_where_pages_keep_them(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from lrpcompress.blocks import (BLOCK_CRITERIA, BlockPruneConfig, apply_removed, block_scores, prune_blocks,
+from lrpcompress.blocks import (BLOCK_CRITERIA, BlockCosts, BlockPruneConfig, apply_removed, block_scores,
+                                measure_block_costs, prune_blocks, select_by_cost,
                                 removable_blocks, remove_blocks, replaced_blocks, select_blocks)
 from lrpcompress.compress import CompressConfig, QuantConfig, compress, load_compressed
 from lrpcompress.data import ImageData, sample_indices
@@ -79,6 +82,15 @@ def test_select_blocks_takes_the_lowest_and_spreads_on_request():
     ({"count": 2, "steps": 0}, "steps must be an int >= 1"),
     ({"count": 2, "steps": 3}, "use steps <= count"),
     ({"names": ("layer1.0",), "steps": 2}, "use steps <= count"),
+    ({"speedup": 1.0}, "a number above 1"),
+    ({"speedup": True}, "a number above 1"),
+    ({"speedup": float("inf")}, "a number above 1"),
+    ({"speedup": 2.0, "count": 2}, "not two of them"),
+    ({"speedup": 2.0, "names": ("layer1.0",)}, "not two of them"),
+    ({"speedup": 2.0, "steps": 2}, "one scoring pass"),
+    ({"speedup": 2.0, "spread": True}, "one scoring pass"),
+    ({"speedup": 2.0, "cost": "watts"}, "unknown block cost"),
+    ({"count": 2, "cost": "macs"}, "applies to a speedup target"),
 ])
 def test_block_config_names_the_fix(kwargs, message):
     with pytest.raises(LrpcError, match=message):
@@ -306,3 +318,90 @@ def test_unpruned_files_carry_no_removed_list(resnet20):
 def test_apply_removed_refuses_bad_entries(names, message):
     with pytest.raises(LrpcError, match=message):
         apply_removed(build_model("resnet20", 10), names)
+
+
+def _cheapest_cover(scores: dict, costs: dict, saving: float) -> tuple[float, int]:
+    """(summed score, blocks) of the best subset by brute force: the reference select_by_cost must match."""
+    import itertools
+
+    best = None
+    for k in range(len(scores) + 1):
+        for sub in itertools.combinations(sorted(scores), k):
+            if sum(costs[b] for b in sub) >= saving:
+                key = (sum(max(scores[b], 0.0) for b in sub), k)
+                best = key if best is None or key < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_by_cost_is_the_cheapest_cover(seed):
+    rng = np.random.default_rng(seed)
+    names = [f"s{i // 3}.{i % 3}" for i in range(8)]
+    scores = {b: float(v) for b, v in zip(names, rng.normal(1.0, 1.0, 8))}  # some negative
+    costs = {b: float(v) for b, v in zip(names, rng.uniform(1.0, 10.0, 8))}
+    for frac in (0.1, 0.3, 0.6, 0.9):
+        saving = frac * sum(costs.values())
+        chosen = select_by_cost(scores, costs, saving)
+        assert sum(costs[b] for b in chosen) >= saving
+        assert chosen == sorted(chosen, key=lambda b: (scores[b], b))  # lowest score first
+        got = (sum(max(scores[b], 0.0) for b in chosen), len(chosen))
+        best = _cheapest_cover(scores, costs, saving)
+        # exact up to the cost grid: never worse than the best cover of a slightly larger saving
+        assert got[0] <= _cheapest_cover(scores, costs, saving * (1 + 2 / 2000))[0] + 1e-9
+        assert got[0] >= best[0] - 1e-9
+
+
+def test_select_by_cost_trades_score_against_cost_and_names_the_fix():
+    scores = {"a.0": 1.0, "a.1": 2.0, "b.0": 0.3, "b.1": 0.4}
+    costs = {"a.0": 10.0, "a.1": 10.0, "b.0": 3.0, "b.1": 3.0}
+    assert select_by_cost(scores, costs, 6.0) == ["b.0", "b.1"]  # two cheap blocks: summed score 0.7 < 1.0
+    assert select_by_cost(scores, costs, 9.0) == ["a.0"]  # the cheap pair saves only 6
+    assert select_by_cost(scores, costs, 12.0) == ["b.0", "a.0"]  # 1.3, lowest score first
+    assert select_by_cost(scores, costs, 0.0) == []
+    with pytest.raises(LrpcError, match="ask for a smaller speedup"):
+        select_by_cost(scores, costs, 27.0)
+    # a block scored 0 or below is never removed beyond what the saving needs
+    assert select_by_cost({"a": -5.0, "b": 1.0}, {"a": 1.0, "b": 5.0}, 4.0) == ["b"]
+
+
+def test_measured_block_costs(resnet20):
+    from lrpcompress.evaluation import count_macs
+
+    x = torch.randn(1, 3, 32, 32)
+    macs = measure_block_costs(resnet20, x, RESNET20_BLOCKS, "macs")
+    assert macs.unit == "MACs" and macs.total == count_macs(resnet20, x)
+    # every ResNet-20 block: two 3x3 convolutions of c -> c channels on (32 / (c / 16))^2 positions
+    assert set(macs.blocks.values()) == {2 * 16 * 16 * 9 * 32 * 32}
+    cpu = measure_block_costs(resnet20, x, RESNET20_BLOCKS, "cpu", batch_size=8, repeats=3)
+    assert cpu.unit == "ms" and cpu.total > sum(cpu.blocks.values()) > 0
+    # blocks of one signature (same layers, same input shape) share one figure: their spread is timing noise
+    assert cpu.blocks["layer1.0"] == cpu.blocks["layer1.1"] == cpu.blocks["layer1.2"]
+    assert cpu.blocks["layer2.1"] == cpu.blocks["layer2.2"] and cpu.blocks["layer3.1"] == cpu.blocks["layer3.2"]
+    assert cpu.speedup([]) == 1.0 and cpu.speedup(["layer1.0"]) > 1.0
+    assert cpu.saving(2.0) == pytest.approx(cpu.total / 2)
+    with pytest.raises(LrpcError, match="unknown block cost"):
+        measure_block_costs(resnet20, x, RESNET20_BLOCKS, "watts")
+
+
+@pytest.mark.parametrize("criterion", ["lrp", "l1"])
+def test_speedup_target_removes_the_lowest_scored_cover(resnet20, criterion):
+    data = random_data(16)
+    costs = BlockCosts("ms", 100.0, {b: 10.0 if b.startswith("layer1") else 4.0 for b in RESNET20_BLOCKS})
+    cfg = BlockPruneConfig(criterion=criterion, speedup=1.5, samples=16)
+    res = prune_blocks(resnet20, data, cfg, show_progress=False, costs=costs)
+    assert res.costs == costs and set(res.scores) == set(RESNET20_BLOCKS)
+    assert res.removed == select_by_cost(res.scores, costs.blocks, 100.0 / 3)
+    assert costs.speedup(res.removed) >= 1.5
+    assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.removed)
+    assert res.model(data.tensor(np.arange(2))).shape == (2, 10)
+    # MACs are measured when no costs are given: equal per block here, so the target is a count
+    macs = prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=1.3, cost="macs", samples=16),
+                        show_progress=False)
+    needed = math.ceil(macs.costs.saving(1.3) / macs.costs.blocks["layer1.0"])
+    assert macs.removed == sorted(macs.scores, key=lambda b: (macs.scores[b], b))[:needed]
+    with pytest.raises(LrpcError, match=r"out of reach: removing all 7 removable blocks makes the model 1.70x"):
+        prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=2.0, samples=16),
+                     show_progress=False, costs=BlockCosts("ms", 100.0, dict.fromkeys(RESNET20_BLOCKS, 5.9)))
+    with pytest.raises(LrpcError, match="the target counts macs"):
+        prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=1.5, cost="macs", samples=16),
+                     show_progress=False, costs=costs)

@@ -474,6 +474,14 @@ def test_prune_blocks_on_a_users_own_network_stores_the_removed_blocks(tmp_path,
     (("--prune-blocks", "2", "--block-criterion", "l1", "--block-reference", "mean"), "applies to the norm, lrp"),
     (("--prune-blocks", "2", "--prune-channels", "auto", "--target-ratio", "8"), "not combined"),
     (("--recover-epochs", "1"), "add --prune-blocks, --prune-channels"),
+    (("--block-speedup", "1"), "must be above 1"),
+    (("--block-speedup", "nan"), "must be above 1"),
+    (("--block-cost", "macs"), "add --block-speedup"),
+    (("--block-cost", "watts", "--block-speedup", "1.5"), "invalid choice"),
+    (("--prune-blocks", "2", "--block-speedup", "1.5"), "not both"),
+    (("--block-speedup", "1.5", "--block-steps", "2"), "one scoring pass"),
+    (("--block-speedup", "1.5", "--block-spread"), "one scoring pass"),
+    (("--block-speedup", "9", "--block-cost", "macs"), "out of reach: removing all 7 removable blocks"),
 ])
 def test_bad_block_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
     out = tmp_path / "x.lrpc"
@@ -481,6 +489,25 @@ def test_bad_block_options(tmp_path, tiny_data, resnet20_weights, capsys, args, 
                        "--samples", 8, "--no-speed", *args, "--out", out)
     assert_one_line_error(code, err, message)
     assert not out.exists()
+
+
+def test_block_speedup_target_reports_costs_and_loads_back(tmp_path, tiny_data, resnet20_weights, capsys):
+    out, rep = tmp_path / "s.lrpc", tmp_path / "s.json"
+    code, text, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                          "--samples", 8, "--block-speedup", 1.4, "--block-cost", "macs", "--block-criterion", "lrp",
+                          "--bits", 8, "--out", out, "--report", rep)
+    assert code == 0, err
+    info = json.loads(rep.read_text())["block_pruning"]
+    assert info["settings"]["speedup"] == 1.4 and info["settings"]["cost"] == "macs"
+    assert info["costs"]["unit"] == "MACs" and info["predicted_speedup"] >= 1.4
+    # equal MACs per block: the fewest blocks that reach 1.4x, the lowest lrp scores
+    assert info["removed"] == sorted(info["scores"], key=lambda b: (info["scores"][b], b))[:len(info["removed"])]
+    assert f"for a 1.4x macs target, {info['predicted_speedup']:.2f}x predicted" in text
+    from lrpcompress.compress import load_compressed
+
+    net, payload = load_compressed(out)
+    assert all(isinstance(net.get_submodule(b), torch.nn.Identity) for b in info["removed"])
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_prune_streams_stores_shortcut_maps_that_load_back(tmp_path, tiny_data, resnet20_weights, capsys):

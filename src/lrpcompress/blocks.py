@@ -19,12 +19,19 @@ class subset ranks by what those classes use:
 - ``l1``: mean ``|w|`` of the block's weights with BatchNorm folded in (no data);
 - ``sensitivity``: the cross-entropy increase on the reference images when the block alone is removed;
 - ``random``: seeded uniform scores.
+
+Budgets: ``count`` blocks (the lowest scores), or a ``speedup`` target. Blocks of equal MACs differ in CPU time (on
+CIFAR ResNets a stage-1 block, wide maps and few channels, saves 2-3.5x a stage-3 block's time: docs/FINDINGS.md §23),
+so a count says little about speed. With ``speedup`` each block's cost is measured (:func:`measure_block_costs`:
+the CPU milliseconds its removal saves at batch 64, or its MACs) and :func:`select_by_cost` removes the set of blocks
+with the smallest summed score whose summed cost reaches the saving the target needs.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -35,6 +42,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, sample_indices
 from .errors import LrpcError
+from .evaluation import layer_macs
 from .models import model_device
 from .progress import progress
 from .relevance import (REMOVAL_REFERENCES, RelevanceConfig, _eval_out_of_place, _find_folds, _folded_params,
@@ -42,6 +50,7 @@ from .relevance import (REMOVAL_REFERENCES, RelevanceConfig, _eval_out_of_place,
 from .rules import WEIGHTED
 
 BLOCK_CRITERIA = ("norm", "lrp", "taylor", "l1", "sensitivity", "random")
+BLOCK_COSTS = ("cpu", "macs")  # what a speedup target counts: CPU time at batch 64, or multiply-accumulates
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,9 @@ class BlockPruneConfig:
     ``"mean"`` for ``lrp`` and ``taylor`` (plain LRP ranks a stage-3 block low and loses 2-3 points after recovery
     on ResNet-20; from the mean it is level with ``norm``, docs/FINDINGS.md §15) and ``"zero"`` otherwise. ``composite`` / ``start`` / ``epsilon`` set the
     ``lrp`` criterion's relevance; ``samples`` reference images (class-balanced, seeded) feed every data-based
-    criterion.
+    criterion. ``speedup`` (instead of ``count`` or ``names``): remove the blocks of smallest summed score whose
+    measured ``cost`` (``"cpu"``: milliseconds at batch 64 on this machine; ``"macs"``) makes the model that many
+    times cheaper; one scoring pass, no ``spread``.
     """
 
     count: int = 0
@@ -70,12 +81,28 @@ class BlockPruneConfig:
     batch_size: int = 64
     seed: int = 0
     steps: int = 1
+    speedup: float | None = None
+    cost: str = "cpu"
 
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
             raise LrpcError(f"the number of blocks to remove must be an int >= 0, got {self.count!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise LrpcError(f"steps must be an int >= 1, got {self.steps!r}")
+        if self.cost not in BLOCK_COSTS:
+            raise LrpcError(f"unknown block cost {self.cost!r}; choose one of {', '.join(BLOCK_COSTS)}")
+        if self.speedup is None:
+            if self.cost != "cpu":
+                raise LrpcError("a block cost applies to a speedup target: set speedup (e.g. 2.0) or leave cost as cpu")
+        else:
+            if isinstance(self.speedup, bool) or not isinstance(self.speedup, (int, float)) or not (
+                    1.0 < self.speedup < math.inf):
+                raise LrpcError(f"the block speedup target must be a number above 1 (e.g. 1.5), got {self.speedup!r}")
+            if self.count or self.names:
+                raise LrpcError("give a speedup target or a number of blocks or their names, not two of them")
+            if self.steps != 1 or self.spread:
+                raise LrpcError("a speedup target is met in one scoring pass without spread: drop steps and spread, "
+                                "or give a number of blocks instead")
         if self.steps > 1 and self.steps > self.count:
             raise LrpcError(f"steps={self.steps} rounds need at least as many blocks to remove (count={self.count}); "
                             f"use steps <= count, or steps=1 with named blocks")
@@ -110,6 +137,30 @@ class BlockResult:
     removed: list[str]
     scores: dict[str, float] = field(default_factory=dict)  # empty when the blocks were named
     candidates: list[str] = field(default_factory=list)
+    costs: BlockCosts | None = None  # with a speedup target: what the selection counted
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """What a model and each of its removable blocks cost: CPU milliseconds of one forward pass at a batch size
+    (``unit="ms"``), or multiply-accumulates per image (``unit="MACs"``)."""
+
+    unit: str
+    total: float
+    blocks: dict[str, float]
+
+    def saving(self, speedup: float) -> float:
+        """The cost the removed blocks must add up to for the model to become ``speedup`` times cheaper."""
+        return self.total * (1.0 - 1.0 / speedup)
+
+    def speedup(self, removed: Sequence[str]) -> float:
+        """The speed-up these costs predict for removing ``removed`` (blocks' costs taken as additive)."""
+        left = self.total - sum(self.blocks[b] for b in removed)
+        return self.total / left if left > 0 else math.inf
+
+    def as_dict(self) -> dict:
+        return {"unit": self.unit, "total": round(self.total, 4), "blocks": {b: round(c, 4) for b, c in
+                                                                            self.blocks.items()}}
 
 
 def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -141,6 +192,92 @@ def remove_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
     for name in names:
         net.set_submodule(name, nn.Identity())
     return net
+
+
+def _signature(mod: nn.Module, x: torch.Tensor) -> tuple:
+    """Blocks with one signature run the same computation: module types, parameter shapes and the input's shape."""
+    return (tuple(type(m).__name__ for m in mod.modules()), tuple(tuple(p.shape) for p in mod.parameters()),
+            tuple(x.shape[1:]))
+
+
+def measure_block_costs(model: nn.Module, example: torch.Tensor, blocks: Sequence[str], cost: str = "cpu",
+                        batch_size: int = 64, repeats: int = 50, show_progress: bool = False) -> BlockCosts:
+    """Each block's cost and the whole model's. ``"macs"``: multiply-accumulates per image, exact. ``"cpu"``:
+    milliseconds at ``batch_size`` (``example``: one image) on CPU copies, from what removing blocks saves: blocks of
+    one signature (same layers, same input shape) do the same work, so each group is removed at once and its blocks
+    share the saving equally. The dense model and one cut per group are timed in alternation, ``repeats`` rounds after
+    3 warm-up ones, and a group's saving is the median over rounds of the dense pass's time minus the cut's in the same
+    round, so a machine slowing down between rounds cancels out; timing a block inside the dense pass instead
+    overstated the wide early blocks (a 2.3x prediction measured 1.8x)."""
+    if cost not in BLOCK_COSTS:
+        raise LrpcError(f"unknown block cost {cost!r}; choose one of {', '.join(BLOCK_COSTS)}")
+    x1 = example[:1]
+    if cost == "macs":
+        macs = layer_macs(model, x1)
+        per_block = {b: float(sum(v for n, v in macs.items() if n == b or n.startswith(b + "."))) for b in blocks}
+        return BlockCosts("MACs", float(sum(macs.values())), per_block)
+    net = copy.deepcopy(model).cpu().eval()
+    mods = dict(net.named_modules())
+    signature: dict[str, tuple] = {}
+    handles = [mods[b].register_forward_pre_hook(
+        lambda m, inp, b=b: signature.__setitem__(b, _signature(m, inp[0]))) for b in blocks]
+    try:
+        with torch.inference_mode():
+            net(x1.cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[str]] = {}
+    for b in blocks:
+        groups.setdefault(signature[b], []).append(b)
+    nets = [net, *(remove_blocks(net, members) for members in groups.values())]
+    xb = x1.cpu().expand(batch_size, *x1.shape[1:]).contiguous()
+    times: list[list[float]] = [[] for _ in nets]
+    with torch.inference_mode():
+        for r in progress(range(3 + repeats), desc="block costs", unit="pass", disable=not show_progress):
+            for i, n in enumerate(nets):
+                t = time.perf_counter()
+                n(xb)
+                if r >= 3:
+                    times[i].append(time.perf_counter() - t)
+    dense = np.asarray(times[0])
+    saved = [1000.0 * float(np.median(dense - np.asarray(t))) for t in times[1:]]
+    per_block = {b: max(saved[g], 0.0) / len(members) for g, members in enumerate(groups.values()) for b in members}
+    return BlockCosts("ms", 1000.0 * float(np.median(dense)), per_block)
+
+
+def select_by_cost(scores: Mapping[str, float], costs: Mapping[str, float], saving: float,
+                   resolution: int = 2000) -> list[str]:
+    """The blocks of smallest summed score whose summed cost reaches ``saving`` (exact up to cost steps of
+    ``saving / resolution``, each cost rounded down so a chosen set truly reaches it), lowest score first.
+
+    Ties: fewer blocks, then names. Negative scores (a loss that falls without the block) count as 0, so a block is
+    never removed beyond what the saving needs just for its score."""
+    names = sorted(scores)
+    if saving <= 0:
+        return []
+    if sum(costs[b] for b in names) < saving:
+        raise LrpcError(f"the removable blocks cost {sum(costs[b] for b in names):.4g} together, less than the "
+                        f"{saving:.4g} the target needs: ask for a smaller speedup")
+    units = [min(resolution, int(math.floor(costs[b] / saving * resolution))) for b in names]
+    # best[j]: (summed score, blocks, chosen bit mask) reaching j cost steps (j = resolution: the saving or more)
+    best: list[tuple[float, int, int] | None] = [None] * (resolution + 1)
+    best[0] = (0.0, 0, 0)
+    for i, (b, u) in enumerate(zip(names, units)):
+        s = max(float(scores[b]), 0.0)
+        new = list(best)
+        for j, cur in enumerate(best):
+            if cur is None:
+                continue
+            k = min(resolution, j + u)
+            cand = (cur[0] + s, cur[1] + 1, cur[2] | (1 << i))
+            if new[k] is None or cand[:2] < new[k][:2]:
+                new[k] = cand
+        best = new
+    if best[resolution] is None:  # only where rounding down loses the last step: take every block
+        return sorted(names, key=lambda b: (scores[b], b))
+    chosen = [b for i, b in enumerate(names) if best[resolution][2] >> i & 1]
+    return sorted(chosen, key=lambda b: (scores[b], b))
 
 
 def _scoring_indices(data: ImageData, config: BlockPruneConfig) -> np.ndarray:
@@ -255,9 +392,29 @@ def select_blocks(scores: Mapping[str, float], count: int, spread: bool = False,
     return chosen
 
 
-def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig,
-                 show_progress: bool = True) -> BlockResult:
-    """Remove residual blocks from a copy of ``model`` (left unchanged), ranked on reference images of ``data``."""
+def _prune_to_speedup(model: nn.Module, data: ImageData, config: BlockPruneConfig, candidates: list[str],
+                      example: torch.Tensor, costs: BlockCosts | None, show_progress: bool) -> BlockResult:
+    if costs is None:
+        costs = measure_block_costs(model, example, candidates, config.cost, show_progress=show_progress)
+    elif costs.unit != {"cpu": "ms", "macs": "MACs"}[config.cost] or set(costs.blocks) != set(candidates):
+        raise LrpcError(f"the block costs given are in {costs.unit} for {', '.join(costs.blocks) or 'no blocks'}; "
+                        f"the target counts {config.cost} over {', '.join(candidates) or 'no blocks'}")
+    saving = costs.saving(config.speedup)
+    reachable = costs.speedup(candidates)
+    if sum(costs.blocks.values()) < saving:  # before the scoring pass
+        raise LrpcError(f"a {config.speedup:g}x target is out of reach: removing all {len(candidates)} removable "
+                        f"blocks makes the model {reachable:.2f}x cheaper ({config.cost}); ask for less")
+    scores = block_scores(model, data, candidates, config, show_progress)
+    chosen = select_by_cost(scores, costs.blocks, saving)
+    return BlockResult(remove_blocks(model, chosen), chosen, scores, candidates, costs)
+
+
+def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig, show_progress: bool = True,
+                 costs: BlockCosts | None = None) -> BlockResult:
+    """Remove residual blocks from a copy of ``model`` (left unchanged), ranked on reference images of ``data``.
+
+    With ``config.speedup``, ``costs`` (from :func:`measure_block_costs`, in the unit of ``config.cost``) are what the
+    selection counts; measured here when not given (a benchmark gives every criterion one measurement)."""
     example = data.tensor(np.arange(1), model_device(model))
     candidates = removable_blocks(model, example)
     if config.names:
@@ -265,6 +422,8 @@ def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig,
         if unknown:
             raise LrpcError(f"{unknown[0]} is not a removable block; the model's are: {', '.join(candidates) or 'none'}")
         return BlockResult(remove_blocks(model, config.names), list(config.names), {}, candidates)
+    if config.speedup is not None:
+        return _prune_to_speedup(model, data, config, candidates, example, costs, show_progress)
     _check_count(config.count, candidates)  # before the scoring pass
     if not config.count:
         return BlockResult(remove_blocks(model, []), [], {}, candidates)
@@ -311,5 +470,6 @@ def apply_removed(model: nn.Module, names: object) -> nn.Module:
     return model
 
 
-__all__ = ["BLOCK_CRITERIA", "BlockPruneConfig", "BlockResult", "apply_removed", "block_scores", "prune_blocks",
-           "removable_blocks", "remove_blocks", "replaced_blocks", "select_blocks"]
+__all__ = ["BLOCK_COSTS", "BLOCK_CRITERIA", "BlockCosts", "BlockPruneConfig", "BlockResult", "apply_removed",
+           "block_scores", "measure_block_costs", "prune_blocks", "removable_blocks", "remove_blocks",
+           "replaced_blocks", "select_blocks", "select_by_cost"]
