@@ -21,7 +21,7 @@ class subset ranks by what those classes use:
 - ``random``: seeded uniform scores.
 
 Budgets: ``count`` blocks (the lowest scores), or a ``speedup`` target. Blocks of equal MACs differ in CPU time (on
-CIFAR ResNets a stage-1 block, wide maps and few channels, saves 2-3.5x a stage-3 block's time: docs/FINDINGS.md §23),
+CIFAR ResNets a stage-1 block, wide maps and few channels, saves 2-4x a stage-3 block's time: docs/FINDINGS.md §23),
 so a count says little about speed. With ``speedup`` each block's cost is measured (:func:`measure_block_costs`:
 the CPU milliseconds its removal saves at batch 64, or its MACs) and :func:`select_by_cost` removes the set of blocks
 with the smallest summed score whose summed cost reaches the saving the target needs.
