@@ -254,6 +254,10 @@ def select_by_cost(scores: Mapping[str, float], costs: Mapping[str, float], savi
     Ties: fewer blocks, then names. Negative scores (a loss that falls without the block) count as 0, so a block is
     never removed beyond what the saving needs just for its score."""
     names = sorted(scores)
+    bad = [b for b in names if b not in costs or not 0 <= costs[b] < math.inf]
+    if bad:
+        raise LrpcError(f"block {bad[0]} has no cost or a cost that is not a finite number >= 0: "
+                        f"{costs.get(bad[0])!r}")
     if saving <= 0:
         return []
     if sum(costs[b] for b in names) < saving:
