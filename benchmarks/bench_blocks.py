@@ -180,7 +180,8 @@ def main() -> None:
                  "in alternation with the dense model, 50 rounds; its blocks share the median saving per round)"
                  if costs.unit == "ms" else "") + "; `predicted`: the speed-up those costs predict for the cut, "
               "`speed-up`: the one measured below. ")
-    selection = "the k lowest wherever they are"
+    selection = ("the speed target above" if costs else "at most ceil(k / stages) per stage" if args.spread
+                 else "the k lowest wherever they are")
     mean_note = {"zero": "", "mean": ": norm, lrp and taylor on the block's change minus its mean change per channel",
                  "library": ": each criterion's library default, the mean change for lrp and taylor, zero for norm"}[
         args.reference]
@@ -188,7 +189,7 @@ def main() -> None:
         f"# Block criteria: {args.arch}, {task}, {budget}", "",
         f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {machine}. " + target +
         f"Blocks ranked on {args.samples} reference images of the training data minus {val_size} held out "
-        f"({'the speed target above' if costs else 'at most ceil(k / stages) per stage' if args.spread else selection}"
+        f"({selection}"
         f"{f', in {args.steps} rounds rescored on the cut model' if args.steps > 1 else ''}; lrp: "
         f"{args.composite}; reference {args.reference}{mean_note}); the library's `prune_blocks`. "
         f"Recovery: {args.epochs} epoch(s) of RECOVERY_RECIPE "

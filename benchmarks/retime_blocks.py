@@ -36,7 +36,7 @@ from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 from bench_blocks import build_parser  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
-from summarize_blocks import page_budget  # noqa: E402
+from summarize_blocks import on_front, page_budget  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -95,10 +95,9 @@ def main() -> None:
                      "test (mean)": round(statistics.fmean(r["test"] for r in runs), 2),
                      "runs": "; ".join(f"{r['criterion']} @ {r['budget']} s{r['seed']}" for r in runs)})
     rows.sort(key=lambda r: -r["speed-up"])
+    points = [(r["test (mean)"], r["speed-up"]) for r in rows]
     for r in rows:
-        beaten = any(o["test (mean)"] >= r["test (mean)"] and o["speed-up"] >= r["speed-up"] and o is not r
-                     for o in rows)
-        r["on the front"] = "–" if beaten else "yes"
+        r["on the front"] = "yes" if on_front(r["test (mean)"], r["speed-up"], points) else "–"
     cmd = shlex.join(["python", "benchmarks/retime_blocks.py", *sys.argv[1:]])
     lines = [f"# Block cuts of {args.arch} timed again in one alternation", "",
              f"Command: `{cmd}`; {datetime.date.today()}; torch {torch.__version__}, {cpu_line()}. Dense model "

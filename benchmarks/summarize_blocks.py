@@ -70,6 +70,12 @@ def model_labels(pages: list[tuple[str, str | None]]) -> dict[tuple[str, str | N
             for arch, w in pages}
 
 
+def on_front(acc: float, speed: float, points: list[tuple[float, float]]) -> bool:
+    """Whether (accuracy, speed-up) is on the front of ``points``: no other point is both at least as accurate and at
+    least as fast (an identical point does not count against it)."""
+    return not any(a >= acc and s >= speed and (a, s) != (acc, speed) for a, s in points)
+
+
 def page_budget(s: argparse.Namespace) -> int | str:
     """A page's budget: its block count, or its speed target as text (``1.75x``) for pages run with ``--speedup``."""
     if s.speedup is not None:
@@ -228,10 +234,10 @@ def main() -> None:
                 if got:
                     points.append((col, k, statistics.fmean(e["test"] for e in got),
                                    statistics.fmean(e["speed"] for e in got), len(got)))
+        pairs = [(a2, s2) for _, _, a2, s2, _ in points]
         for col, k, acc, speed, n in sorted(points, key=lambda p: -p[3]):
-            beaten = any(a2 >= acc and s2 >= speed and (a2, s2) != (acc, speed) for _, _, a2, s2, _ in points)
             front.append({"model": arch, "criterion": col, budget: k, "speed-up": f"{speed:.2f}×",
-                          "test": f"{acc:.2f} (n={n})", "on the front": "–" if beaten else "yes"})
+                          "test": f"{acc:.2f} (n={n})", "on the front": "yes" if on_front(acc, speed, pairs) else "–"})
 
     cmd = shlex.join(["python", "benchmarks/summarize_blocks.py", *sys.argv[1:]])
     lines = [

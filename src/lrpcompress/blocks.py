@@ -51,6 +51,7 @@ from .rules import WEIGHTED
 
 BLOCK_CRITERIA = ("norm", "lrp", "taylor", "l1", "sensitivity", "random")
 BLOCK_COSTS = ("cpu", "macs")  # what a speedup target counts: CPU time at batch 64, or multiply-accumulates
+COST_UNITS = {"cpu": "ms", "macs": "MACs"}  # the unit of each cost in BlockCosts
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def measure_block_costs(model: nn.Module, example: torch.Tensor, blocks: Sequenc
     if cost == "macs":
         macs = layer_macs(model, x1)
         per_block = {b: float(sum(v for n, v in macs.items() if n == b or n.startswith(b + "."))) for b in blocks}
-        return BlockCosts("MACs", float(sum(macs.values())), per_block)
+        return BlockCosts(COST_UNITS["macs"], float(sum(macs.values())), per_block)
     net = copy.deepcopy(model).cpu().eval()
     mods = dict(net.named_modules())
     signature: dict[str, tuple] = {}
@@ -243,7 +244,7 @@ def measure_block_costs(model: nn.Module, example: torch.Tensor, blocks: Sequenc
     dense = np.asarray(times[0])
     saved = [1000.0 * float(np.median(dense - np.asarray(t))) for t in times[1:]]
     per_block = {b: max(saved[g], 0.0) / len(members) for g, members in enumerate(groups.values()) for b in members}
-    return BlockCosts("ms", 1000.0 * float(np.median(dense)), per_block)
+    return BlockCosts(COST_UNITS["cpu"], 1000.0 * float(np.median(dense)), per_block)
 
 
 def select_by_cost(scores: Mapping[str, float], costs: Mapping[str, float], saving: float,
@@ -400,14 +401,14 @@ def _prune_to_speedup(model: nn.Module, data: ImageData, config: BlockPruneConfi
                       example: torch.Tensor, costs: BlockCosts | None, show_progress: bool) -> BlockResult:
     if costs is None:
         costs = measure_block_costs(model, example, candidates, config.cost, show_progress=show_progress)
-    elif costs.unit != {"cpu": "ms", "macs": "MACs"}[config.cost] or set(costs.blocks) != set(candidates):
+    elif costs.unit != COST_UNITS[config.cost] or set(costs.blocks) != set(candidates):
         raise LrpcError(f"the block costs given are in {costs.unit} for {', '.join(costs.blocks) or 'no blocks'}; "
                         f"the target counts {config.cost} over {', '.join(candidates) or 'no blocks'}")
     saving = costs.saving(config.speedup)
-    reachable = costs.speedup(candidates)
     if sum(costs.blocks.values()) < saving:  # before the scoring pass
         raise LrpcError(f"a {config.speedup:g}x target is out of reach: removing all {len(candidates)} removable "
-                        f"blocks makes the model {reachable:.2f}x cheaper ({config.cost}); ask for less")
+                        f"blocks makes the model {costs.speedup(candidates):.2f}x cheaper ({config.cost}); "
+                        "ask for less")
     scores = block_scores(model, data, candidates, config, show_progress)
     chosen = select_by_cost(scores, costs.blocks, saving)
     return BlockResult(remove_blocks(model, chosen), chosen, scores, candidates, costs)
