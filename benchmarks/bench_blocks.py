@@ -38,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.blocks import (BLOCK_COSTS, BLOCK_CRITERIA, BlockPruneConfig, measure_block_costs,  # noqa: E402
-                                prune_blocks, removable_blocks, remove_blocks)
+from lrpcompress.blocks import (BLOCK_COSTS, BLOCK_CRITERIA, COST_UNITS, BlockCosts, BlockPruneConfig,  # noqa: E402
+                                measure_block_costs, prune_blocks, removable_blocks, remove_blocks)
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "score whose measured cost reaches it")
     ap.add_argument("--cost", default="cpu", choices=BLOCK_COSTS,
                     help="what --speedup counts: CPU time at batch 64 (measured once) or MACs")
+    ap.add_argument("--costs-from", default=None, metavar="PAGE.json",
+                    help="with --speedup: the block costs an earlier page of this model measured, instead of a new "
+                         "measurement (more criteria or settings under exactly the costs of that page)")
     ap.add_argument("--criteria", default=",".join(BLOCK_CRITERIA))
     ap.add_argument("--classes", default=None, help="a class subset (indices or names), e.g. 0,1,8")
     ap.add_argument("--epochs", type=int, default=2, help="recovery epochs (0: the cuts only)")
@@ -92,6 +95,22 @@ def block_configs(args: argparse.Namespace, criteria: list[str]) -> dict[str, Bl
         else "zero") for crit in criteria}
 
 
+def page_costs(path: str, arch: str, cost: str) -> BlockCosts:
+    """The block costs a committed ``--speedup`` page of ``arch`` measured in ``cost``'s unit; LrpcError otherwise."""
+    try:
+        page = json.loads(Path(path).read_text())
+        c, command = page["costs"], page["command"]
+        total, blocks = float(c["total"]), {str(b): float(v) for b, v in c["blocks"].items()}
+        unit = c["unit"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LrpcError(f"--costs-from {path}: not a bench_blocks.py page with block costs ({type(e).__name__}: {e})")
+    page_arch = build_parser().parse_args(shlex.split(command)[2:]).arch
+    if page_arch != arch or unit != COST_UNITS[cost]:
+        raise LrpcError(f"--costs-from {path} holds {unit} costs of {page_arch}; this run needs {COST_UNITS[cost]} "
+                        f"costs of {arch}")
+    return BlockCosts(unit, total, blocks)
+
+
 def main() -> None:
     ap = build_parser()
     args = ap.parse_args()
@@ -101,8 +120,11 @@ def main() -> None:
         ap.error(f"unknown criterion {bad[0]!r}; choose from {', '.join(BLOCK_CRITERIA)}")
     if args.speedup is not None and args.blocks is not None:
         ap.error("give --blocks or --speedup, not both")
+    if args.costs_from and args.speedup is None:
+        ap.error("--costs-from gives the costs a --speedup target counts: add --speedup S")
     try:  # every setting checked before the data and model load
         configs = block_configs(args, criteria)
+        given = page_costs(args.costs_from, args.arch, args.cost) if args.costs_from else None
     except LrpcError as e:
         ap.error(str(e))
     torch.manual_seed(args.seed)
@@ -122,7 +144,11 @@ def main() -> None:
     costs = None  # with --speedup: one measurement of the dense model's blocks for every criterion
     if args.speedup is not None:
         example = fit.tensor(np.arange(1))
-        costs = measure_block_costs(dense, example, removable_blocks(dense, example), args.cost)
+        candidates = removable_blocks(dense, example)
+        if given is not None and set(given.blocks) != set(candidates):
+            ap.error(f"--costs-from {args.costs_from} costs blocks {', '.join(given.blocks)}; this model's are "
+                     f"{', '.join(candidates)}")
+        costs = given or measure_block_costs(dense, example, candidates, args.cost)
         print(f"block costs ({costs.unit}, model {costs.total:.4g}): "
               + ", ".join(f"{b} {c:.4g}" for b, c in costs.blocks.items()), flush=True)
     cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them
@@ -175,10 +201,13 @@ def main() -> None:
     target = ("" if costs is None else
               f"Budget: every criterion removes the blocks of smallest summed score whose costs add up to "
               f"{costs.saving(args.speedup):.4g} {costs.unit} of the dense model's {costs.total:.4g}, a "
-              f"{args.speedup:g}x target; costs measured once for all criteria by `measure_block_costs`"
-              + (" (each group of blocks with the same layers and input shape removed at once and timed at batch 64 "
-                 "in alternation with the dense model, 50 rounds; its blocks share the median saving per round)"
-                 if costs.unit == "ms" else "") + "; `predicted`: the speed-up those costs predict for the cut, "
+              f"{args.speedup:g}x target; costs "
+              + (f"taken from `{args.costs_from}` (that page says how they were measured)" if args.costs_from else
+                 "measured once for all criteria by `measure_block_costs`"
+                 + (" (each group of blocks with the same layers and input shape removed at once and timed at batch "
+                    "64 in alternation with the dense model, 50 rounds; its blocks share the median saving per round)"
+                    if costs.unit == "ms" else ""))
+              + "; `predicted`: the speed-up those costs predict for the cut, "
               "`speed-up`: the one measured below. ")
     selection = ("the speed target above" if costs else "at most ceil(k / stages) per stage" if args.spread
                  else "the k lowest wherever they are")

@@ -245,8 +245,10 @@ def main() -> None:
         f"Command: `{cmd}` (reads the `blocks*.json` pages under `benchmarks/results`; nothing is run). "
         f"{f'Classes {args.classes} (test images of those classes)' if args.classes else 'All 10 classes'}, "
         f"{args.epochs} epoch(s) of RECOVERY_RECIPE, 512 scoring images, 2,000 held out; each criterion at its library "
-        "default (lrp and taylor from the mean change, the norm from zero); `lrp rounds` is lrp with `--steps` = blocks "
-        "(rescored on the cut model after each block). Cells: test accuracy after recovery (%) and speed-up at batch 64 "
+        "default (lrp and taylor from the mean change, the norm from zero); `lrp rounds` is lrp with "
+        + ("`--steps` > 1 (each round a 1/steps share of the target's saving, the rest rescored on the cut model in "
+           "between; the page names its steps)" if args.speed_targets else
+           "`--steps` = blocks (rescored on the cut model after each block)") + ". Cells: test accuracy after recovery (%) and speed-up at batch 64 "
         "measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "
         "scoring images, the held-out split and the training order; rows of one seed are paired."
         + (" `<criterion> spread`: the same criterion with `--spread` (at most ceil(k / stages) blocks from one "

@@ -39,7 +39,7 @@ def shared_dir(tmp_path: Path, resnet20_weights: Path) -> tuple[Path, Path]:
     (("--criteria", "norm,bogus"), "unknown criterion 'bogus'"),
     (("--blocks", 2, "--speedup", 2.0), "give --blocks or --speedup, not both"),
     (("--speedup", 1.0), "a number above 1"),
-    (("--speedup", 2.0, "--steps", 2), "one scoring pass"),
+    (("--speedup", 2.0, "--spread"), "not by stage: drop spread"),
 ])
 def test_bench_blocks_rejects_bad_settings_before_loading(tmp_path, args, message):
     out = tmp_path / "page.md"
@@ -74,6 +74,36 @@ def test_bench_blocks_cuts_every_criterion_to_one_speed_target(tmp_path, shared_
         ranked = sorted(page["scores"][crit], key=lambda b: (page["scores"][crit][b], b))
         assert sorted(row["removed"].split(", ")) == sorted(ranked[:len(row["removed"].split(", "))])
     assert "a 1.3x target" in out.read_text() and "| cost (MACs) |" in out.read_text()
+
+
+def test_bench_blocks_takes_costs_from_an_earlier_page(tmp_path, shared_dir):
+    """--costs-from: the selection counts that page's costs (one expensive block here: every criterion takes it
+    alone, in one round or two), and bad pages are refused before anything loads."""
+    shared, weights = shared_dir
+    blocks = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps({"command": "python benchmarks/bench_blocks.py --speedup 1.5",
+                                 "costs": {"unit": "ms", "total": 100.0,
+                                           "blocks": {b: 40.0 if b == "layer3.1" else 1.0 for b in blocks}}}))
+    out = tmp_path / "page.md"
+    proc = bench("bench_blocks.py", "--shared", shared, "--weights", f"resnet20={weights}", "--speedup", 1.5,
+                 "--costs-from", given, "--criteria", "lrp,l1", "--steps", 2, "--samples", 8, "--val-size", 4,
+                 "--epochs", 0, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    page = json.loads(out.with_suffix(".json").read_text())
+    assert page["costs"]["blocks"]["layer3.1"] == 40.0 and page["costs"]["total"] == 100.0
+    assert [(r["criterion"], r["removed"], r["predicted"]) for r in page["rows"][1:]] == [("lrp, l1", "layer3.1", 1.67)]
+    assert f"costs taken from `{given}`" in out.read_text()
+    macs = tmp_path / "macs.json"
+    macs.write_text(json.dumps({"command": "python benchmarks/bench_blocks.py --speedup 1.5 --cost macs",
+                                "costs": {"unit": "MACs", "total": 1.0, "blocks": {}}}))
+    for args, message in [((given,), "add --speedup S"),
+                          ((tmp_path / "none.json", "--speedup", 1.5), "not a bench_blocks.py page"),
+                          ((macs, "--speedup", 1.5), "holds MACs costs of resnet20; this run needs ms costs")]:
+        bad = tmp_path / "bad.md"
+        proc = bench("bench_blocks.py", "--shared", tmp_path / "missing", "--costs-from", *args, "--out", bad)
+        assert_argparse_error(proc, message)
+        assert not bad.exists()
 
 
 @pytest.mark.parametrize("which, message", [("data", "data folder not found"), ("weights", "weights file not found")])

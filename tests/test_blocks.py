@@ -87,8 +87,8 @@ def test_select_blocks_takes_the_lowest_and_spreads_on_request():
     ({"speedup": float("inf")}, "a number above 1"),
     ({"speedup": 2.0, "count": 2}, "not two of them"),
     ({"speedup": 2.0, "names": ("layer1.0",)}, "not two of them"),
-    ({"speedup": 2.0, "steps": 2}, "one scoring pass"),
-    ({"speedup": 2.0, "spread": True}, "one scoring pass"),
+    ({"speedup": 2.0, "spread": True}, "not by stage: drop spread"),
+    ({"speedup": 2.0, "steps": 0}, "steps must be an int >= 1"),
     ({"speedup": 2.0, "cost": "watts"}, "unknown block cost"),
     ({"count": 2, "cost": "macs"}, "applies to a speedup target"),
 ])
@@ -410,3 +410,29 @@ def test_speedup_target_removes_the_lowest_scored_cover(resnet20, criterion):
     with pytest.raises(LrpcError, match="the target counts macs"):
         prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=1.5, cost="macs", samples=16),
                      show_progress=False, costs=costs)
+
+
+@pytest.mark.parametrize("criterion", ["norm", "lrp"])
+def test_speedup_target_in_rounds_rescores_on_the_cut_model(resnet20, criterion):
+    """Round r brings the saving to (r+1)/steps of the target's with the cheapest-scored cover of what is missing,
+    scored on the model the earlier rounds left; the dense model's costs throughout (computed here by hand)."""
+    data = random_data(16)
+    costs = BlockCosts("ms", 100.0, {b: 10.0 if b.startswith("layer1") else 4.0 for b in RESNET20_BLOCKS})
+    cfg = BlockPruneConfig(criterion=criterion, speedup=1.6, samples=16, steps=2)
+    res = prune_blocks(resnet20, data, cfg, show_progress=False, costs=costs)
+    saving = costs.saving(1.6)  # 37.5 ms: 18.75 per round
+    first = block_scores(resnet20, data, RESNET20_BLOCKS, cfg, False)
+    picked = select_by_cost(first, costs.blocks, saving / 2)
+    rest = [b for b in RESNET20_BLOCKS if b not in picked]
+    second = block_scores(remove_blocks(resnet20, picked), data, rest, cfg, False)
+    assert second != {b: first[b] for b in rest}  # the cut changes the other blocks' scores
+    done = sum(costs.blocks[b] for b in picked)
+    more = select_by_cost(second, {b: costs.blocks[b] for b in rest}, saving - done) if done < saving else []
+    assert res.removed == picked + more and costs.speedup(res.removed) >= 1.6
+    assert res.scores == {**first, **second}
+    assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.removed)
+    # a round whose share the earlier rounds already saved scores nothing: one round of 2 blocks reaches 2/3
+    big = BlockCosts("ms", 100.0, dict.fromkeys(RESNET20_BLOCKS, 13.0))
+    three = prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=1.25, samples=16, steps=3),
+                         show_progress=False, costs=big)
+    assert len(three.removed) == 2 and big.speedup(three.removed) >= 1.25

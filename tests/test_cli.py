@@ -479,8 +479,7 @@ def test_prune_blocks_on_a_users_own_network_stores_the_removed_blocks(tmp_path,
     (("--block-cost", "macs"), "add --block-speedup"),
     (("--block-cost", "watts", "--block-speedup", "1.5"), "invalid choice"),
     (("--prune-blocks", "2", "--block-speedup", "1.5"), "not both"),
-    (("--block-speedup", "1.5", "--block-steps", "2"), "one scoring pass"),
-    (("--block-speedup", "1.5", "--block-spread"), "one scoring pass"),
+    (("--block-speedup", "1.5", "--block-spread"), "not by stage: drop spread"),
     (("--block-speedup", "9", "--block-cost", "macs"), "out of reach: removing all 7 removable blocks"),
 ])
 def test_bad_block_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):

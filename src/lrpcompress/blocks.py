@@ -24,7 +24,9 @@ Budgets: ``count`` blocks (the lowest scores), or a ``speedup`` target. Blocks o
 CIFAR ResNets a stage-1 block, wide maps and few channels, saves 2-4x a stage-3 block's time: docs/FINDINGS.md §23),
 so a count says little about speed. With ``speedup`` each block's cost is measured (:func:`measure_block_costs`:
 the CPU milliseconds its removal saves at batch 64, or its MACs) and :func:`select_by_cost` removes the set of blocks
-with the smallest summed score whose summed cost reaches the saving the target needs.
+with the smallest summed score whose summed cost reaches the saving the target needs. Summed scores do not see that
+emptying a stage costs more than its blocks one at a time; ``steps`` > 1 rescores the rest on the cut model after
+each share of the saving.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class BlockPruneConfig:
     ``lrp`` criterion's relevance; ``samples`` reference images (class-balanced, seeded) feed every data-based
     criterion. ``speedup`` (instead of ``count`` or ``names``): remove the blocks of smallest summed score whose
     measured ``cost`` (``"cpu"``: milliseconds at batch 64 on this machine; ``"macs"``) makes the model that many
-    times cheaper; one scoring pass, no ``spread``.
+    times cheaper; no ``spread``. ``steps`` > 1 removes the blocks in that many rounds, rescoring the rest on the
+    model cut so far: round r removes ``count`` * (r+1) // ``steps`` blocks in all, or with a ``speedup`` target the
+    cheapest-scored blocks that bring the saving to (r+1) / ``steps`` of what the target needs (the costs measured
+    once, on the dense model).
     """
 
     count: int = 0
@@ -101,10 +106,10 @@ class BlockPruneConfig:
                 raise LrpcError(f"the block speedup target must be a number above 1 (e.g. 1.5), got {self.speedup!r}")
             if self.count or self.names:
                 raise LrpcError("give a speedup target or a number of blocks or their names, not two of them")
-            if self.steps != 1 or self.spread:
-                raise LrpcError("a speedup target is met in one scoring pass without spread: drop steps and spread, "
+            if self.spread:
+                raise LrpcError("a speedup target chooses blocks by their costs, not by stage: drop spread, "
                                 "or give a number of blocks instead")
-        if self.steps > 1 and self.steps > self.count:
+        if self.steps > 1 and self.speedup is None and self.steps > self.count:
             raise LrpcError(f"steps={self.steps} rounds need at least as many blocks to remove (count={self.count}); "
                             f"use steps <= count, or steps=1 with named blocks")
         if self.criterion not in BLOCK_CRITERIA:
@@ -409,9 +414,17 @@ def _prune_to_speedup(model: nn.Module, data: ImageData, config: BlockPruneConfi
         raise LrpcError(f"a {config.speedup:g}x target is out of reach: removing all {len(candidates)} removable "
                         f"blocks makes the model {costs.speedup(candidates):.2f}x cheaper ({config.cost}); "
                         "ask for less")
-    scores = block_scores(model, data, candidates, config, show_progress)
-    chosen = select_by_cost(scores, costs.blocks, saving)
-    return BlockResult(remove_blocks(model, chosen), chosen, scores, candidates, costs)
+    net, chosen, scores = model, [], {}
+    for r in range(config.steps):  # round r brings the saving to (r+1)/steps of the target's, rescored on the cut
+        need = saving * (r + 1) / config.steps - sum(costs.blocks[b] for b in chosen)
+        if need <= 1e-9 * saving:  # the earlier rounds' blocks already saved this round's share (up to rounding)
+            continue
+        left = [b for b in candidates if b not in chosen]
+        round_scores = block_scores(net, data, left, config, show_progress)
+        scores.update(round_scores)  # a removed block keeps the score of the round that removed it
+        chosen += select_by_cost(round_scores, {b: costs.blocks[b] for b in left}, need)
+        net = remove_blocks(model, chosen)
+    return BlockResult(net, chosen, scores, candidates, costs)
 
 
 def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig, show_progress: bool = True,

@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of ResNet-44 +0.2 to +0.5 on the mean for lrp and norm; mixed on ResNet-32/56, a loss on "
                         "ResNet-20; §20)")
     c.add_argument("--block-steps", type=_positive_int, default=1,
-                   help="remove the --prune-blocks N blocks in this many rounds, rescoring the rest on the cut "
-                        "model in between (1..N; default 1: one scoring pass; before recovery the rounds' cut "
+                   help="remove the --prune-blocks N blocks (1..N rounds) or reach the --block-speedup target (each "
+                        "round a 1/steps share of the saving) in this many rounds, rescoring the rest on the cut "
+                        "model in between (default 1: one scoring pass; before recovery the rounds' cut "
                         "was better on ResNet-32/44, worse on ResNet-56; after it level on the mean, docs/FINDINGS.md "
                         "§19)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
