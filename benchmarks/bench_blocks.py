@@ -104,7 +104,7 @@ def page_costs(path: str, arch: str, cost: str) -> BlockCosts:
         unit = c["unit"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise LrpcError(f"--costs-from {path}: not a bench_blocks.py page with block costs ({type(e).__name__}: {e})")
-    page_arch = build_parser().parse_args(shlex.split(command)[2:]).arch
+    page_arch = build_parser().parse_known_args(shlex.split(command)[2:])[0].arch
     if page_arch != arch or unit != COST_UNITS[cost]:
         raise LrpcError(f"--costs-from {path} holds {unit} costs of {page_arch}; this run needs {COST_UNITS[cost]} "
                         f"costs of {arch}")
@@ -148,7 +148,7 @@ def main() -> None:
         if given is not None and set(given.blocks) != set(candidates):
             ap.error(f"--costs-from {args.costs_from} costs blocks {', '.join(given.blocks)}; this model's are "
                      f"{', '.join(candidates)}")
-        costs = given or measure_block_costs(dense, example, candidates, args.cost)
+        costs = given if given is not None else measure_block_costs(dense, example, candidates, args.cost)
         print(f"block costs ({costs.unit}, model {costs.total:.4g}): "
               + ", ".join(f"{b} {c:.4g}" for b, c in costs.blocks.items()), flush=True)
     cuts: dict[tuple[str, ...], list[str]] = {}  # blocks removed (model order) -> criteria that chose them

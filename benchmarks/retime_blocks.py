@@ -55,7 +55,8 @@ def collect_cuts(results: Path, arch: str, weights: str | None, epochs: int) -> 
             if row["criterion"] == "dense" or f"test + {epochs} ep" not in row:
                 continue
             cuts.setdefault(tuple(sorted(row["removed"].split(", "))), []).append(
-                {"criterion": row["criterion"] + (f" in {s.steps} rounds" if s.steps > 1 else ""), "budget": page_budget(s), "seed": s.seed,
+                {"criterion": row["criterion"] + (f" in {s.steps} rounds" if s.steps > 1 else ""),
+                 "budget": page_budget(s), "seed": s.seed,
                  "test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "page": str(path.relative_to(results))})
     return cuts
 

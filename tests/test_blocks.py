@@ -431,8 +431,12 @@ def test_speedup_target_in_rounds_rescores_on_the_cut_model(resnet20, criterion)
     assert res.removed == picked + more and costs.speedup(res.removed) >= 1.6
     assert res.scores == {**first, **second}
     assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.removed)
-    # a round whose share the earlier rounds already saved scores nothing: one round of 2 blocks reaches 2/3
+    # saving 20 in thirds, 13 per block: rounds 1 and 2 take a block each (13, 26), round 3's share is already saved,
+    # so it scores nothing: the blocks left keep round 2's scores, measured on the model without the first block
     big = BlockCosts("ms", 100.0, dict.fromkeys(RESNET20_BLOCKS, 13.0))
-    three = prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=1.25, samples=16, steps=3),
-                         show_progress=False, costs=big)
+    cfg3 = BlockPruneConfig(criterion=criterion, speedup=1.25, samples=16, steps=3)
+    three = prune_blocks(resnet20, data, cfg3, show_progress=False, costs=big)
     assert len(three.removed) == 2 and big.speedup(three.removed) >= 1.25
+    left = [b for b in RESNET20_BLOCKS if b != three.removed[0]]
+    round2 = block_scores(remove_blocks(resnet20, three.removed[:1]), data, left, cfg3, False)
+    assert three.scores == {**block_scores(resnet20, data, RESNET20_BLOCKS, cfg3, False), **round2}

@@ -196,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--block-steps", type=_positive_int, default=1,
                    help="remove the --prune-blocks N blocks (1..N rounds) or reach the --block-speedup target (each "
                         "round a 1/steps share of the saving) in this many rounds, rescoring the rest on the cut "
-                        "model in between (default 1: one scoring pass; before recovery the rounds' cut "
-                        "was better on ResNet-32/44, worse on ResNet-56; after it level on the mean, docs/FINDINGS.md "
-                        "§19)")
+                        "model in between (default 1: one scoring pass; for counts level on the mean after recovery, "
+                        "§19; under a speed target lrp in 4 rounds +0.18 over one pass on ResNet-20/44, level with "
+                        "taylor, while taylor in rounds loses 0.7; docs/FINDINGS.md §24)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after block or channel pruning, before quantization "
                         "(distillation from the unpruned model, BatchNorm statistics updated)")
