@@ -248,8 +248,8 @@ def main() -> None:
         "default (lrp and taylor from the mean change, the norm from zero); `lrp rounds` is lrp with "
         + ("`--steps` > 1 (each round a 1/steps share of the target's saving, the rest rescored on the cut model in "
            "between; the page names its steps)" if args.speed_targets else
-           "`--steps` = blocks (rescored on the cut model after each block)") + ". Cells: test accuracy after recovery (%) and speed-up at batch 64 "
-        "measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "
+           "`--steps` = blocks (rescored on the cut model after each block)")
+        + ". Cells: test accuracy after recovery (%) and speed-up at batch 64 measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "
         "scoring images, the held-out split and the training order; rows of one seed are paired."
         + (" `<criterion> spread`: the same criterion with `--spread` (at most ceil(k / stages) blocks from one "
            "stage)." if len(columns) > len(COLUMNS) else ""), "",

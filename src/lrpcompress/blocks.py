@@ -35,7 +35,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -266,8 +266,9 @@ def select_by_cost(scores: Mapping[str, float], costs: Mapping[str, float], savi
                         f"{costs.get(bad[0])!r}")
     if saving <= 0:
         return []
-    if sum(costs[b] for b in names) < saving:
-        raise LrpcError(f"the removable blocks cost {sum(costs[b] for b in names):.4g} together, less than the "
+    available = sum(costs[b] for b in names)
+    if available < saving:
+        raise LrpcError(f"the removable blocks cost {available:.4g} together, less than the "
                         f"{saving:.4g} the target needs: ask for a smaller speedup")
     units = [min(resolution, int(math.floor(costs[b] / saving * resolution))) for b in names]
     # best[j]: (summed score, blocks, chosen bit mask) reaching j cost steps (j = resolution: the saving or more)
@@ -414,17 +415,33 @@ def _prune_to_speedup(model: nn.Module, data: ImageData, config: BlockPruneConfi
         raise LrpcError(f"a {config.speedup:g}x target is out of reach: removing all {len(candidates)} removable "
                         f"blocks makes the model {costs.speedup(candidates):.2f}x cheaper ({config.cost}); "
                         "ask for less")
-    net, chosen, scores = model, [], {}
-    for r in range(config.steps):  # round r brings the saving to (r+1)/steps of the target's, rescored on the cut
-        need = saving * (r + 1) / config.steps - sum(costs.blocks[b] for b in chosen)
+
+    def choose(r: int, chosen: list[str]) -> Callable[[dict[str, float]], list[str]] | None:
+        need = saving * (r + 1) / config.steps - sum(costs.blocks[b] for b in chosen)  # up to (r+1)/steps of it
         if need <= 1e-9 * saving:  # the earlier rounds' blocks already saved this round's share (up to rounding)
+            return None
+        return lambda round_scores: select_by_cost(round_scores, costs.blocks, need)
+
+    return BlockResult(*_cut_in_rounds(model, data, config, candidates, choose, show_progress), candidates, costs)
+
+
+def _cut_in_rounds(model: nn.Module, data: ImageData, config: BlockPruneConfig, candidates: list[str],
+                   choose: Callable[[int, list[str]], Callable[[dict[str, float]], list[str]] | None],
+                   show_progress: bool) -> tuple[nn.Module, list[str], dict[str, float]]:
+    """``config.steps`` rounds, each scoring the blocks left on the model the earlier rounds cut and removing what
+    ``choose(round, removed so far)`` picks from those scores (None: nothing to remove, and no scoring pass, this
+    round). The cut model, the blocks removed in order, and every block's score from the last round that scored it."""
+    net, chosen, scores = model, [], {}
+    for r in range(config.steps):
+        pick = choose(r, chosen)
+        if pick is None:
             continue
         left = [b for b in candidates if b not in chosen]
         round_scores = block_scores(net, data, left, config, show_progress)
         scores.update(round_scores)  # a removed block keeps the score of the round that removed it
-        chosen += select_by_cost(round_scores, {b: costs.blocks[b] for b in left}, need)
+        chosen += pick(round_scores)
         net = remove_blocks(model, chosen)
-    return BlockResult(net, chosen, scores, candidates, costs)
+    return net, chosen, scores
 
 
 def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig, show_progress: bool = True,
@@ -447,15 +464,10 @@ def prune_blocks(model: nn.Module, data: ImageData, config: BlockPruneConfig, sh
         return BlockResult(remove_blocks(model, []), [], {}, candidates)
     # round r removes blocks count*r//steps .. count*(r+1)//steps - 1, scored on the model cut by the earlier rounds
     sizes = [config.count * (r + 1) // config.steps - config.count * r // config.steps for r in range(config.steps)]
-    net, chosen, scores = model, [], {}
-    for size in sizes:
-        left = [b for b in candidates if b not in chosen]
-        round_scores = block_scores(net, data, left, config, show_progress)
-        picked = select_blocks(round_scores, size, config.spread, taken=chosen)
-        scores.update(round_scores)  # a removed block keeps the score of the round that removed it
-        chosen += picked
-        net = remove_blocks(model, chosen)
-    return BlockResult(net, chosen, scores, candidates)
+    return BlockResult(*_cut_in_rounds(
+        model, data, config, candidates,
+        lambda r, chosen: lambda round_scores: select_blocks(round_scores, sizes[r], config.spread, taken=chosen),
+        show_progress), candidates)
 
 
 def replaced_blocks(built: nn.Module, model: nn.Module) -> list[str]:

@@ -402,11 +402,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
         slim = bres.model
         if not is_builtin_arch(a.arch):
             extra_spec["removed"] = bres.removed
+        predicted = bres.costs.speedup(bres.removed) if bres.costs else None
         block_info = {"settings": bcfg, "removed": bres.removed, "candidates": bres.candidates,
                       "scores": bres.scores or None, "costs": bres.costs.as_dict() if bres.costs else None,
-                      "predicted_speedup": round(bres.costs.speedup(bres.removed), 3) if bres.costs else None}
+                      "predicted_speedup": round(predicted, 3) if bres.costs else None}
         how = (f" (smallest {a.block_criterion} for a {a.block_speedup:g}x {a.block_cost} target, "
-               f"{bres.costs.speedup(bres.removed):.2f}x predicted)" if bres.costs
+               f"{predicted:.2f}x predicted)" if bres.costs
                else f" (lowest {a.block_criterion} of {len(bres.candidates)})" if bres.scores else "")
         print(f"blocks removed: {', '.join(bres.removed) or 'none'}{how}")
     if search:
