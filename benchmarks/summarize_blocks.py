@@ -3,7 +3,9 @@
 Reads the ``.json`` pages that ``bench_blocks.py`` wrote under ``benchmarks/results`` (no model is loaded, nothing is
 trained), keeps the runs on all 10 classes (or on ``--classes``) with the default scoring settings and recovery epochs, and lines up, for
 every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the norm, L1 and Taylor, each
-as test accuracy after recovery and speed-up at batch 64. A page counts for a criterion only where the criterion ran
+as test accuracy after recovery and speed-up at batch 64. One cut has one speed-up: the median over every page of that
+model (and classes) whose rows removed the same blocks, whatever chose them, since one cut timed in different runs
+varies by more than the cuts compared differ (2.19-2.72x for one ResNet-20 cut). A page counts for a criterion only where the criterion ran
 at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm). Runs with
 ``--spread`` (at most ceil(k / stages) blocks from one stage) get columns of their own, ``<criterion> spread``. A
 paired table tests the criteria against each other over the runs (mean ± standard error, exact sign test) and, where
@@ -49,15 +51,15 @@ PER_IMAGE = "per-image tests: ahead / behind at p < 0.05"  # a column only where
 TIE = 0.005  # accuracies are rounded to 0.01: closer than this is the same accuracy
 
 
-def page_settings(command: str, classes: str | None = None,
-                  ap: argparse.ArgumentParser | None = None) -> argparse.Namespace | None:
-    """bench_blocks.py's options of a page's command (``ap``: its parser, built once by the caller); None for runs off
-    the defaults this table compares."""
-    ap = ap or build_parser()
-    s = ap.parse_args(shlex.split(command)[2:])
-    if s.classes != classes or any(getattr(s, k) != ap.get_default(k) for k in ("samples", "composite", "val_size")):
-        return None
-    return s
+def compared(s: argparse.Namespace, ap: argparse.ArgumentParser) -> bool:
+    """Whether a page (its parsed options ``s``; ``ap``: bench_blocks.py's parser) ran at the scoring defaults this
+    table compares."""
+    return all(getattr(s, k) == ap.get_default(k) for k in ("samples", "composite", "val_size"))
+
+
+def cut_of(row: dict) -> tuple[str, ...]:
+    """The blocks a page's row removed, sorted: the same cut whichever criterion or run chose it."""
+    return tuple(sorted(row["removed"].split(", ")))
 
 
 def model_labels(pages: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], str]:
@@ -86,17 +88,24 @@ def page_budget(s: argparse.Namespace) -> int | str:
 def collect(results: Path, epochs: int, classes: str | None = None,
             speed_targets: bool = False) -> tuple[dict, dict]:
     """{(model, budget, seed): {column: row}} and {model: dense test accuracy} from every block page with a block
-    count (``speed_targets``: with a speed target instead)."""
+    count (``speed_targets``: with a speed target instead). A row's speed is its cut's: the median speed-up over every
+    page of that checkpoint and classes that removed the same blocks (any budget, epochs or criterion)."""
     cells: dict[tuple[str, int, int], dict[str, dict]] = {}
     dense: dict[str, float] = {}
     pages = []
+    timed: dict[tuple, list[float]] = {}  # (checkpoint, cut): the speed-up of every run on these classes that cut it
     parser = build_parser()
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
-        s = page_settings(page["command"], classes, parser)
-        if s is None or s.epochs != epochs or (s.speedup is not None) != speed_targets:
+        s = parser.parse_args(shlex.split(page["command"])[2:])
+        if s.classes != classes:
             continue
-        pages.append((path, s, page, (s.arch, dict(s.weights or []).get(s.arch))))
+        checkpoint = (s.arch, dict(s.weights or []).get(s.arch))
+        for row in page["rows"]:
+            if row["criterion"] != "dense":
+                timed.setdefault((checkpoint, cut_of(row)), []).append(row["speed-up"])
+        if compared(s, parser) and s.epochs == epochs and (s.speedup is not None) == speed_targets:
+            pages.append((path, s, page, checkpoint))
     labels = model_labels([checkpoint for *_, checkpoint in pages])
     for path, s, page, checkpoint in pages:
         model = labels[checkpoint]
@@ -114,8 +123,9 @@ def collect(results: Path, epochs: int, classes: str | None = None,
                 if crit != "lrp" and s.steps > 1:
                     continue  # other criteria in rounds are not a library default either
                 column = ("lrp rounds" if s.steps > 1 else crit) + (" spread" if s.spread else "")
-                entry = {"test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "removed": row["removed"],
-                         "page": str(path.relative_to(results))}
+                times = timed[(checkpoint, cut_of(row))]
+                entry = {"test": row[f"test + {epochs} ep"], "speed": statistics.median(times), "timed": len(times),
+                         "removed": row["removed"], "page": str(path.relative_to(results))}
                 if correct is not None:
                     entry["correct"] = correct
                 cells.setdefault(key, {}).setdefault(column, entry)
@@ -249,7 +259,9 @@ def main() -> None:
         + ("`--steps` > 1 (each round a 1/steps share of the target's saving, the rest rescored on the cut model in "
            "between; the page names its steps)" if args.speed_targets else
            "`--steps` = blocks (rescored on the cut model after each block)")
-        + ". Cells: test accuracy after recovery (%) and speed-up at batch 64 measured in that run (speed-ups from different runs are not one alternation: ±0.1× apart). The seed draws the "
+        + ". Cells: test accuracy after recovery (%) and the cut's speed-up at batch 64: one per cut, the median over every "
+        "run of this model that removed the same blocks (each run times its cuts against the dense model in one "
+        "alternation; one cut timed in different runs varies by ±0.1× and more). The seed draws the "
         "scoring images, the held-out split and the training order; rows of one seed are paired."
         + (" `<criterion> spread`: the same criterion with `--spread` (at most ceil(k / stages) blocks from one "
            "stage)." if len(columns) > len(COLUMNS) else ""), "",
@@ -260,8 +272,8 @@ def main() -> None:
     ]
     lines += ["## Speed against accuracy", "",
               "Per model, every criterion and block count (means over the seeds run): a cut is on the front when no "
-              "other cut of that model is both at least as fast and at least as accurate. Speed-ups come from "
-              "different runs (±0.1×), so the front is a rough guide.", "",
+              "other cut of that model is both at least as fast and at least as accurate. Each cut's speed-up is the "
+              "median of its runs (above); `retime_blocks.py` times every cut in one alternation instead.", "",
               markdown_table(front, [(k, k) for k in front[0]]), ""]
     comparisons = [r for r in (paired_row(cells, col, base) for col, base in COMPARISONS) if r]
     if comparisons:

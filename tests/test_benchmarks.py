@@ -140,8 +140,10 @@ def _page(path: Path, args: str, rows: list[dict]) -> None:
     path.write_text(json.dumps({"command": f"python benchmarks/bench_blocks.py {args}", "rows": [dense, *rows]}))
 
 
-def _row(crit: str, test: float, speed: float = 1.5) -> dict:
-    return {"criterion": crit, "removed": "layer1.0", "speed-up": speed, "test + 2 ep": test}
+def _row(crit: str, test: float, speed: float = 1.5, removed: str | None = None) -> dict:
+    """A page row; by default each speed-up is a cut of its own (the summary gives one cut one speed-up)."""
+    removed = removed or {1.5: "layer1.0"}.get(speed, f"layer2.{round(speed * 100)}")
+    return {"criterion": crit, "removed": removed, "speed-up": speed, "test + 2 ep": test}
 
 
 def test_summarize_blocks_pairs_runs_at_library_defaults(tmp_path):
@@ -277,6 +279,32 @@ def test_summarize_blocks_keeps_speed_targets_apart_from_block_counts(tmp_path):
     assert "| resnet20 | 2x macs | 0 | 80.00 (1.50×) |" in text  # another cost is another budget
     assert "| resnet20 | 2x | lrp − l1 | 2 | +0.25 | 0.05 | 2 / 0 / 0 | +0.20 to +0.30 | 0.500 | -0.10× |" in text
     assert "87.00" not in text
+
+
+def test_summarize_blocks_gives_one_cut_one_speed_up_over_all_its_runs(tmp_path):
+    res = tmp_path / "results"
+    (res / "speed").mkdir(parents=True)
+    stage1 = "layer1.0, layer1.1, layer1.2"
+    # one cut timed 2.2x, 2.6x and 2.4x in three speed-target runs (the third lists its blocks in another order) and
+    # 2.9x in a 1-epoch block-count run: the median of those four is its speed-up everywhere; a class-subset run of
+    # it is another model (another head) and does not count; another cut keeps its own
+    _page(res / "speed" / "blocks_s0.json", "--speedup 2.0 --criteria lrp,l1 --reference library",
+          [_row("lrp", 86.0, 2.2, stage1), _row("l1", 85.0, 2.1, "layer3.2")])
+    _page(res / "speed" / "blocks_s1.json", "--speedup 2.0 --criteria lrp,l1 --reference library --seed 1",
+          [_row("lrp", 86.5, 2.6, stage1), _row("l1", 86.1, 2.4, "layer1.2, layer1.0, layer1.1")])
+    _page(res / "blocks_count.json", "--blocks 3 --criteria norm --epochs 1",
+          [{**_row("norm", 80.0, 2.9, stage1), "test + 1 ep": 80.0}])
+    _page(res / "blocks_task.json", "--blocks 3 --criteria norm --classes 0,1,8",
+          [_row("norm", 99.0, 9.9, stage1)])
+    out = tmp_path / "speed.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--speed-targets", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = out.read_text().splitlines()
+    assert "| resnet20 | 2x | 0 | 86.00 (2.50×) | – | – | 85.00 (2.10×) | – |" in "\n".join(lines)
+    assert "| resnet20 | 2x | 1 | 86.50 (2.50×) | – | – | 86.10 (2.50×) | – |" in "\n".join(lines)
+    # seed 1 is one cut, so no speed difference; seed 0's lrp cut is 0.40x faster than l1's: mean +0.20x
+    assert "| lrp − l1 | 2 | +0.70 | 0.30 | 2 / 0 / 0 | +0.40 to +1.00 | 0.500 | +0.20× |" in lines
+    assert "| resnet20 | lrp | 2x | 2.50× | 86.25 (n=2) | yes |" in lines
 
 
 def test_retime_blocks_times_every_cut_of_one_model_together(tmp_path, resnet20_weights):
