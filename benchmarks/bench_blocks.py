@@ -95,6 +95,19 @@ def block_configs(args: argparse.Namespace, criteria: list[str]) -> dict[str, Bl
         else "zero") for crit in criteria}
 
 
+def page_options(command: str, where: str, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The options a page's ``command`` ran ``bench_blocks.py`` with (``parser``: :func:`build_parser`'s, built once by
+    a caller reading many pages); LrpcError naming ``where`` if this script cannot read them."""
+    parser = parser or build_parser()
+    try:
+        args, unknown = parser.parse_known_args(shlex.split(command)[2:])
+    except ValueError as e:  # shlex: an unclosed quote
+        raise LrpcError(f"{where}: cannot read its command ({e})")
+    if unknown:
+        raise LrpcError(f"{where}: its command has options this bench_blocks.py does not know: {' '.join(unknown)}")
+    return args
+
+
 def page_costs(path: str, arch: str, cost: str) -> BlockCosts:
     """The block costs a committed ``--speedup`` page of ``arch`` measured in ``cost``'s unit; LrpcError otherwise."""
     try:
@@ -104,7 +117,7 @@ def page_costs(path: str, arch: str, cost: str) -> BlockCosts:
         unit = c["unit"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise LrpcError(f"--costs-from {path}: not a bench_blocks.py page with block costs ({type(e).__name__}: {e})")
-    page_arch = build_parser().parse_known_args(shlex.split(command)[2:])[0].arch
+    page_arch = page_options(command, f"--costs-from {path}").arch
     if page_arch != arch or unit != COST_UNITS[cost]:
         raise LrpcError(f"--costs-from {path} holds {unit} costs of {page_arch}; this run needs {COST_UNITS[cost]} "
                         f"costs of {arch}")

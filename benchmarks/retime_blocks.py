@@ -34,7 +34,7 @@ from lrpcompress.evaluation import cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
-from bench_blocks import build_parser  # noqa: E402
+from bench_blocks import build_parser, page_options  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 from summarize_blocks import on_front, page_budget  # noqa: E402
 
@@ -47,7 +47,7 @@ def collect_cuts(results: Path, arch: str, weights: str | None, epochs: int) -> 
     cuts: dict[tuple[str, ...], list[dict]] = {}
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
-        s = parser.parse_args(shlex.split(page["command"])[2:])
+        s = page_options(page["command"], str(path), parser)
         if (s.arch != arch or dict(s.weights or []).get(s.arch) != weights or s.classes is not None
                 or s.epochs != epochs):
             continue
@@ -74,7 +74,10 @@ def main() -> None:
     if args.passes < 1:
         ap.error("--passes must be at least 1")
     given = dict(args.weights or []).get(args.arch)
-    cuts = collect_cuts(Path(args.results), args.arch, given, args.epochs)
+    try:
+        cuts = collect_cuts(Path(args.results), args.arch, given, args.epochs)
+    except LrpcError as e:
+        ap.error(str(e))
     if not cuts:
         ap.error(f"no bench_blocks.py pages of {args.arch} with {args.epochs} recovery epochs under {args.results}")
     try:

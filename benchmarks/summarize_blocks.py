@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lrpcompress.blocks import BlockPruneConfig  # noqa: E402
+from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
-from bench_blocks import block_configs, build_parser  # noqa: E402
+from bench_blocks import block_configs, build_parser, page_options  # noqa: E402
 from paired import mcnemar, sign_test, unpack_correct  # noqa: E402
 
 CRITERIA = ("lrp", "norm", "l1", "taylor")
@@ -97,7 +98,7 @@ def collect(results: Path, epochs: int, classes: str | None = None,
     parser = build_parser()
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
-        s = parser.parse_args(shlex.split(page["command"])[2:])
+        s = page_options(page["command"], str(path), parser)
         if s.classes != classes:
             continue
         checkpoint = (s.arch, dict(s.weights or []).get(s.arch))
@@ -202,7 +203,10 @@ def main() -> None:
     results = Path(args.results)
     if not results.is_dir():
         ap.error(f"no results folder at {results}")
-    cells, dense = collect(results, args.epochs, args.classes, args.speed_targets)
+    try:
+        cells, dense = collect(results, args.epochs, args.classes, args.speed_targets)
+    except LrpcError as e:
+        ap.error(str(e))
     budget = "target" if args.speed_targets else "blocks"
     if not cells:
         ap.error(f"no bench_blocks.py pages with {args.epochs} recovery epochs"

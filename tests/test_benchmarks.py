@@ -408,3 +408,16 @@ def test_summarize_blocks_without_pages_is_an_error(tmp_path):
     proc = bench("summarize_blocks.py", "--results", tmp_path / "empty", "--out", tmp_path / "s.md")
     assert proc.returncode == 2 and "no bench_blocks.py pages" in proc.stderr.splitlines()[-1]
     assert not (tmp_path / "s.md").exists()
+
+
+@pytest.mark.parametrize("script", ["summarize_blocks.py", "retime_blocks.py"])
+def test_block_page_readers_refuse_a_command_they_cannot_read_in_one_line(tmp_path, script):
+    res = tmp_path / "results"
+    res.mkdir()
+    _page(res / "blocks_a.json", "--blocks 3 --criteria lrp", [_row("lrp", 87.0)])
+    _page(res / "blocks_b.json", "--blocks 3 --criteria lrp --prune-faster", [_row("lrp", 87.0)])
+    out = tmp_path / "s.md"
+    proc = bench(script, "--results", res, "--out", out)
+    assert_argparse_error(proc, "blocks_b.json: its command has options this bench_blocks.py does not know: "
+                                "--prune-faster")
+    assert not out.exists()
