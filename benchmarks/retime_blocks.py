@@ -36,7 +36,7 @@ from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 from bench_blocks import build_parser, page_options  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
-from summarize_blocks import on_front, page_budget  # noqa: E402
+from summarize_blocks import cut_of, on_front, page_budget  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -54,7 +54,7 @@ def collect_cuts(results: Path, arch: str, weights: str | None, epochs: int) -> 
         for row in page["rows"]:
             if row["criterion"] == "dense" or f"test + {epochs} ep" not in row:
                 continue
-            cuts.setdefault(tuple(sorted(row["removed"].split(", "))), []).append(
+            cuts.setdefault(cut_of(row), []).append(
                 {"criterion": row["criterion"] + (f" in {s.steps} rounds" if s.steps > 1 else ""),
                  "budget": page_budget(s), "seed": s.seed,
                  "test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "page": str(path.relative_to(results))})

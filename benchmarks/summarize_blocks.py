@@ -1,16 +1,17 @@
 """One table of every committed block-cut run: each criterion at its library default, per model, budget and seed.
 
 Reads the ``.json`` pages that ``bench_blocks.py`` wrote under ``benchmarks/results`` (no model is loaded, nothing is
-trained), keeps the runs on all 10 classes (or on ``--classes``) with the default scoring settings and recovery epochs, and lines up, for
-every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the norm, L1 and Taylor, each
-as test accuracy after recovery and speed-up at batch 64. One cut has one speed-up: the median over every page of that
-model (and classes) whose rows removed the same blocks, whatever chose them, since one cut timed in different runs
-varies by more than the cuts compared differ (2.19-2.72x for one ResNet-20 cut). A page counts for a criterion only where the criterion ran
-at its library default (``--reference library``, or ``mean`` for lrp and taylor, ``zero`` for the norm). Runs with
-``--spread`` (at most ceil(k / stages) blocks from one stage) get columns of their own, ``<criterion> spread``. A
-paired table tests the criteria against each other over the runs (mean ± standard error, exact sign test) and, where
-pages keep each test image's outcome (``bench_blocks.py`` since 2026-12-07), per run with McNemar's exact test; a
-second one repeats LRP's lines against L1, Taylor and the norm for each (model, blocks) on its own.
+trained), keeps the runs on all 10 classes (or on ``--classes``) with the default scoring settings and recovery
+epochs, and lines up, for every (model, blocks, seed): LRP scored once, LRP rescored between rounds (``--steps``), the
+norm, L1 and Taylor, each as test accuracy after recovery and speed-up at batch 64. One cut has one speed-up: the
+median over every page of that model (and classes) whose rows removed the same blocks, whatever chose them, since one
+cut timed in different runs varies by more than the cuts compared differ (2.19-2.72x for one ResNet-20 cut). A page
+counts for a criterion only where the criterion ran at its library default (``--reference library``, or ``mean`` for
+lrp and taylor, ``zero`` for the norm). Runs with ``--spread`` (at most ceil(k / stages) blocks from one stage) get
+columns of their own, ``<criterion> spread``. A paired table tests the criteria against each other over the runs (mean
+± standard error, exact sign test) and, where pages keep each test image's outcome (``bench_blocks.py`` since
+2026-12-07), per run with McNemar's exact test; a second one repeats LRP's lines against L1, Taylor and the norm for
+each (model, blocks) on its own.
 
     python benchmarks/summarize_blocks.py                      # writes benchmarks/results/blocks_summary.md
     python benchmarks/summarize_blocks.py --classes 0,1,8 --epochs 1 --out benchmarks/results/blocks_task_summary.md
@@ -263,8 +264,8 @@ def main() -> None:
         + ("`--steps` > 1 (each round a 1/steps share of the target's saving, the rest rescored on the cut model in "
            "between; the page names its steps)" if args.speed_targets else
            "`--steps` = blocks (rescored on the cut model after each block)")
-        + ". Cells: test accuracy after recovery (%) and the cut's speed-up at batch 64: one per cut, the median over every "
-        "run of this model that removed the same blocks (each run times its cuts against the dense model in one "
+        + ". Cells: test accuracy after recovery (%) and the cut's speed-up at batch 64: one per cut, the median over "
+        "every run of this model that removed the same blocks (each run times its cuts against the dense model in one "
         "alternation; one cut timed in different runs varies by ±0.1× and more). The seed draws the "
         "scoring images, the held-out split and the training order; rows of one seed are paired."
         + (" `<criterion> spread`: the same criterion with `--spread` (at most ceil(k / stages) blocks from one "
