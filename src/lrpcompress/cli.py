@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove the --prune-blocks N blocks (1..N rounds) or reach the --block-speedup target (each "
                         "round a 1/steps share of the saving) in this many rounds, rescoring the rest on the cut "
                         "model in between (default 1: one scoring pass; for counts level on the mean after recovery, "
-                        "§19; under a speed target lrp in 4 rounds +0.18 over one pass on ResNet-20/44, level with "
-                        "taylor, while taylor in rounds loses 0.7; docs/FINDINGS.md §24)")
+                        "§19; under a speed target lrp in 4 rounds +0.12 over one pass in 10 runs on ResNet-20/44, "
+                        "level with taylor, while taylor in rounds loses 0.7; docs/FINDINGS.md §24-§25)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after block or channel pruning, before quantization "
                         "(distillation from the unpruned model, BatchNorm statistics updated)")
