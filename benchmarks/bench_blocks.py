@@ -42,7 +42,7 @@ from lrpcompress.blocks import (BLOCK_COSTS, BLOCK_CRITERIA, COST_UNITS, BlockCo
                                 measure_block_costs, prune_blocks, removable_blocks, remove_blocks)
 from lrpcompress.data import load_data, parse_classes, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
-from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_description, cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE, finetune_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
@@ -245,6 +245,7 @@ def main() -> None:
         markdown_table(score_rows, [(k, k) for k in score_rows[0]]), ""])
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows, "scores": scores,
                                                                "costs": costs.as_dict() if costs else None,
+                                                               "cpu": cpu_description(),
                                                                "test_correct": correct},
                                                               indent=2) + "\n")
 

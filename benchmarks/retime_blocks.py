@@ -4,9 +4,11 @@
 moments of a shared machine (±0.1×, more when something else runs). This script reads the ``blocks*.json`` pages
 under ``--results`` for one ``--arch`` (and ``--weights`` file, all 10 classes, the recovery epochs given), rebuilds
 every distinct cut from the dense model (no training: a removed block's speed does not depend on the weights) and times
-the dense model and all cuts in one alternation (median of ``--passes`` passes of 20 batch-64 forward passes), so the
-speed-ups are comparable across runs. Each cut's accuracy is the mean over the pages' rows that made it (criterion,
-page and seed listed). Prints and writes a table sorted by speed-up, with the speed/accuracy front.
+the dense model and all cuts in one alternation (median of ``--passes`` passes of 20 batch-64 forward passes, under
+``steady_allocator`` like every timing of the library), so the speed-ups are comparable across runs; a page from
+before 2026-12-07 was timed under glibc's default malloc, and its budget reads ``(glibc default)``. Each cut's
+accuracy is the mean over the pages' rows that made it (criterion, page and seed listed). Prints and writes a table
+sorted by speed-up, with the speed/accuracy front.
 
     python benchmarks/retime_blocks.py --arch resnet44 --out benchmarks/results/speed/retimed_rn44.md
 """
@@ -36,7 +38,7 @@ from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 from bench_blocks import build_parser, page_options  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
-from summarize_blocks import cut_of, on_front, page_budget  # noqa: E402
+from summarize_blocks import cut_of, on_front, page_budget, steady_timing  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -56,7 +58,7 @@ def collect_cuts(results: Path, arch: str, weights: str | None, epochs: int) -> 
                 continue
             cuts.setdefault(cut_of(row), []).append(
                 {"criterion": row["criterion"] + (f" in {s.steps} rounds" if s.steps > 1 else ""),
-                 "budget": page_budget(s), "seed": s.seed,
+                 "budget": page_budget(s, steady_timing(page)), "seed": s.seed,
                  "test": row[f"test + {epochs} ep"], "speed": row["speed-up"], "page": str(path.relative_to(results))})
     return cuts
 

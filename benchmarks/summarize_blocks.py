@@ -80,10 +80,21 @@ def on_front(acc: float, speed: float, points: list[tuple[float, float]]) -> boo
     return not any(a >= acc and s >= speed and (a, s) != (acc, speed) for a, s in points)
 
 
-def page_budget(s: argparse.Namespace) -> int | str:
-    """A page's budget: its block count, or its speed target as text (``1.75x``) for pages run with ``--speedup``."""
+def steady_timing(page: dict) -> bool:
+    """Whether a page's CPU times were taken with freed memory kept for reuse (``steady_allocator``, jemalloc,
+    tcmalloc; pages since 2026-12-07 name their allocator) rather than under glibc's defaults, which page-fault the
+    wide early blocks' activations in on every pass and so overstate what removing those blocks saves
+    (FINDINGS §26)."""
+    return page.get("cpu", {}).get("allocator", "glibc") != "glibc"
+
+
+def page_budget(s: argparse.Namespace, steady: bool = True) -> int | str:
+    """A page's budget: its block count, or its speed target as text (``1.75x``) for pages run with ``--speedup``;
+    a CPU target measured under glibc's default malloc (``steady`` false) reads ``1.75x (glibc default)``: the same
+    number asked for fewer blocks there."""
     if s.speedup is not None:
-        return f"{s.speedup:g}x" + ("" if s.cost == "cpu" else f" {s.cost}")
+        return f"{s.speedup:g}x" + ("" if s.cost == "cpu" else f" {s.cost}") + (
+            " (glibc default)" if s.cost == "cpu" and not steady else "")
     return 3 if s.blocks is None else s.blocks
 
 
@@ -91,11 +102,12 @@ def collect(results: Path, epochs: int, classes: str | None = None,
             speed_targets: bool = False) -> tuple[dict, dict]:
     """{(model, budget, seed): {column: row}} and {model: dense test accuracy} from every block page with a block
     count (``speed_targets``: with a speed target instead). A row's speed is its cut's: the median speed-up over every
-    page of that checkpoint and classes that removed the same blocks (any budget, epochs or criterion)."""
+    page of that checkpoint and classes that removed the same blocks (any budget, epochs or criterion) and was timed
+    under the same kind of allocator (:func:`steady_timing`)."""
     cells: dict[tuple[str, int, int], dict[str, dict]] = {}
     dense: dict[str, float] = {}
     pages = []
-    timed: dict[tuple, list[float]] = {}  # (checkpoint, cut): the speed-up of every run on these classes that cut it
+    timed: dict[tuple, list[float]] = {}  # (checkpoint, cut, steady): the speed-ups of the runs that cut it
     parser = build_parser()
     for path in sorted(results.rglob("blocks*.json")):
         page = json.loads(path.read_text())
@@ -105,13 +117,13 @@ def collect(results: Path, epochs: int, classes: str | None = None,
         checkpoint = (s.arch, dict(s.weights or []).get(s.arch))
         for row in page["rows"]:
             if row["criterion"] != "dense":
-                timed.setdefault((checkpoint, cut_of(row)), []).append(row["speed-up"])
+                timed.setdefault((checkpoint, cut_of(row), steady_timing(page)), []).append(row["speed-up"])
         if compared(s, parser) and s.epochs == epochs and (s.speedup is not None) == speed_targets:
             pages.append((path, s, page, checkpoint))
     labels = model_labels([checkpoint for *_, checkpoint in pages])
     for path, s, page, checkpoint in pages:
         model = labels[checkpoint]
-        key = (model, page_budget(s), s.seed)
+        key = (model, page_budget(s, steady_timing(page)), s.seed)
         configs = block_configs(s, list(CRITERIA))  # what the page ran each criterion with
         for row in page["rows"]:
             if row["criterion"] == "dense":
@@ -125,7 +137,7 @@ def collect(results: Path, epochs: int, classes: str | None = None,
                 if crit != "lrp" and s.steps > 1:
                     continue  # other criteria in rounds are not a library default either
                 column = ("lrp rounds" if s.steps > 1 else crit) + (" spread" if s.spread else "")
-                times = timed[(checkpoint, cut_of(row))]
+                times = timed[(checkpoint, cut_of(row), steady_timing(page))]
                 entry = {"test": row[f"test + {epochs} ep"], "speed": statistics.median(times), "timed": len(times),
                          "removed": row["removed"], "page": str(path.relative_to(results))}
                 if correct is not None:
@@ -266,7 +278,11 @@ def main() -> None:
            "`--steps` = blocks (rescored on the cut model after each block)")
         + ". Cells: test accuracy after recovery (%) and the cut's speed-up at batch 64: one per cut, the median over "
         "every run of this model that removed the same blocks (each run times its cuts against the dense model in one "
-        "alternation; one cut timed in different runs varies by ±0.1× and more). The seed draws the "
+        "alternation; one cut timed in different runs varies by ±0.1× and more), over the runs timed under the same "
+        "kind of allocator: pages from before 2026-12-07 ran under glibc's default malloc, which overstates cuts of "
+        "the wide early blocks by up to 30% (docs/FINDINGS.md §26), and their speed targets read "
+        "`(glibc default)`. "
+        "The seed draws the "
         "scoring images, the held-out split and the training order; rows of one seed are paired."
         + (" `<criterion> spread`: the same criterion with `--spread` (at most ceil(k / stages) blocks from one "
            "stage)." if len(columns) > len(COLUMNS) else ""), "",

@@ -135,9 +135,16 @@ def test_outcomes_record_each_test_images_result(shared_dir, tmp_path):
     assert acc == pytest.approx(accuracy(net, test, show_progress=False)) == 100 * right[:20].mean()
 
 
-def _page(path: Path, args: str, rows: list[dict]) -> None:
+def _page(path: Path, args: str, rows: list[dict], allocator: str | None = None) -> None:
+    """A bench_blocks.py page; ``allocator`` as pages since 2026-12-07 name it (older pages name none)."""
     dense = {"criterion": "dense", "removed": "–", "speed-up": 1.0, "test": 90.0}
-    path.write_text(json.dumps({"command": f"python benchmarks/bench_blocks.py {args}", "rows": [dense, *rows]}))
+    page = {"command": f"python benchmarks/bench_blocks.py {args}", "rows": [dense, *rows]}
+    if allocator:
+        page["cpu"] = {"allocator": allocator}
+    path.write_text(json.dumps(page))
+
+
+KEPT = "glibc, freed memory kept"  # what pages timed under steady_allocator name
 
 
 def _row(crit: str, test: float, speed: float = 1.5, removed: str | None = None) -> dict:
@@ -261,13 +268,14 @@ def test_summarize_blocks_pairs_each_model_and_budget_apart(tmp_path):
 def test_summarize_blocks_keeps_speed_targets_apart_from_block_counts(tmp_path):
     res = tmp_path / "results"
     (res / "speed").mkdir(parents=True)
-    _page(res / "blocks_count.json", "--criteria lrp,l1 --reference library", [_row("lrp", 87.0), _row("l1", 86.0)])
+    _page(res / "blocks_count.json", "--criteria lrp,l1 --reference library", [_row("lrp", 87.0), _row("l1", 86.0)],
+          allocator=KEPT)
     for seed, (lrp, l1) in enumerate([(86.0, 85.7), (86.2, 86.0)]):
         _page(res / "speed" / f"blocks_s{seed}.json",
               f"--speedup 2.0 --criteria lrp,l1 --reference library --seed {seed}",
-              [_row("lrp", lrp, 2.2), _row("l1", l1, 2.3)])
+              [_row("lrp", lrp, 2.2), _row("l1", l1, 2.3)], allocator=KEPT)
     _page(res / "speed" / "blocks_macs.json", "--speedup 2.0 --cost macs --criteria lrp --reference library",
-          [_row("lrp", 80.0)])
+          [_row("lrp", 80.0)], allocator=KEPT)
     counts, speed = tmp_path / "counts.md", tmp_path / "speed.md"
     assert bench("summarize_blocks.py", "--results", res, "--out", counts).returncode == 0
     proc = bench("summarize_blocks.py", "--results", res, "--speed-targets", "--out", speed)
@@ -289,13 +297,13 @@ def test_summarize_blocks_gives_one_cut_one_speed_up_over_all_its_runs(tmp_path)
     # 2.9x in a 1-epoch block-count run: the median of those four is its speed-up everywhere; a class-subset run of
     # it is another model (another head) and does not count; another cut keeps its own
     _page(res / "speed" / "blocks_s0.json", "--speedup 2.0 --criteria lrp,l1 --reference library",
-          [_row("lrp", 86.0, 2.2, stage1), _row("l1", 85.0, 2.1, "layer3.2")])
+          [_row("lrp", 86.0, 2.2, stage1), _row("l1", 85.0, 2.1, "layer3.2")], allocator=KEPT)
     _page(res / "speed" / "blocks_s1.json", "--speedup 2.0 --criteria lrp,l1 --reference library --seed 1",
-          [_row("lrp", 86.5, 2.6, stage1), _row("l1", 86.1, 2.4, "layer1.2, layer1.0, layer1.1")])
+          [_row("lrp", 86.5, 2.6, stage1), _row("l1", 86.1, 2.4, "layer1.2, layer1.0, layer1.1")], allocator=KEPT)
     _page(res / "blocks_count.json", "--blocks 3 --criteria norm --epochs 1",
-          [{**_row("norm", 80.0, 2.9, stage1), "test + 1 ep": 80.0}])
+          [{**_row("norm", 80.0, 2.9, stage1), "test + 1 ep": 80.0}], allocator=KEPT)
     _page(res / "blocks_task.json", "--blocks 3 --criteria norm --classes 0,1,8",
-          [_row("norm", 99.0, 9.9, stage1)])
+          [_row("norm", 99.0, 9.9, stage1)], allocator=KEPT)
     out = tmp_path / "speed.md"
     proc = bench("summarize_blocks.py", "--results", res, "--speed-targets", "--out", out)
     assert proc.returncode == 0, proc.stderr
@@ -305,6 +313,25 @@ def test_summarize_blocks_gives_one_cut_one_speed_up_over_all_its_runs(tmp_path)
     # seed 1 is one cut, so no speed difference; seed 0's lrp cut is 0.40x faster than l1's: mean +0.20x
     assert "| lrp − l1 | 2 | +0.70 | 0.30 | 2 / 0 / 0 | +0.40 to +1.00 | 0.500 | +0.20× |" in lines
     assert "| resnet20 | lrp | 2x | 2.50× | 86.25 (n=2) | yes |" in lines
+
+
+def test_summarize_blocks_keeps_speed_targets_under_glibc_defaults_apart(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    stage1 = "layer1.0, layer1.1, layer1.2"
+    # one cut, timed 2.4x under glibc's default malloc (an old page names no allocator) and 1.8x with freed memory
+    # kept: one 2x target each, kept apart, and each row's speed-up is the median of its own kind of timing only
+    _page(res / "blocks_old.json", "--speedup 2.0 --criteria lrp --reference library", [_row("lrp", 86.0, 2.4, stage1)])
+    _page(res / "blocks_new.json", "--speedup 2.0 --criteria lrp --reference library",
+          [_row("lrp", 85.0, 1.8, f"{stage1}, layer2.1")], allocator=KEPT)
+    _page(res / "blocks_new2.json", "--speedup 2.0 --criteria l1 --reference library",
+          [_row("l1", 84.0, 1.7, stage1)], allocator="tcmalloc")
+    out = tmp_path / "speed.md"
+    proc = bench("summarize_blocks.py", "--results", res, "--speed-targets", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "| resnet20 | 2x | 0 | 85.00 (1.80×) | – | – | 84.00 (1.70×) | – |" in text
+    assert "| resnet20 | 2x (glibc default) | 0 | 86.00 (2.40×) | – | – | – | – |" in text
 
 
 def test_retime_blocks_times_every_cut_of_one_model_together(tmp_path, resnet20_weights):
@@ -325,7 +352,7 @@ def test_retime_blocks_times_every_cut_of_one_model_together(tmp_path, resnet20_
     assert [r[0] for r in rows] == ["layer1.0, layer1.1, layer1.2", "layer3.2"]  # the three blocks are faster
     stage1, last = rows
     assert stage1[1] == "3" and stage1[4] == "1.50, 2.20" and stage1[5] == "86.5"  # one cut, two runs, mean test
-    assert stage1[6] == "lrp @ 3 s0; lrp @ 2x s1" and last[6] == "l1 @ 3 s0"
+    assert stage1[6] == "lrp @ 3 s0; lrp @ 2x (glibc default) s1" and last[6] == "l1 @ 3 s0"  # an old page
     assert float(stage1[3]) > float(last[3]) and "50.0" not in out.read_text()
     assert stage1[7] == "yes" and last[7] == "–"  # faster and more accurate
     proc = bench("retime_blocks.py", "--results", res, "--arch", "resnet44", "--out", out)

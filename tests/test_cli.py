@@ -369,6 +369,7 @@ def test_prune_channels_for_a_class_subset_reports_speed(tmp_path, tiny_data, re
     from lrpcompress.evaluation import cpu_description
 
     assert report["cpu"] == cpu_description() and report["cpu"]["threads"] >= 1  # the timing names its CPU
+    assert report["cpu"]["allocator"] != "glibc"  # and timed with freed memory kept (steady_allocator), not glibc's
     dep = report["deployed"]  # both models timed again with BatchNorm folded into their layers
     assert dep["batchnorm"] == "folded" and set(dep["latency_ms"]) == {"dense", "compressed"}
     assert dep["speedup"] == pytest.approx(dep["latency_ms"]["dense"]["64"] / dep["latency_ms"]["compressed"]["64"],

@@ -1,8 +1,12 @@
-"""lrpcompress.evaluation: accuracy, MAC counts, the CPU line and speed profiles, each against a direct computation."""
+"""lrpcompress.evaluation: accuracy, MAC counts, the CPU line, the allocator and speed profiles, each against a direct
+computation."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -66,7 +70,7 @@ def test_cpu_line_names_the_kernels_and_threads():
     d = cpu_description()
     line = cpu_line()
     assert line.startswith(f"{d['machine']}, ") and f"{d['kernels']} kernels" in line
-    assert line.endswith(f"{torch.get_num_threads()} threads")
+    assert line.endswith(f"{torch.get_num_threads()} threads, malloc: {d['allocator']}")
 
 
 def test_speed_profiles_time_each_model_and_leave_them_untouched():
@@ -81,3 +85,47 @@ def test_speed_profiles_time_each_model_and_leave_them_untouched():
         assert all(v >= 4 * p["params"] for v in p["peak_memory_bytes"].values())
     assert net.training  # timed on copies: BatchNorm statistics and mode unchanged
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+_HEAP_PROBE = """
+import ctypes, json, torch
+from lrpcompress.evaluation import allocator, steady_allocator
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def sixteen_mb():  # bytes mmapped while a 16 MB tensor lives, and heap bytes left once it is freed
+    t = torch.ones(4 * 1024 * 1024)
+    mapped = libc.mallinfo2().hblkhd
+    del t
+    return mapped, libc.mallinfo2().arena
+
+out = {"before": allocator(), "default": sixteen_mb(), "steady": steady_allocator(), "again": steady_allocator()}
+out["kept"] = sixteen_mb()
+print(json.dumps(out))
+"""
+
+
+def test_steady_allocator_keeps_large_tensors_on_the_heap_under_glibc():
+    """A fresh process: under glibc's defaults a 16 MB tensor is mmapped (and unmapped when freed); after
+    steady_allocator() it comes from the heap, which keeps the memory once the tensor is freed."""
+    import ctypes
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD",) and not k.startswith("MALLOC_")}
+    run = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, env=env, check=True)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["before"] == "glibc"
+    assert out["steady"] == out["again"] == "glibc, freed memory kept"
+    (mapped_default, _), (mapped_kept, heap_kept) = out["default"], out["kept"]
+    assert mapped_default >= 16 * 1024 * 1024  # the default: straight from mmap
+    assert mapped_kept < 16 * 1024 * 1024 and heap_kept >= 16 * 1024 * 1024  # heap, not trimmed after the free

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .data import ImageData, sample_indices
 from .errors import LrpcError
-from .evaluation import layer_macs
+from .evaluation import layer_macs, steady_allocator
 from .models import model_device
 from .progress import progress
 from .relevance import (REMOVAL_REFERENCES, RelevanceConfig, _eval_out_of_place, _find_folds, _folded_params,
@@ -214,7 +214,9 @@ def measure_block_costs(model: nn.Module, example: torch.Tensor, blocks: Sequenc
     share the saving equally. The dense model and one cut per group are timed in alternation, ``repeats`` rounds after
     3 warm-up ones, and a group's saving is the median over rounds of the dense pass's time minus the cut's in the same
     round, so a machine slowing down between rounds cancels out; timing a block inside the dense pass instead
-    overstated the wide early blocks (a 2.3x prediction measured 1.8x)."""
+    overstated the wide early blocks (a 2.3x prediction measured 1.8x). Timed under
+    :func:`~lrpcompress.evaluation.steady_allocator`: glibc's default page faults made the same blocks' share swing
+    with the VM's state (docs/FINDINGS.md §26)."""
     if cost not in BLOCK_COSTS:
         raise LrpcError(f"unknown block cost {cost!r}; choose one of {', '.join(BLOCK_COSTS)}")
     x1 = example[:1]
@@ -222,6 +224,7 @@ def measure_block_costs(model: nn.Module, example: torch.Tensor, blocks: Sequenc
         macs = layer_macs(model, x1)
         per_block = {b: float(sum(v for n, v in macs.items() if n == b or n.startswith(b + "."))) for b in blocks}
         return BlockCosts(COST_UNITS["macs"], float(sum(macs.values())), per_block)
+    steady_allocator()
     net = copy.deepcopy(model).cpu().eval()
     mods = dict(net.named_modules())
     signature: dict[str, tuple] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import sys
@@ -109,31 +110,76 @@ def peak_activation_bytes(model: nn.Module, example: torch.Tensor) -> int:
     return int(peak)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # the largest threshold glibc accepts on 64-bit
+_GLIBC_TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+_PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
+_heap_kept = False  # glibc cannot be asked whether mallopt was called; this records that this process did
+
+
+def allocator() -> str:
+    """The malloc that serves this process's CPU tensors: a preloaded ``jemalloc``, ``tcmalloc`` or ``mimalloc``,
+    ``glibc, freed memory kept`` after :func:`steady_allocator`, ``glibc`` (its defaults), or ``unknown``."""
+    maps = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    for name in _PRELOADED:
+        if f"lib{name}" in maps:
+            return name
+    if platform.libc_ver()[0] == "glibc":
+        return "glibc, freed memory kept" if _heap_kept else "glibc"
+    return "unknown"
+
+
+def steady_allocator() -> str:
+    """Make CPU timings count compute, not the kernel handing memory back: under glibc's defaults every tensor above
+    its (sliding) mmap threshold is returned to the OS when freed and page-faulted in again on the next pass, a cost
+    that grows with the activation's size and varies with the VM's state (docs/FINDINGS.md §26: the wide early blocks
+    of a CIFAR ResNet then look 10-30% costlier than under jemalloc or tcmalloc). This sets glibc's mmap threshold to
+    its 32 MB maximum and never trims the heap, so freed blocks are reused as a deployed runtime's arena reuses them.
+
+    Process-wide and kept for the rest of the process (glibc cannot restore its sliding threshold), which only means
+    the process holds on to its peak heap; a no-op under a preloaded jemalloc/tcmalloc/mimalloc or another libc.
+    Returns :func:`allocator`. The timing functions of this package call it."""
+    global _heap_kept
+    if not _heap_kept and allocator() == "glibc":
+        mallopt = ctypes.CDLL(None).mallopt
+        if mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_NEVER):
+            _heap_kept = True
+    return allocator()
+
+
 def cpu_description() -> dict[str, object]:
     """The CPU that latencies are measured on: architecture, model name, the vector kernels torch dispatches to
-    (e.g. AVX2, AVX512) and the thread count. A slim model's speed-up depends on the CPU (docs/FINDINGS.md §12:
-    the same ResNet-20 cut, 1.55-1.58x on the CPU of the earlier benchmark rows, 1.27-1.40x on an AVX-512 Xeon)."""
+    (e.g. AVX2, AVX512), the thread count and the allocator (:func:`allocator`). A slim model's speed-up depends on
+    the CPU (docs/FINDINGS.md §12: the same ResNet-20 cut, 1.55-1.58x on the CPU of the earlier benchmark rows,
+    1.27-1.40x on an AVX-512 Xeon) and on the allocator (§26)."""
     name = platform.processor()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     return {"machine": platform.machine(), "model": name or "unknown",
-            "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+            "kernels": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "allocator": allocator()}
 
 
 def cpu_line() -> str:
     """:func:`cpu_description` as one line for a results page, e.g. ``x86_64, Intel Xeon ..., AVX512 kernels, 2
-    threads``."""
-    return "{machine}, {model}, {kernels} kernels, {threads} threads".format(**cpu_description())
+    threads, malloc: glibc, freed memory kept``."""
+    return "{machine}, {model}, {kernels} kernels, {threads} threads, malloc: {allocator}".format(**cpu_description())
 
 
 def speed_profiles(models: Sequence[nn.Module], example: torch.Tensor, batch_sizes: tuple[int, ...] = (1, 64),
                    repeats: int = 30) -> list[dict]:
     """Params, MACs per image, CPU latency (ms, median) per batch size and peak memory of each model.
 
-    Runs CPU copies with the current thread count; ``example`` is one input image (1×C×H×W). The models are
-    timed in alternation, so load on the machine affects them alike and their ratio stays meaningful."""
+    Runs CPU copies with the current thread count, under :func:`steady_allocator`; ``example`` is one input image
+    (1×C×H×W). The models are timed in alternation, so load on the machine affects them alike and their ratio stays
+    meaningful."""
     import copy
+
+    steady_allocator()
 
     nets = [copy.deepcopy(m).cpu().eval() for m in models]
     x1 = example[:1].cpu()
