@@ -28,7 +28,7 @@ from bench_channels import parse_budget, slim_architecture  # noqa: E402
 from run_benchmark import SHARED, add_weights_option, checkpoint  # noqa: E402
 
 from lrpcompress.data import load_data  # noqa: E402
-from lrpcompress.evaluation import cpu_line, speed_profiles  # noqa: E402
+from lrpcompress.evaluation import cpu_line, speed_profiles, steady_allocator  # noqa: E402
 from lrpcompress.models import fold_batchnorm, load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
@@ -67,6 +67,7 @@ def main() -> None:
         sys.exit("probe_widths.py: layer-scope budgets only (the other scopes' widths depend on the scores)")
     train = load_data(Path(args.shared) / "data" / "cifar10-jpeg", "train")
     example = train.tensor(np.arange(1))
+    steady_allocator()  # before the machine line names the allocator (speed_profiles would set it only later)
     lines = ["# Speed against MACs: slim architectures timed together", "",
              f"Produced by: `python benchmarks/probe_widths.py --models {args.models} --budgets {args.budgets} "
              f"--passes {args.passes} --repeats {args.repeats}`  ",

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None,
                    help="instead of --prune-blocks N: a speed target, e.g. 1.75; removes the blocks of smallest "
                         "summed --block-criterion score whose --block-cost reaches it (removing a stage-1 block of a "
-                        "CIFAR ResNet saves 2-4x the CPU time of a stage-3 block at equal MACs)")
+                        "CIFAR ResNet saves about 1.8x the CPU time of a stage-3 block at equal MACs)")
     c.add_argument("--block-cost", default="cpu", choices=BLOCK_COSTS,
                    help="what --block-speedup counts: cpu (each block's time at batch 64, measured on this machine "
                         "before the cut; the choice can vary with the machine) or macs (exact, reproducible)")
