@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import torchvision
 
 from lrpcompress.blocks import (BLOCK_CRITERIA, BlockCosts, BlockPruneConfig, apply_removed, block_scores,
-                                measure_block_costs, prune_blocks, select_by_cost,
-                                removable_blocks, remove_blocks, replaced_blocks, select_blocks)
+                                measure_block_costs, prune_blocks, removable_blocks, remove_blocks, replaced_blocks,
+                                round_pick, select_blocks, select_by_cost)
 from lrpcompress.compress import CompressConfig, QuantConfig, compress, load_compressed
 from lrpcompress.data import ImageData, sample_indices
 from lrpcompress.errors import LrpcError
@@ -412,17 +412,35 @@ def test_speedup_target_removes_the_lowest_scored_cover(resnet20, criterion):
                      show_progress=False, costs=costs)
 
 
+def test_a_round_takes_the_start_of_a_plan_for_all_that_is_missing():
+    """ResNet-20 at 1.75x (FINDINGS §26), two stage-1 blocks gone, 3.9 ms still missing, a round's share 0.88 ms:
+    covering the share alone takes the one stage-2 block that scores lowest, and the next round another (5.04 ms for
+    a score of 4); planning for all 3.9 ms takes the stage-1 block (4.1 ms, score 3)."""
+    costs = {"layer1.1": 4.1, "layer2.1": 2.52, "layer2.2": 2.52}
+    scores = {"layer1.1": 3.0, "layer2.1": 2.0, "layer2.2": 2.0}
+    assert select_by_cost(scores, costs, 0.88) == ["layer2.1"]  # the share alone
+    assert round_pick(scores, costs, 3.9, 0.88, last=False) == ["layer1.1"]
+    # the plan's blocks, lowest score first, up to the share; the last round takes the whole plan
+    costs = {"a": 2.0, "b": 2.0, "c": 2.0, "d": 9.0}
+    scores = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 10.0}
+    assert round_pick(scores, costs, 5.9, 2.5, last=False) == ["a", "b"]
+    assert round_pick(scores, costs, 5.9, 2.0, last=False) == ["a"]
+    assert round_pick(scores, costs, 5.9, 2.0, last=True) == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("criterion", ["norm", "lrp"])
 def test_speedup_target_in_rounds_rescores_on_the_cut_model(resnet20, criterion):
-    """Round r brings the saving to (r+1)/steps of the target's with the cheapest-scored cover of what is missing,
-    scored on the model the earlier rounds left; the dense model's costs throughout (computed here by hand)."""
+    """Round r plans the cheapest-scored cut for all that is missing, scored on the model the earlier rounds left,
+    and takes that plan's lowest-scored blocks up to (r+1)/steps of the saving; the dense model's costs throughout
+    (computed here by hand)."""
     data = random_data(16)
     costs = BlockCosts("ms", 100.0, {b: 10.0 if b.startswith("layer1") else 4.0 for b in RESNET20_BLOCKS})
     cfg = BlockPruneConfig(criterion=criterion, speedup=1.6, samples=16, steps=2)
     res = prune_blocks(resnet20, data, cfg, show_progress=False, costs=costs)
     saving = costs.saving(1.6)  # 37.5 ms: 18.75 per round
     first = block_scores(resnet20, data, RESNET20_BLOCKS, cfg, False)
-    picked = select_by_cost(first, costs.blocks, saving / 2)
+    plan = select_by_cost(first, costs.blocks, saving)
+    picked = [b for i, b in enumerate(plan) if sum(costs.blocks[p] for p in plan[:i]) < saving / 2]
     rest = [b for b in RESNET20_BLOCKS if b not in picked]
     second = block_scores(remove_blocks(resnet20, picked), data, rest, cfg, False)
     assert second != {b: first[b] for b in rest}  # the cut changes the other blocks' scores

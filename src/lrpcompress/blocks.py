@@ -21,8 +21,8 @@ class subset ranks by what those classes use:
 - ``random``: seeded uniform scores.
 
 Budgets: ``count`` blocks (the lowest scores), or a ``speedup`` target. Blocks of equal MACs differ in CPU time (on
-CIFAR ResNets a stage-1 block, wide maps and few channels, saves 2-4x a stage-3 block's time: docs/FINDINGS.md §23),
-so a count says little about speed. With ``speedup`` each block's cost is measured (:func:`measure_block_costs`:
+CIFAR ResNets a stage-1 block, wide maps and few channels, saves about 1.8x a stage-3 block's time; 2-4x under
+glibc's default malloc: docs/FINDINGS.md §23, §26), so a count says little about speed. With ``speedup`` each block's cost is measured (:func:`measure_block_costs`:
 the CPU milliseconds its removal saves at batch 64, or its MACs) and :func:`select_by_cost` removes the set of blocks
 with the smallest summed score whose summed cost reaches the saving the target needs. Summed scores do not see that
 emptying a stage costs more than its blocks one at a time; ``steps`` > 1 rescores the rest on the cut model after
@@ -70,8 +70,9 @@ class BlockPruneConfig:
     criterion. ``speedup`` (instead of ``count`` or ``names``): remove the blocks of smallest summed score whose
     measured ``cost`` (``"cpu"``: milliseconds at batch 64 on this machine; ``"macs"``) makes the model that many
     times cheaper; no ``spread``. ``steps`` > 1 removes the blocks in that many rounds, rescoring the rest on the
-    model cut so far: round r removes ``count`` * (r+1) // ``steps`` blocks in all, or with a ``speedup`` target the
-    cheapest-scored blocks that bring the saving to (r+1) / ``steps`` of what the target needs (the costs measured
+    model cut so far: round r removes ``count`` * (r+1) // ``steps`` blocks in all, or with a ``speedup`` target it
+    plans the cheapest-scored cut for all the saving still missing and removes that plan's lowest-scored blocks until
+    the saving reaches (r+1) / ``steps`` of what the target needs (the last round: the whole plan; the costs measured
     once, on the dense model).
     """
 
@@ -294,6 +295,26 @@ def select_by_cost(scores: Mapping[str, float], costs: Mapping[str, float], savi
     return sorted(chosen, key=lambda b: (scores[b], b))
 
 
+def round_pick(scores: Mapping[str, float], costs: Mapping[str, float], missing: float, share: float,
+               last: bool) -> list[str]:
+    """One round of a speed target in rounds: plan the cheapest-scored cut for all the ``missing`` saving
+    (:func:`select_by_cost`) and take the plan's blocks, lowest score first, until they save ``share`` (``last``:
+    the whole plan). Covering each round's share on its own instead let the shares' rounding add a block: ResNet-20
+    at 1.75x took 1.0, 1.2, 2.1 and 2.2 (1.88x predicted, -2.05 after recovery) where the whole saving needs three
+    stage-1 blocks (docs/FINDINGS.md §26)."""
+    plan = select_by_cost(scores, costs, missing)
+    if last:
+        return plan
+    taken: list[str] = []
+    saved = 0.0
+    for b in plan:
+        if saved >= share * (1 - 1e-9):
+            break
+        taken.append(b)
+        saved += costs[b]
+    return taken
+
+
 def _scoring_indices(data: ImageData, config: BlockPruneConfig) -> np.ndarray:
     return sample_indices(len(data), config.samples, config.seed, data.y)
 
@@ -420,10 +441,12 @@ def _prune_to_speedup(model: nn.Module, data: ImageData, config: BlockPruneConfi
                         "ask for less")
 
     def choose(r: int, chosen: list[str]) -> Callable[[dict[str, float]], list[str]] | None:
-        need = saving * (r + 1) / config.steps - sum(costs.blocks[b] for b in chosen)  # up to (r+1)/steps of it
-        if need <= 1e-9 * saving:  # the earlier rounds' blocks already saved this round's share (up to rounding)
+        done = sum(costs.blocks[b] for b in chosen)
+        share = saving * (r + 1) / config.steps - done  # up to (r+1)/steps of the saving
+        if share <= 1e-9 * saving:  # the earlier rounds' blocks already saved this round's share (up to rounding)
             return None
-        return lambda round_scores: select_by_cost(round_scores, costs.blocks, need)
+        last = r == config.steps - 1
+        return lambda round_scores: round_pick(round_scores, costs.blocks, saving - done, share, last)
 
     return BlockResult(*_cut_in_rounds(model, data, config, candidates, choose, show_progress), candidates, costs)
 
@@ -505,4 +528,4 @@ def apply_removed(model: nn.Module, names: object) -> nn.Module:
 
 __all__ = ["BLOCK_COSTS", "BLOCK_CRITERIA", "BlockCosts", "BlockPruneConfig", "BlockResult", "apply_removed",
            "block_scores", "measure_block_costs", "prune_blocks", "removable_blocks", "remove_blocks",
-           "replaced_blocks", "select_blocks", "select_by_cost"]
+           "replaced_blocks", "round_pick", "select_blocks", "select_by_cost"]
