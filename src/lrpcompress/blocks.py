@@ -22,9 +22,10 @@ class subset ranks by what those classes use:
 
 Budgets: ``count`` blocks (the lowest scores), or a ``speedup`` target. Blocks of equal MACs differ in CPU time (on
 CIFAR ResNets a stage-1 block, wide maps and few channels, saves about 1.8x a stage-3 block's time; 2-4x under
-glibc's default malloc: docs/FINDINGS.md §23, §26), so a count says little about speed. With ``speedup`` each block's cost is measured (:func:`measure_block_costs`:
-the CPU milliseconds its removal saves at batch 64, or its MACs) and :func:`select_by_cost` removes the set of blocks
-with the smallest summed score whose summed cost reaches the saving the target needs. Summed scores do not see that
+glibc's default malloc: docs/FINDINGS.md §23, §26), so a count says little about speed. With ``speedup`` each block's
+cost is measured (:func:`measure_block_costs`: the CPU milliseconds its removal saves at batch 64, or its MACs) and
+:func:`select_by_cost` removes the set of blocks with the smallest summed score whose summed cost reaches the saving
+the target needs. Summed scores do not see that
 emptying a stage costs more than its blocks one at a time; ``steps`` > 1 rescores the rest on the cut model after
 each share of the saving.
 """

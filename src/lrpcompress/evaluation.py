@@ -136,7 +136,7 @@ def steady_allocator() -> str:
     """Make CPU timings count compute, not the kernel handing memory back: under glibc's defaults every tensor above
     its (sliding) mmap threshold is returned to the OS when freed and page-faulted in again on the next pass, a cost
     that grows with the activation's size and varies with the VM's state (docs/FINDINGS.md §26: the wide early blocks
-    of a CIFAR ResNet then look 10-30% costlier than under jemalloc or tcmalloc). This sets glibc's mmap threshold to
+    of a CIFAR ResNet then look 16-30% costlier than under tcmalloc). This sets glibc's mmap threshold to
     its 32 MB maximum and never trims the heap, so freed blocks are reused as a deployed runtime's arena reuses them.
 
     Process-wide and kept for the rest of the process (glibc cannot restore its sliding threshold), which only means
