@@ -133,8 +133,8 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/probe_allocator.py", *sys.argv[1:]])
     lines = [f"# {args.arch}: block cuts' speed-up under each allocator", "",
              f"Command: `{command}`; {datetime.date.today()}; {cpu_line().rsplit(', malloc:', 1)[0]}. One fresh "
-             f"process per allocator, run one after another; in each, the dense model and every cut timed in one alternation, "
-             f"{args.passes} passes of {args.repeats} batch-64 forward passes. Cells: the median over passes of "
+             "process per allocator, run one after another; in each, the dense model and every cut timed in one "
+             f"alternation, {args.passes} passes of {args.repeats} batch-64 forward passes. Cells: the median over passes of "
              "dense ms / cut ms (range in brackets); column heads: the blocks each cut replaces by their shortcut.",
              "", markdown_table(rows, [(k, k) for k in rows[0]]), ""]
     if args.out:
