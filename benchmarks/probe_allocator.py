@@ -137,10 +137,7 @@ def main() -> None:
              f"alternation, {args.passes} passes of {args.repeats} batch-64 forward passes. Cells: the median over passes of "
              "dense ms / cut ms (range in brackets); column heads: the blocks each cut replaces by their shortcut.",
              "", markdown_table(rows, [(k, k) for k in rows[0]]), ""]
-    if args.out:
-        write_page(args.out, lines)
-    else:
-        print("\n".join(lines))
+    write_page(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -112,10 +112,7 @@ def main() -> None:
              "Test: accuracy after recovery, mean over the runs that made the cut (criterion @ budget, seed). A cut "
              "is on the front when no other is both at least as fast and at least as accurate.", "",
              markdown_table(rows, [(k, k) for k in rows[0]]), ""]
-    if args.out:
-        write_page(args.out, lines)
-    else:
-        print("\n".join(lines))
+    write_page(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -115,15 +115,16 @@ def collect(results: Path, epochs: int, classes: str | None = None,
         if s.classes != classes:
             continue
         checkpoint = (s.arch, dict(s.weights or []).get(s.arch))
+        steady = steady_timing(page)
         for row in page["rows"]:
             if row["criterion"] != "dense":
-                timed.setdefault((checkpoint, cut_of(row), steady_timing(page)), []).append(row["speed-up"])
+                timed.setdefault((checkpoint, cut_of(row), steady), []).append(row["speed-up"])
         if compared(s, parser) and s.epochs == epochs and (s.speedup is not None) == speed_targets:
-            pages.append((path, s, page, checkpoint))
-    labels = model_labels([checkpoint for *_, checkpoint in pages])
-    for path, s, page, checkpoint in pages:
+            pages.append((path, s, page, checkpoint, steady))
+    labels = model_labels([checkpoint for *_, checkpoint, _ in pages])
+    for path, s, page, checkpoint, steady in pages:
         model = labels[checkpoint]
-        key = (model, page_budget(s, steady_timing(page)), s.seed)
+        key = (model, page_budget(s, steady), s.seed)
         configs = block_configs(s, list(CRITERIA))  # what the page ran each criterion with
         for row in page["rows"]:
             if row["criterion"] == "dense":
@@ -137,7 +138,7 @@ def collect(results: Path, epochs: int, classes: str | None = None,
                 if crit != "lrp" and s.steps > 1:
                     continue  # other criteria in rounds are not a library default either
                 column = ("lrp rounds" if s.steps > 1 else crit) + (" spread" if s.spread else "")
-                times = timed[(checkpoint, cut_of(row), steady_timing(page))]
+                times = timed[(checkpoint, cut_of(row), steady)]
                 entry = {"test": row[f"test + {epochs} ep"], "speed": statistics.median(times), "timed": len(times),
                          "removed": row["removed"], "page": str(path.relative_to(results))}
                 if correct is not None:

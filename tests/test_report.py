@@ -21,3 +21,5 @@ def test_write_page_creates_folders_and_echoes(tmp_path, capsys):
     assert out.read_text() == "# title\n\nbody"
     assert capsys.readouterr().out == "# title\n\nbody\n"
     assert [p.name for p in out.parent.iterdir()] == ["page.md"]  # no temporary file left behind
+    write_page(None, ["only", "printed"])  # no path: printed, nothing written
+    assert capsys.readouterr().out == "only\nprinted\n" and [p.name for p in out.parent.iterdir()] == ["page.md"]

@@ -86,11 +86,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[st
     return "\n".join([head, sep, *body])
 
 
-def write_page(path: str | Path, lines: Sequence[str]) -> None:
-    """Write a results page (lines joined by newlines; folders created; atomic) and echo it to stdout."""
+def write_page(path: str | Path | None, lines: Sequence[str]) -> None:
+    """Write a results page (lines joined by newlines; folders created; atomic) and echo it to stdout; with no
+    ``path``, only print it."""
     text = "\n".join(lines)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode())
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, text.encode())
     print(text)
 
 
