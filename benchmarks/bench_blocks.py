@@ -108,20 +108,35 @@ def page_options(command: str, where: str, parser: argparse.ArgumentParser | Non
     return args
 
 
-def page_costs(path: str, arch: str, cost: str) -> BlockCosts:
-    """The block costs a committed ``--speedup`` page of ``arch`` measured in ``cost``'s unit; LrpcError otherwise."""
+def read_page(path: Path | str, where: str | None = None) -> dict:
+    """A committed page's json: a mapping with its ``command`` and ``rows``; LrpcError naming ``where`` (default: the
+    path) if the file cannot be read or is not such a page."""
+    where = where or str(path)
     try:
         page = json.loads(Path(path).read_text())
-        c, command = page["costs"], page["command"]
-        total, blocks = float(c["total"]), {str(b): float(v) for b, v in c["blocks"].items()}
-        unit = c["unit"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise LrpcError(f"--costs-from {path}: not a bench_blocks.py page with block costs ({type(e).__name__}: {e})")
-    page_arch = page_options(command, f"--costs-from {path}").arch
-    if page_arch != arch or unit != COST_UNITS[cost]:
-        raise LrpcError(f"--costs-from {path} holds {unit} costs of {page_arch}; this run needs {COST_UNITS[cost]} "
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LrpcError(f"{where}: cannot read it as a bench_blocks.py page ({type(e).__name__}: {e})")
+    if not (isinstance(page, dict) and isinstance(page.get("command"), str) and isinstance(page.get("rows"), list)
+            and all(isinstance(r, dict) for r in page["rows"])):
+        raise LrpcError(f"{where}: not a bench_blocks.py page (it needs a 'command' and a list of 'rows')")
+    return page
+
+
+def page_costs(path: str, arch: str, cost: str) -> BlockCosts:
+    """The block costs a committed ``--speedup`` page of ``arch`` measured in ``cost``'s unit; LrpcError otherwise."""
+    where = f"--costs-from {path}"
+    page = read_page(path, where)
+    if "costs" not in page:
+        raise LrpcError(f"{where}: the page holds no block costs (only pages run with --speedup do)")
+    try:
+        costs = BlockCosts.from_dict(page["costs"])
+    except ValueError as e:
+        raise LrpcError(f"{where}: {e}")
+    page_arch = page_options(page["command"], where).arch
+    if page_arch != arch or costs.unit != COST_UNITS[cost]:
+        raise LrpcError(f"{where} holds {costs.unit} costs of {page_arch}; this run needs {COST_UNITS[cost]} "
                         f"costs of {arch}")
-    return BlockCosts(unit, total, blocks)
+    return costs
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import statistics
 import sys
@@ -36,7 +35,7 @@ from lrpcompress.evaluation import cpu_line, speed_profiles  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
-from bench_blocks import build_parser, page_options  # noqa: E402
+from bench_blocks import build_parser, page_options, read_page  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 from summarize_blocks import cut_of, on_front, page_budget, steady_timing  # noqa: E402
 
@@ -48,7 +47,7 @@ def collect_cuts(results: Path, arch: str, weights: str | None, epochs: int) -> 
     parser = build_parser()
     cuts: dict[tuple[str, ...], list[dict]] = {}
     for path in sorted(results.rglob("blocks*.json")):
-        page = json.loads(path.read_text())
+        page = read_page(path)
         s = page_options(page["command"], str(path), parser)
         if (s.arch != arch or dict(s.weights or []).get(s.arch) != weights or s.classes is not None
                 or s.epochs != epochs):

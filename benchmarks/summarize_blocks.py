@@ -24,7 +24,6 @@ those run with a block count; the ``target`` column takes the place of ``blocks`
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -39,7 +38,7 @@ from lrpcompress.blocks import BlockPruneConfig  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
-from bench_blocks import block_configs, build_parser, page_options  # noqa: E402
+from bench_blocks import block_configs, build_parser, page_options, read_page  # noqa: E402
 from paired import mcnemar, sign_test, unpack_correct  # noqa: E402
 
 CRITERIA = ("lrp", "norm", "l1", "taylor")
@@ -110,7 +109,7 @@ def collect(results: Path, epochs: int, classes: str | None = None,
     timed: dict[tuple, list[float]] = {}  # (checkpoint, cut, steady): the speed-ups of the runs that cut it
     parser = build_parser()
     for path in sorted(results.rglob("blocks*.json")):
-        page = json.loads(path.read_text())
+        page = read_page(path)
         s = page_options(page["command"], str(path), parser)
         if s.classes != classes:
             continue

@@ -82,7 +82,7 @@ def test_bench_blocks_takes_costs_from_an_earlier_page(tmp_path, shared_dir):
     shared, weights = shared_dir
     blocks = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
     given = tmp_path / "given.json"
-    given.write_text(json.dumps({"command": "python benchmarks/bench_blocks.py --speedup 1.5",
+    given.write_text(json.dumps({"command": "python benchmarks/bench_blocks.py --speedup 1.5", "rows": [],
                                  "costs": {"unit": "ms", "total": 100.0,
                                            "blocks": {b: 40.0 if b == "layer3.1" else 1.0 for b in blocks}}}))
     out = tmp_path / "page.md"
@@ -96,9 +96,15 @@ def test_bench_blocks_takes_costs_from_an_earlier_page(tmp_path, shared_dir):
     assert f"costs taken from `{given}`" in out.read_text()
     macs = tmp_path / "macs.json"
     macs.write_text(json.dumps({"command": "python benchmarks/bench_blocks.py --speedup 1.5 --cost macs",
-                                "costs": {"unit": "MACs", "total": 1.0, "blocks": {}}}))
+                                "rows": [], "costs": {"unit": "MACs", "total": 1.0, "blocks": {}}}))
+    torn = tmp_path / "torn.json"
+    torn.write_text(given.read_text()[:200])
+    negative = tmp_path / "negative.json"
+    negative.write_text(json.dumps(dict(page, costs=dict(page["costs"], blocks={"layer3.1": -1.0}))))
     for args, message in [((given,), "add --speedup S"),
-                          ((tmp_path / "none.json", "--speedup", 1.5), "not a bench_blocks.py page"),
+                          ((tmp_path / "none.json", "--speedup", 1.5), "cannot read it as a bench_blocks.py page"),
+                          ((torn, "--speedup", 1.5), "cannot read it as a bench_blocks.py page (JSONDecodeError"),
+                          ((negative, "--speedup", 1.5), "the cost of layer3.1 is -1.0, not a finite non-negative"),
                           ((macs, "--speedup", 1.5), "holds MACs costs of resnet20; this run needs ms costs")]:
         bad = tmp_path / "bad.md"
         proc = bench("bench_blocks.py", "--shared", tmp_path / "missing", "--costs-from", *args, "--out", bad)
@@ -447,4 +453,20 @@ def test_block_page_readers_refuse_a_command_they_cannot_read_in_one_line(tmp_pa
     proc = bench(script, "--results", res, "--out", out)
     assert_argparse_error(proc, "blocks_b.json: its command has options this bench_blocks.py does not know: "
                                 "--prune-faster")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["summarize_blocks.py", "retime_blocks.py"])
+@pytest.mark.parametrize("text, message", [('{"command": "python benchmarks/bench_blocks.py --blocks 3", "rows": [',
+                                            "cannot read it as a bench_blocks.py page (JSONDecodeError"),
+                                           ('{"command": "python benchmarks/bench_blocks.py --blocks 3"}',
+                                            "not a bench_blocks.py page (it needs a 'command' and a list of 'rows')")])
+def test_block_page_readers_refuse_a_torn_page_in_one_line(tmp_path, script, text, message):
+    res = tmp_path / "results"
+    res.mkdir()
+    _page(res / "blocks_a.json", "--blocks 3 --criteria lrp", [_row("lrp", 87.0)])
+    (res / "blocks_b.json").write_text(text)
+    out = tmp_path / "s.md"
+    proc = bench(script, "--results", res, "--out", out)
+    assert_argparse_error(proc, f"blocks_b.json: {message}")
     assert not out.exists()

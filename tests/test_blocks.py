@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -386,6 +388,21 @@ def test_measured_block_costs(resnet20):
     assert cpu.saving(2.0) == pytest.approx(cpu.total / 2)
     with pytest.raises(LrpcError, match="unknown block cost"):
         measure_block_costs(resnet20, x, RESNET20_BLOCKS, "watts")
+
+
+def test_block_costs_read_back_what_they_write_and_refuse_what_they_cannot_count():
+    costs = BlockCosts("ms", 68.4, {"layer1.0": 4.593, "layer3.6": 2.421})
+    assert BlockCosts.from_dict(json.loads(json.dumps(costs.as_dict()))) == costs
+    good = costs.as_dict()
+    for bad, message in [(dict(good, unit="s"), "cost unit 's' is not one of ms, MACs"),
+                         (dict(good, total=0), "the total cost is 0"),
+                         (dict(good, total="68"), "the total cost is '68'"),
+                         (dict(good, blocks={"layer1.0": float("nan")}), "the cost of layer1.0 is nan"),
+                         (dict(good, blocks={"layer1.0": True}), "the cost of layer1.0 is True"),
+                         (dict(good, blocks=[1.0]), "a 'blocks' mapping"),
+                         ([], "a 'blocks' mapping")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            BlockCosts.from_dict(bad)
 
 
 @pytest.mark.parametrize("criterion", ["lrp", "l1"])

@@ -170,6 +170,26 @@ class BlockCosts:
         return {"unit": self.unit, "total": round(self.total, 4), "blocks": {b: round(c, 4) for b, c in
                                                                             self.blocks.items()}}
 
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "BlockCosts":
+        """The inverse of :meth:`as_dict`; ValueError naming what is wrong (a unit this library does not write, a
+        total that is not a positive number, a block cost that is negative or not a number)."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("blocks"), Mapping):
+            raise ValueError("block costs need 'unit', 'total' and a 'blocks' mapping")
+        unit = d.get("unit")
+        if unit not in COST_UNITS.values():
+            raise ValueError(f"cost unit {unit!r} is not one of {', '.join(COST_UNITS.values())}")
+
+        def number(v: object, what: str) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{what} is {v!r}, not a finite non-negative number")
+            return float(v)
+
+        total = number(d.get("total"), "the total cost")
+        if total <= 0:
+            raise ValueError("the total cost is 0; a model costs something")
+        return cls(unit, total, {str(b): number(v, f"the cost of {b}") for b, v in d["blocks"].items()})
+
 
 def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Children of ``nn.Sequential`` containers that hold weights and return a tensor of their input's shape (the
