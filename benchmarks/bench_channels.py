@@ -260,6 +260,17 @@ def normalise(row: dict) -> dict:
     return row
 
 
+def page_dates(rows: list[dict], started: str) -> str:
+    """The page's date line: the span of its rows' run dates; rows from before rows carried one are named apart."""
+    dated = [r["date"] for r in rows if "date" in r]
+    if not dated:
+        return started
+    first, last = min(dated), max(dated)
+    line = first if first == last else f"{first} to {last} (each row's run date in channels.json)"
+    undated = len(rows) - len(dated)
+    return line + (f"; {undated} row(s) from earlier runs carry no date" if undated else "")
+
+
 def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, seconds: float) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "channels.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -273,14 +284,14 @@ def write(rows: list[dict], args: argparse.Namespace, out: Path, started: str, s
     lines = ["# Structured (channel) pruning benchmark", "",
              "Produced by (each row's `command` in channels.json): "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", args.command) for r in rows)) + "  ",
-             f"Date: {started}; machine: {platform.machine()}, {torch.get_num_threads()} CPU threads; "
+             f"Date: {page_dates(rows, started)}; machine: {platform.machine()}, {torch.get_num_threads()} CPU threads; "
              f"torch {torch.__version__} (recovery on the CPU unless the `recovery` column names a GPU)"
              + (f"; wall time {seconds / 60:.1f} min.  " if seconds else ".  "),
              "Budgets: a fraction of the inner width of every residual block (removing them touches no residual "
              "addition), and optionally of every residual stream (`streams removed`: the stem, each block's second "
              "convolution and BatchNorm, the next blocks' inputs and the option-A shortcuts' channel maps are cut "
              "alike). Scores from "
-             f"{args.samples} training images of the setting's classes; accuracy on all test images of those classes; "
+             "the `scored images` column's number of training images of the setting's classes; accuracy on all test images of those classes; "
              "mean compensation on; recovery = 1 or 2 epochs (column) of SGD (Nesterov, one-cycle) on the setting's training images "
              "with distillation from the dense model and BatchNorm statistics updated, at the learning rate and "
              "batch size in the `recovery` column (lr 0.01, batch 64 was chosen on 1,500 held-out training images, "
@@ -386,7 +397,7 @@ def main() -> None:
         if row["criterion"] == "dense" and any(r["criterion"] == "dense" and (r["model"], r["setting"]) ==
                                                (row["model"], row["setting"]) for r in kept):
             return  # --append: the committed dense row stays (its latency pairs with the main rows' speed-ups)
-        rows.append(dict(row, command=args.command))
+        rows.append(dict(row, command=args.command, date=started))
         new = {key(r) for r in rows}
         everything = [r for r in kept if key(r) not in new] + rows
         write(everything, args, Path(args.out), started, 0.0 if args.append else time.perf_counter() - t0)

@@ -470,3 +470,15 @@ def test_block_page_readers_refuse_a_torn_page_in_one_line(tmp_path, script, tex
     proc = bench(script, "--results", res, "--out", out)
     assert_argparse_error(proc, f"blocks_b.json: {message}")
     assert not out.exists()
+
+
+def test_bench_channels_dates_a_page_by_its_rows_runs():
+    from bench_channels import page_dates
+
+    now = "2026-12-08 10:00 UTC"
+    assert page_dates([{}, {}], now) == now  # rows from before rows carried a date: the run's start
+    assert page_dates([{"date": "2026-12-07 17:55 UTC"}, {"date": "2026-12-07 17:55 UTC"}], now) == \
+        "2026-12-07 17:55 UTC"
+    line = page_dates([{"date": "2026-12-08 09:00 UTC"}, {"date": "2026-12-07 17:55 UTC"}, {}], now)
+    assert line.startswith("2026-12-07 17:55 UTC to 2026-12-08 09:00 UTC")
+    assert line.endswith("1 row(s) from earlier runs carry no date")
