@@ -482,3 +482,44 @@ def test_bench_channels_dates_a_page_by_its_rows_runs():
     line = page_dates([{"date": "2026-12-08 09:00 UTC"}, {"date": "2026-12-07 17:55 UTC"}, {}], now)
     assert line.startswith("2026-12-07 17:55 UTC to 2026-12-08 09:00 UTC")
     assert line.endswith("1 row(s) from earlier runs carry no date")
+
+
+def test_probe_block_stages_signal_is_the_start_where_nothing_absorbs_relevance():
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    from probe_block_stages import stream_signal
+
+    from lrpcompress.blocks import BlockPruneConfig
+    from lrpcompress.data import ImageData
+
+    class Block(nn.Module):  # relu(x + f(x)) with bias-free convolutions: z+ and the additions conserve relevance
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.ReLU(),
+                                   nn.Conv2d(4, 4, 3, padding=1, bias=False))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x + self.f(x))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Sequential(Block(), Block()),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3, bias=False))
+    with torch.no_grad():  # every weight positive: no z+ denominator is 0 after the first layer
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not net[0]:
+                m.weight.abs_()
+    rng = np.random.default_rng(0)
+    data = ImageData(rng.integers(0, 256, (12, 6, 6, 3), dtype=np.uint8), np.arange(12) % 3, (0.5,) * 3,
+                     (0.25,) * 3, ("a", "b", "c"))
+    blocks = ["2.0", "2.1"]
+    signal, start = stream_signal(net, data, blocks, BlockPruneConfig(criterion="lrp", samples=12, batch_size=4),
+                                  lrp=True)
+    assert start > 0
+    for b in blocks:
+        assert signal[b] == pytest.approx(start, rel=1e-4)
+    # the plain gradient carries gradient x activation, which a ReLU network without biases also conserves
+    grad_signal, grad_start = stream_signal(net, data, blocks, BlockPruneConfig(criterion="taylor", samples=12,
+                                                                                batch_size=4), lrp=False)
+    assert grad_start == pytest.approx(start)
+    assert grad_signal["2.1"] == pytest.approx(grad_start, rel=1e-6)
