@@ -40,7 +40,7 @@ from lrpcompress.models import load_model  # noqa: E402
 from lrpcompress.relevance import _eval_out_of_place, _start_grad, lrp_pass  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 from lrpcompress.rules import get_composite  # noqa: E402
-from run_benchmark import checkpoint  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -82,16 +82,16 @@ def stage(block: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet44")
-    ap.add_argument("--weights", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="ARCH=PATH")
+    add_weights_option(ap)
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--val-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--costs-from", metavar="PAGE.json", help="a bench_blocks.py --speedup page of this model")
     ap.add_argument("--speedups", default="1.5,1.75,2.0")
     ap.add_argument("--shared", default=str(SHARED))
-    ap.add_argument("--out", default=None, help="results page (default: benchmarks/results/block_stages_ARCH.md)")
+    ap.add_argument("--out", default=None, help="results page (default: benchmarks/results/block_stages/ARCH_seedK.md)")
     args = ap.parse_args()
-    out = args.out or str(ROOT / "benchmarks" / "results" / f"block_stages_{args.arch}.md")
+    out = args.out or str(ROOT / "benchmarks" / "results" / "block_stages" / f"{args.arch}_seed{args.seed}.md")
     try:
         speedups = [float(s) for s in args.speedups.split(",")]
         costs = page_costs(args.costs_from, args.arch, "cpu") if args.costs_from else None
