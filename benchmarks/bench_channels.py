@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from run_benchmark import add_weights_option, checkpoint  # noqa: E402
+from run_benchmark import add_weights_option, checkpoint, require_matplotlib  # noqa: E402
 
 from lrpcompress.data import load_data, split_train_val  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line, speed_profiles  # noqa: E402
@@ -358,6 +358,7 @@ def main() -> None:
                     help="with --speed-only: re-measure only the global/macs/auto rows, each timed with the layer cut "
                          "of its budget in one alternation (the other rows keep their speed)")
     args = ap.parse_args()
+    require_matplotlib("bench_channels.py")
     args.command = shlex.join(["python", "benchmarks/bench_channels.py", *sys.argv[1:]])
     args.models = args.models.split(",")
     args.subsets = (args.subsets or ("0,1,8" if args.quick else "all;0,1,8;3,4,5")).split(";")

@@ -19,6 +19,7 @@ output for a reason that has nothing to do with what a block contributes. With `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import shlex
 import statistics
@@ -37,9 +38,8 @@ from lrpcompress.blocks import BlockPruneConfig, block_scores, removable_blocks,
 from lrpcompress.data import ImageData, load_data, sample_indices, split_train_val  # noqa: E402
 from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.models import load_model  # noqa: E402
-from lrpcompress.relevance import _eval_out_of_place, _start_grad, lrp_pass  # noqa: E402
+from lrpcompress.relevance import module_passes  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
-from lrpcompress.rules import get_composite  # noqa: E402
 from run_benchmark import add_weights_option, checkpoint  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -48,30 +48,16 @@ SHARED = ROOT.parent / "shared"
 def stream_signal(model: nn.Module, data: ImageData, blocks: list[str], config: BlockPruneConfig,
                   lrp: bool) -> tuple[dict[str, float], float]:
     """``Σ out · g`` at each block's output over the config's reference images, and ``Σ logit · g`` at the start;
-    ``g`` the LRP relevance per unit (``lrp``) or the plain gradient of the start."""
-    rc = config.relevance_config()
-    idx = sample_indices(len(data), rc.samples, rc.seed, data.y)
-    mods = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    handles = [mods[b].register_forward_hook(lambda _m, _inp, out, b=b: seen.__setitem__(b, out)) for b in blocks]
+    ``g`` the LRP relevance per unit (``lrp``) or the plain gradient of the start (the pass of
+    ``removal_relevance``, which sums ``(out − in − m) · g`` instead)."""
     totals = dict.fromkeys(blocks, 0.0)
     start = 0.0
-    scope = (lrp_pass(model, get_composite(rc.composite, rc.epsilon), data.tensor(idx[:1])) if lrp
-             else _eval_out_of_place(model))
-    try:
-        with scope as states:
-            for x, y in data.batches(rc.batch_size, idx):
-                for st in (states or {}).values():
-                    st.reset()
-                logits = model(x.requires_grad_(True))
-                g0 = _start_grad(logits, y, rc.start)
-                start += float((logits.detach().double() * g0).sum())
-                grads = torch.autograd.grad(logits, [seen[b] for b in blocks], grad_outputs=g0)
-                for b, g in zip(blocks, grads):
-                    totals[b] += float((seen[b].detach().double() * g.double()).sum())
-    finally:
-        for h in handles:
-            h.remove()
+    passes = module_passes(model, data, blocks, config.relevance_config(), lrp, show_progress=False)
+    with contextlib.closing(passes):
+        for step in passes:
+            start += float((step.logits.double() * step.start_grad).sum())
+            for b in blocks:
+                totals[b] += float((step.outputs[b].double() * step.grads[b].double()).sum())
     return totals, start
 
 

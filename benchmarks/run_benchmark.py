@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import json
 import platform
 import shlex
@@ -45,6 +46,12 @@ OPTIMAL = ("lrp", "taylor", "mse", "random")
 
 
 BITS_GRID = (8, 6, 5, 4, 3, 2)
+
+
+def require_matplotlib(script: str) -> None:
+    """Exit with one line before any work when the plots cannot be drawn (a run must not die at its first write)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        sys.exit(f"{script}: matplotlib draws this benchmark's plots and is not installed: pip install -e '.[bench]'")
 
 
 def add_weights_option(ap: argparse.ArgumentParser) -> None:
@@ -441,6 +448,7 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
                     help="also include the rows of another run (other models) in the written tables")
     args = ap.parse_args()
+    require_matplotlib("run_benchmark.py")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but no CUDA device is available")
     args.machine = _machine(args.device)

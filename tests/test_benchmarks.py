@@ -523,3 +523,18 @@ def test_probe_block_stages_signal_is_the_start_where_nothing_absorbs_relevance(
                                                                                 batch_size=4), lrp=False)
     assert grad_start == pytest.approx(start)
     assert grad_signal["2.1"] == pytest.approx(grad_start, rel=1e-6)
+
+
+def test_benchmarks_without_matplotlib_stop_before_any_work_with_one_line(monkeypatch):
+    import importlib.util
+
+    import run_benchmark
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        run_benchmark.require_matplotlib("bench_channels.py")
+    assert str(e.value) == ("bench_channels.py: matplotlib draws this benchmark's plots and is not installed: "
+                            "pip install -e '.[bench]'")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "matplotlib" else real(name, *a))
+    run_benchmark.require_matplotlib("bench_channels.py")  # installed: nothing happens

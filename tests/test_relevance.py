@@ -307,3 +307,41 @@ def test_referenced_channel_relevance_refuses_unknown_layers():
     model = build_model("resnet20", 10).eval()
     with pytest.raises(LrpcError, match="no such layer or no reference input for: layer9.conv"):
         referenced_channel_relevance(model, _uint8_images(4), {"k": ["layer9.conv"]}, {}, show_progress=False)
+
+
+def test_module_passes_yield_the_blocks_tensors_and_the_start_gradient_and_clean_up():
+    """Plain mode: g is autograd's gradient of the true-class logit at the block's output, taken independently
+    here; the hooks go when the generator is exhausted, closed early, or raises."""
+    from lrpcompress.data import sample_indices
+    from lrpcompress.relevance import module_passes
+
+    torch.manual_seed(4)
+    model = CifarResNet(2, num_classes=10).eval()
+    data = _uint8_images(10)
+    cfg = RelevanceConfig(samples=10, batch_size=4)
+    before = _snapshot(model)
+    steps = list(module_passes(model, data, ["layer2.1", "layer3.1"], cfg, lrp=False, show_progress=False))
+    assert [len(s.logits) for s in steps] == [4, 4, 2]
+    idx = sample_indices(len(data), cfg.samples, cfg.seed, data.y)
+    x, y = data.tensor(idx[:4]), torch.as_tensor(data.y[idx[:4]])
+    seen = {}
+    h = model.layer3[1].register_forward_hook(lambda _m, inp, out: seen.update(i=inp[0], o=out))
+    try:
+        logits = model(x)
+        g = torch.autograd.grad(logits, seen["o"], grad_outputs=F.one_hot(y, 10).to(logits.dtype))[0]
+    finally:
+        h.remove()
+    first = steps[0]
+    assert torch.allclose(first.inputs["layer3.1"], seen["i"].detach())
+    assert torch.allclose(first.outputs["layer3.1"], seen["o"].detach())
+    assert torch.allclose(first.grads["layer3.1"], g, atol=1e-6)
+    assert torch.equal(first.start_grad, F.one_hot(y, 10).to(logits.dtype))
+    assert _snapshot(model)[1:] == before[1:]
+    # LRP mode closed after one batch: the scope and the hooks are gone
+    gen = module_passes(model, data, ["layer2.1"], cfg, lrp=True, show_progress=False)
+    next(gen)
+    gen.close()
+    assert _snapshot(model)[1:] == before[1:]
+    with pytest.raises(LrpcError, match="changes the shape"):
+        list(module_passes(model, data, ["layer2.0"], cfg, lrp=True, show_progress=False))
+    assert _snapshot(model)[1:] == before[1:]

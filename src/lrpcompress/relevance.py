@@ -452,6 +452,67 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).sum(2) if t.dim() > 2 else t
 
 
+@dataclass(frozen=True)
+class ModulePass:
+    """One batch of :func:`module_passes`: per module (keyed by name) its input, its output and ``g``, the
+    relevance per unit of that output (or the plain gradient of the start), all detached; the start logits and
+    the start gradient ``g0`` (``Σ logits · g0`` is the start relevance)."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    start_grad: torch.Tensor
+
+
+def module_passes(model: nn.Module, data: ImageData, modules: Sequence[str],
+                  config: RelevanceConfig = RelevanceConfig(), lrp: bool = True, desc: str = "module relevance",
+                  show_progress: bool = True) -> Iterator[ModulePass]:
+    """Yield, for each batch of ``config``'s reference samples, what reaches and leaves each named module.
+
+    Each module must return a tensor of its input's shape (a residual block). ``g`` is taken under ``config``'s
+    composite (``lrp=True``) or plain (``lrp=False``); a module the batch's graph does not reach gets ``g = 0``,
+    one that did not run is left out of that batch. The hooks and the LRP scope are removed when the generator
+    is exhausted or closed; the model is left as it was.
+    """
+    idx = sample_indices(len(data), config.samples, config.seed, data.y)
+    dev = model_device(model)
+    dtype = next(model.parameters()).dtype
+    mods = dict(model.named_modules())
+    unknown = [n for n in modules if n not in mods or not n]
+    if unknown:
+        raise LrpcError(f"no such module: {unknown[0]!r}")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [mods[n].register_forward_hook(lambda _m, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
+               for n in modules]
+    scope = (lrp_pass(model, get_composite(config.composite, config.epsilon), data.tensor(idx[:1], dev).to(dtype))
+             if lrp else _eval_out_of_place(model))
+    try:
+        with scope as states:  # LRP layer states, or None for plain gradients
+            bar = progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
+                           desc=desc, unit="batch", disable=not show_progress)
+            for x, y in bar:
+                seen.clear()
+                for st in (states or {}).values():
+                    st.reset()
+                x = x.to(dtype).requires_grad_(True)  # the graph reaches every module even with frozen weights
+                logits = model(x)
+                names = [n for n in modules if n in seen]
+                for n in names:
+                    if seen[n][0].shape != seen[n][1].shape:
+                        raise LrpcError(f"{n} changes the shape of its input; only such modules can be removed")
+                g0 = _start_grad(logits, y, config.start)
+                grads = torch.autograd.grad(logits, [seen[n][1] for n in names], grad_outputs=g0, allow_unused=True)
+                yield ModulePass(inputs={n: seen[n][0].detach() for n in names},
+                                 outputs={n: seen[n][1].detach() for n in names},
+                                 grads={n: torch.zeros_like(seen[n][1]) if g is None else g
+                                        for n, g in zip(names, grads)},
+                                 logits=logits.detach(), start_grad=g0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def removal_relevance(model: nn.Module, data: ImageData, modules: Sequence[str],
                       config: RelevanceConfig = RelevanceConfig(), lrp: bool = True, reference: str = "zero",
                       show_progress: bool = True) -> dict[str, float]:
@@ -468,51 +529,23 @@ def removal_relevance(model: nn.Module, data: ImageData, modules: Sequence[str],
     """
     if reference not in REMOVAL_REFERENCES:
         raise LrpcError(f"unknown reference {reference!r}; choose one of {', '.join(REMOVAL_REFERENCES)}")
-    idx = sample_indices(len(data), config.samples, config.seed, data.y)
-    dev = model_device(model)
-    dtype = next(model.parameters()).dtype
-    mods = dict(model.named_modules())
-    unknown = [n for n in modules if n not in mods or not n]
-    if unknown:
-        raise LrpcError(f"no such module: {unknown[0]!r}")
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [mods[n].register_forward_hook(lambda _m, inp, out, n=n: seen.__setitem__(n, (inp[0], out)))
-               for n in modules]
     # per sample: Σ d·g, and Σ_positions g per channel; per module: Σ d per channel and the number of positions,
     # so that the mean change is subtracted after the pass (Σ (d − m)·g = Σ d·g − m · Σ_positions g)
     dg: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     g_sum: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     d_sum: dict[str, torch.Tensor] = {}
     positions = dict.fromkeys(modules, 0)
-    scope = (lrp_pass(model, get_composite(config.composite, config.epsilon), data.tensor(idx[:1], dev).to(dtype))
-             if lrp else _eval_out_of_place(model))
-    try:
-        with scope as states:  # LRP layer states, or None for plain gradients
-            bar = progress(data.batches(config.batch_size, idx, dev), total=-(-len(idx) // config.batch_size),
-                           desc="block relevance" if lrp else "block taylor", unit="batch", disable=not show_progress)
-            for x, y in bar:
-                seen.clear()
-                for st in (states or {}).values():
-                    st.reset()
-                x = x.to(dtype).requires_grad_(True)  # the graph reaches every module even with frozen weights
-                logits = model(x)
-                names = [n for n in modules if n in seen]
-                for n in names:
-                    if seen[n][0].shape != seen[n][1].shape:
-                        raise LrpcError(f"{n} changes the shape of its input; only such modules can be removed")
-                grads = torch.autograd.grad(logits, [seen[n][1] for n in names],
-                                            grad_outputs=_start_grad(logits, y, config.start), allow_unused=True)
-                for n, g in zip(names, grads):
-                    inp, out = seen[n]
-                    d = (out.detach() - inp.detach()).double()
-                    g = torch.zeros_like(d) if g is None else g.double()
-                    dg[n].append((d * g).flatten(1).sum(1).cpu())
-                    g_sum[n].append(_per_channel(g).cpu())
-                    d_sum[n] = d_sum.get(n, 0) + _per_channel(d).sum(0).cpu()
-                    positions[n] += d[0, 0].numel() * len(d) if d.dim() > 2 else len(d)
-    finally:
-        for h in handles:
-            h.remove()
+    passes = module_passes(model, data, modules, config, lrp, desc="block relevance" if lrp else "block taylor",
+                           show_progress=show_progress)
+    with contextlib.closing(passes):  # the hooks go even when a batch raises
+        for step in passes:
+            for n, g in step.grads.items():
+                d = (step.outputs[n] - step.inputs[n]).double()
+                g = g.double()
+                dg[n].append((d * g).flatten(1).sum(1).cpu())
+                g_sum[n].append(_per_channel(g).cpu())
+                d_sum[n] = d_sum.get(n, 0) + _per_channel(d).sum(0).cpu()
+                positions[n] += d[0, 0].numel() * len(d) if d.dim() > 2 else len(d)
     acc = {}
     for n in modules:
         if not dg[n]:
@@ -557,4 +590,5 @@ def load_relevance(path: str | Path) -> tuple[dict[str, torch.Tensor], Mapping[s
 
 
 __all__ = ["RelevanceConfig", "Relevance", "compute_relevance", "relevance_batches", "taylor_scores",
-           "referenced_channel_relevance", "lrp_pass", "layer_names", "check_supported", "load_relevance", "START_POINTS"]
+           "referenced_channel_relevance", "removal_relevance", "module_passes", "ModulePass", "lrp_pass",
+           "layer_names", "check_supported", "load_relevance", "START_POINTS"]
