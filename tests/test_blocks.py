@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import torchvision
 
 from lrpcompress.blocks import (BLOCK_CRITERIA, BlockCosts, BlockPruneConfig, apply_removed, block_scores,
-                                measure_block_costs, prune_blocks, removable_blocks, remove_blocks, replaced_blocks,
-                                round_pick, select_blocks, select_by_cost)
+                                load_block_costs, measure_block_costs, prune_blocks, removable_blocks, remove_blocks,
+                                replaced_blocks, round_pick, select_blocks, select_by_cost)
 from lrpcompress.compress import CompressConfig, QuantConfig, compress, load_compressed
 from lrpcompress.data import ImageData, sample_indices
 from lrpcompress.errors import LrpcError
@@ -424,9 +424,44 @@ def test_speedup_target_removes_the_lowest_scored_cover(resnet20, criterion):
     with pytest.raises(LrpcError, match=r"out of reach: removing all 7 removable blocks makes the model 1.70x"):
         prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=2.0, samples=16),
                      show_progress=False, costs=BlockCosts("ms", 100.0, dict.fromkeys(RESNET20_BLOCKS, 5.9)))
-    with pytest.raises(LrpcError, match="the target counts macs"):
+    with pytest.raises(LrpcError, match="in ms; a macs target counts MACs"):
         prune_blocks(resnet20, data, BlockPruneConfig(criterion=criterion, speedup=1.5, cost="macs", samples=16),
                      show_progress=False, costs=costs)
+    other = BlockCosts("ms", 100.0, {**costs.blocks, "layer1.3": 10.0})  # a deeper model's
+    with pytest.raises(LrpcError, match=r"another model's: a cost for layer1.3, which is not a removable block of "
+                                        r"this model \(8 costs, 7 removable blocks\)"):
+        prune_blocks(resnet20, data, cfg, show_progress=False, costs=other)
+    fewer = BlockCosts("ms", 100.0, {b: c for b, c in costs.blocks.items() if b != "layer2.1"})
+    with pytest.raises(LrpcError, match="another model's: no cost for layer2.1"):
+        prune_blocks(resnet20, data, cfg, show_progress=False, costs=fewer)
+
+
+def test_load_block_costs_reads_a_report_or_bare_costs_and_names_what_is_wrong(tmp_path):
+    costs = BlockCosts("ms", 30.5, {"layer1.0": 4.25, "layer2.1": 2.5})
+    bare, report = tmp_path / "costs.json", tmp_path / "report.json"
+    bare.write_text(json.dumps(costs.as_dict()))
+    report.write_text(json.dumps({"accuracy": 90.0, "block_pruning": {"removed": ["layer1.0"],
+                                                                      "costs": costs.as_dict()}}))
+    assert load_block_costs(bare, "cpu") == costs == load_block_costs(report, "cpu")
+    cases = [
+        (None, "cannot read block costs"),
+        ("{not json", "are not a JSON file"),
+        (b"\xff\xfe", "are not a JSON file"),
+        (json.dumps({"block_pruning": None}), "without a block speed target: it holds no block costs"),
+        (json.dumps({"block_pruning": {"removed": [], "costs": None}}), "holds no block costs"),
+        (json.dumps([1, 2]), "need 'unit', 'total' and a 'blocks' mapping"),
+        (json.dumps({"unit": "ms", "total": 10, "blocks": {"layer1.0": -1}}), "not a finite non-negative number"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        f = tmp_path / f"bad{i}.json"
+        if isinstance(content, bytes):
+            f.write_bytes(content)
+        elif content is not None:
+            f.write_text(content)
+        with pytest.raises(LrpcError, match=message):
+            load_block_costs(f, "cpu")
+    with pytest.raises(LrpcError, match="are in ms; a macs target counts MACs"):
+        load_block_costs(bare, "macs")
 
 
 def test_a_round_takes_the_start_of_a_plan_for_all_that_is_missing():

@@ -478,6 +478,8 @@ def test_prune_blocks_on_a_users_own_network_stores_the_removed_blocks(tmp_path,
     (("--block-speedup", "1"), "must be above 1"),
     (("--block-speedup", "nan"), "must be above 1"),
     (("--block-cost", "macs"), "add --block-speedup"),
+    (("--block-costs", "costs.json"), "add --block-speedup"),
+    (("--block-speedup", "1.5", "--block-costs", "missing.json"), "cannot read block costs missing.json"),
     (("--block-cost", "watts", "--block-speedup", "1.5"), "invalid choice"),
     (("--prune-blocks", "2", "--block-speedup", "1.5"), "not both"),
     (("--block-speedup", "1.5", "--block-spread"), "not by stage: drop spread"),
@@ -508,6 +510,40 @@ def test_block_speedup_target_reports_costs_and_loads_back(tmp_path, tiny_data, 
     net, payload = load_compressed(out)
     assert all(isinstance(net.get_submodule(b), torch.nn.Identity) for b in info["removed"])
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_block_costs_from_an_earlier_report_choose_the_same_blocks_without_measuring(tmp_path, tiny_data,
+                                                                                     resnet20_weights, capsys):
+    """A cpu target counts the costs a report holds (here written by hand: stage-1 blocks dear), so the choice is the
+    lowest-scored cover of those costs, the same on every run; the second run reuses the first run's report."""
+    from lrpcompress.blocks import select_by_cost
+
+    blocks = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    costs = {"unit": "ms", "total": 100.0, "blocks": {b: 12.0 if b.startswith("layer1") else 3.0 for b in blocks}}
+    given = tmp_path / "costs.json"
+    given.write_text(json.dumps(costs))
+    reports = []
+    for i, source in enumerate((given, tmp_path / "r0.json")):
+        out, rep = tmp_path / f"c{i}.lrpc", tmp_path / f"r{i}.json"
+        code, text, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data",
+                              tiny_data, "--samples", 8, "--block-speedup", 1.25, "--block-costs", source,
+                              "--bits", 8, "--no-speed", "--out", out, "--report", rep)
+        assert code == 0, err
+        info = json.loads(rep.read_text())["block_pruning"]
+        assert info["costs"] == costs and info["costs_from"] == str(source)
+        assert info["removed"] == select_by_cost(info["scores"], costs["blocks"], 20.0)
+        assert f"predicted from the costs in {source})" in text
+        reports.append(info)
+    assert reports[0]["removed"] == reports[1]["removed"]
+    assert (tmp_path / "c0.lrpc").read_bytes() == (tmp_path / "c1.lrpc").read_bytes()
+    # costs of another model are refused before any scoring, and no file is written
+    costs["blocks"]["layer1.3"] = 12.0
+    given.write_text(json.dumps(costs))
+    out = tmp_path / "bad.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--block-speedup", 1.25, "--block-costs", given, "--no-speed", "--out", out)
+    assert_one_line_error(code, err, "another model's: a cost for layer1.3")
+    assert not out.exists()
 
 
 def test_prune_streams_stores_shortcut_maps_that_load_back(tmp_path, tiny_data, resnet20_weights, capsys):

@@ -33,9 +33,11 @@ each share of the saving.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -189,6 +191,33 @@ class BlockCosts:
         if total <= 0:
             raise ValueError("the total cost is 0; a model costs something")
         return cls(unit, total, {str(b): number(v, f"the cost of {b}") for b, v in d["blocks"].items()})
+
+
+def load_block_costs(path: str | Path, cost: str) -> BlockCosts:
+    """Block costs an earlier run measured: a ``compress`` report (its ``block_pruning.costs``) or a bare mapping as
+    :meth:`BlockCosts.as_dict` writes it, in ``cost``'s unit. Counting the same costs makes a ``cpu`` speed target
+    choose the same blocks on every run: one measurement on a busy machine can tip a block at the boundary of the
+    selection (docs/FINDINGS.md §28, §29). LrpcError naming the problem otherwise."""
+    if cost not in BLOCK_COSTS:
+        raise LrpcError(f"unknown block cost {cost!r}; choose one of {', '.join(BLOCK_COSTS)}")
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise LrpcError(f"cannot read block costs {path}: {e.strerror or e}") from None
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise LrpcError(f"block costs {path} are not a JSON file: {e}") from None
+    if isinstance(doc, Mapping) and "block_pruning" in doc:
+        info = doc["block_pruning"]
+        doc = info.get("costs") if isinstance(info, Mapping) else None
+        if doc is None:
+            raise LrpcError(f"{path} is the report of a run without a block speed target: it holds no block costs")
+    try:
+        costs = BlockCosts.from_dict(doc)
+    except ValueError as e:
+        raise LrpcError(f"block costs {path}: {e}") from None
+    if costs.unit != COST_UNITS[cost]:
+        raise LrpcError(f"block costs {path} are in {costs.unit}; a {cost} target counts {COST_UNITS[cost]}")
+    return costs
 
 
 def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -452,9 +481,16 @@ def _prune_to_speedup(model: nn.Module, data: ImageData, config: BlockPruneConfi
                       example: torch.Tensor, costs: BlockCosts | None, show_progress: bool) -> BlockResult:
     if costs is None:
         costs = measure_block_costs(model, example, candidates, config.cost, show_progress=show_progress)
-    elif costs.unit != COST_UNITS[config.cost] or set(costs.blocks) != set(candidates):
-        raise LrpcError(f"the block costs given are in {costs.unit} for {', '.join(costs.blocks) or 'no blocks'}; "
-                        f"the target counts {config.cost} over {', '.join(candidates) or 'no blocks'}")
+    elif costs.unit != COST_UNITS[config.cost]:
+        raise LrpcError(f"the block costs given are in {costs.unit}; a {config.cost} target counts "
+                        f"{COST_UNITS[config.cost]}")
+    elif set(costs.blocks) != set(candidates):
+        missing = [b for b in candidates if b not in costs.blocks]
+        extra = sorted(set(costs.blocks) - set(candidates))
+        raise LrpcError("the block costs given are another model's: "
+                        + (f"no cost for {missing[0]}" if missing else
+                           f"a cost for {extra[0]}, which is not a removable block of this model")
+                        + f" ({len(costs.blocks)} costs, {len(candidates)} removable blocks)")
     saving = costs.saving(config.speedup)
     if sum(costs.blocks.values()) < saving:  # before the scoring pass
         raise LrpcError(f"a {config.speedup:g}x target is out of reach: removing all {len(candidates)} removable "
@@ -548,5 +584,5 @@ def apply_removed(model: nn.Module, names: object) -> nn.Module:
 
 
 __all__ = ["BLOCK_COSTS", "BLOCK_CRITERIA", "BlockCosts", "BlockPruneConfig", "BlockResult", "apply_removed",
-           "block_scores", "measure_block_costs", "prune_blocks", "removable_blocks", "remove_blocks",
+           "block_scores", "load_block_costs", "measure_block_costs", "prune_blocks", "removable_blocks", "remove_blocks",
            "replaced_blocks", "round_pick", "select_blocks", "select_by_cost"]

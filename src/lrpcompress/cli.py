@@ -176,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CIFAR ResNet saves about 1.8x the CPU time of a stage-3 block at equal MACs)")
     c.add_argument("--block-cost", default="cpu", choices=BLOCK_COSTS,
                    help="what --block-speedup counts: cpu (each block's time at batch 64, measured on this machine "
-                        "before the cut; the choice can vary with the machine) or macs (exact, reproducible)")
+                        "before the cut; the choice can vary with the machine's load: pin it with --block-costs) or "
+                        "macs (exact, reproducible)")
+    c.add_argument("--block-costs", default=None, metavar="FILE",
+                   help="count these block costs instead of measuring them: the report of an earlier --block-speedup "
+                        "run (its block_pruning.costs) or such a costs mapping; the same costs choose the same "
+                        "blocks on every run, which a cpu measurement on a busy machine does not promise")
     c.add_argument("--block-criterion", default="norm", choices=BLOCK_CRITERIA,
                    help="how --prune-blocks ranks blocks: norm (how much a block changes its input; default: on "
                         "classes 0,1,8 ahead of lrp in 10 of 15 paired runs, by 0.22 +- 0.09), lrp (relevance of that "
@@ -376,8 +381,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
         raise LrpcError("--channel-fractions is what --prune-channels auto tries: add --prune-channels auto")
     if a.block_speedup is not None and a.prune_blocks:
         raise LrpcError("give --prune-blocks or --block-speedup, not both")
-    if a.block_speedup is None and a.block_cost != "cpu":
-        raise LrpcError("--block-cost is what --block-speedup counts: add --block-speedup S")
+    if a.block_speedup is None and (a.block_cost != "cpu" or a.block_costs is not None):
+        raise LrpcError("--block-cost and --block-costs are what --block-speedup counts: add --block-speedup S")
     cut_blocks = bool(a.prune_blocks) or a.block_speedup is not None
     if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference is not None
                            or a.block_steps != 1):
@@ -392,22 +397,23 @@ def cmd_compress(a: argparse.Namespace) -> int:
     fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if held_out else (train, None)
     slim, channel_info, block_info, knobs = model, None, None, None
     if cut_blocks:
-        from .blocks import BlockPruneConfig, prune_blocks
+        from .blocks import BlockPruneConfig, load_block_costs, prune_blocks
 
         count, names = (a.prune_blocks, ()) if isinstance(a.prune_blocks, int) else (0, a.prune_blocks)
         bcfg = BlockPruneConfig(count, a.block_criterion, names=names, spread=a.block_spread, reference=a.block_reference,
                                 composite=a.composite, start=a.start, samples=a.samples, batch_size=a.batch_size,
                                 seed=a.seed, steps=a.block_steps, speedup=a.block_speedup, cost=a.block_cost)
-        bres = prune_blocks(model, fit, bcfg)
+        given = load_block_costs(a.block_costs, a.block_cost) if a.block_costs is not None else None
+        bres = prune_blocks(model, fit, bcfg, costs=given)
         slim = bres.model
         if not is_builtin_arch(a.arch):
             extra_spec["removed"] = bres.removed
         predicted = bres.costs.speedup(bres.removed) if bres.costs else None
         block_info = {"settings": bcfg, "removed": bres.removed, "candidates": bres.candidates,
                       "scores": bres.scores or None, "costs": bres.costs.as_dict() if bres.costs else None,
-                      "predicted_speedup": round(predicted, 3) if bres.costs else None}
+                      "costs_from": a.block_costs, "predicted_speedup": round(predicted, 3) if bres.costs else None}
         how = (f" (smallest {a.block_criterion} for a {a.block_speedup:g}x {a.block_cost} target, "
-               f"{predicted:.2f}x predicted)" if bres.costs
+               f"{predicted:.2f}x predicted" + (f" from the costs in {a.block_costs})" if given else ")") if bres.costs
                else f" (lowest {a.block_criterion} of {len(bres.candidates)})" if bres.scores else "")
         print(f"blocks removed: {', '.join(bres.removed) or 'none'}{how}")
     if search:
