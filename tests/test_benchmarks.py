@@ -538,3 +538,32 @@ def test_benchmarks_without_matplotlib_stop_before_any_work_with_one_line(monkey
                             "pip install -e '.[bench]'")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "matplotlib" else real(name, *a))
     run_benchmark.require_matplotlib("bench_channels.py")  # installed: nothing happens
+
+
+def test_summarize_channels_pairs_runs_on_one_page_and_counts_a_rerun_once(tmp_path):
+    from summarize_channels import collect, tables
+
+    def row(criterion, acc, setting="classes 0,1,8", epochs=0, seed=0, fraction=0.5):
+        return {"model": "resnet20", "setting": setting, "criterion": criterion, "fraction": fraction, "streams": 0.25,
+                "epochs": epochs, "seed": seed, "accuracy": acc}
+
+    old = [row("dense", 96.0), row("lrp_mean_down", 93.0), row("l1_down", 90.0),  # rerun below: replaced
+           row("lrp_mean_down", 95.0, epochs=1), row("l1_down", 95.002, epochs=1),  # level
+           row("lrp_mean_down", 80.0, setting="10 classes"), row("l1", 20.0, setting="10 classes"),
+           row("l1_down", 85.0, seed=3)]  # no default beside it: no run
+    (tmp_path / "channels.json").write_text(json.dumps(old))
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "channels.json").write_text(json.dumps([row("lrp_mean_down", 93.5), row("l1_down", 91.0),
+                                                                 row("taylor_down", 94.0, seed=1),
+                                                                 row("lrp_mean_down", 93.0, seed=1)]))
+    runs, where = collect(tmp_path)
+    assert len(runs) == 4
+    first = next(k for k in runs if k[6] == 0 and k[9] == 0 and k[1] == "classes 0,1,8")
+    assert runs[first] == {"lrp_mean_down": 93.5, "l1_down": 91.0} and where[first] == "task/channels.json"
+    pooled, per_model = tables(runs)
+    got = {(r["against"], r["task"], r["recovery"]): r for r in pooled}
+    assert got[("l1_down", "class subset", "no recovery")]["mean ± s.e."] == "+2.50"
+    assert got[("l1_down", "class subset", "after recovery")]["ahead / level / behind"] == "0 / 1 / 0"
+    assert got[("taylor_down", "class subset", "no recovery")]["ahead / level / behind"] == "0 / 0 / 1"
+    assert got[("l1", "10 classes", "no recovery")]["mean ± s.e."] == "+60.00"
+    assert len(pooled) == 4 and {r["model"] for r in per_model} == {"resnet20"}
