@@ -584,5 +584,5 @@ def apply_removed(model: nn.Module, names: object) -> nn.Module:
 
 
 __all__ = ["BLOCK_COSTS", "BLOCK_CRITERIA", "BlockCosts", "BlockPruneConfig", "BlockResult", "apply_removed",
-           "block_scores", "load_block_costs", "measure_block_costs", "prune_blocks", "removable_blocks", "remove_blocks",
-           "replaced_blocks", "round_pick", "select_blocks", "select_by_cost"]
+           "block_scores", "load_block_costs", "measure_block_costs", "prune_blocks", "removable_blocks",
+           "remove_blocks", "replaced_blocks", "round_pick", "select_blocks", "select_by_cost"]
