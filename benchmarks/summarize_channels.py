@@ -48,15 +48,17 @@ def run_key(row: dict) -> tuple:
 
 def collect(results: Path) -> tuple[dict[tuple, dict[str, float]], dict[tuple, str]]:
     """Accuracy per run and criterion over every channels.json under ``results`` (a later page's run replaces an
-    earlier page's), and the page each run was read from."""
+    earlier page's), and the page each run was read from; ValueError naming a page that cannot be read."""
     runs: dict[tuple, dict[str, float]] = {}
     where: dict[tuple, str] = {}
     for page in sorted(results.rglob("channels.json")):
-        rows = json.loads(page.read_text())
         here: dict[tuple, dict[str, float]] = {}
-        for r in rows:
-            if r["criterion"] in (DEFAULT, *BASELINES):
-                here.setdefault(run_key(r), {})[r["criterion"]] = float(r["accuracy"])
+        try:
+            for r in json.loads(page.read_text()):
+                if r["criterion"] in (DEFAULT, *BASELINES):
+                    here.setdefault(run_key(r), {})[r["criterion"]] = float(r["accuracy"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{page}: not a bench_channels.py page ({type(e).__name__}: {e})") from None
         for k, accs in here.items():
             if DEFAULT in accs and len(accs) > 1:
                 runs[k] = accs
@@ -105,8 +107,8 @@ def main() -> None:
         sys.exit(f"summarize_channels.py: {results} is not a folder")
     try:
         runs, where = collect(results)
-    except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"summarize_channels.py: cannot read the channel pages under {results}: {e!r}")
+    except ValueError as e:
+        sys.exit(f"summarize_channels.py: {e}")
     if not runs:
         sys.exit(f"summarize_channels.py: no page under {results} holds {DEFAULT} beside a baseline")
     pooled, per_model = tables(runs)

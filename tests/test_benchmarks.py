@@ -567,3 +567,6 @@ def test_summarize_channels_pairs_runs_on_one_page_and_counts_a_rerun_once(tmp_p
     assert got[("taylor_down", "class subset", "no recovery")]["ahead / level / behind"] == "0 / 0 / 1"
     assert got[("l1", "10 classes", "no recovery")]["mean ± s.e."] == "+60.00"
     assert len(pooled) == 4 and {r["model"] for r in per_model} == {"resnet20"}
+    (tmp_path / "task" / "channels.json").write_text(json.dumps([{"criterion": "l1_down"}]))
+    with pytest.raises(ValueError, match=r"task/channels.json: not a bench_channels.py page \(KeyError"):
+        collect(tmp_path)
