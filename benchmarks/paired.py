@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import math
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lrpcompress.evaluation import predictions  # noqa: E402
+
+TIE = 0.005  # accuracies are rounded to 0.01: closer than this is the same accuracy
 
 
 def outcomes(net: torch.nn.Module, data) -> tuple[float, str]:
@@ -56,3 +60,28 @@ def sign_test(ahead: int, behind: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(ahead, behind) + 1))
     return min(1.0, 2 * tail / 2 ** n)
+
+
+@dataclass(frozen=True)
+class RunDiffs:
+    """Paired differences over runs (first minus second, in points): their mean and standard error (NaN for one
+    run), how many runs the first is ahead of, level with (within :data:`TIE`) and behind, the sign test over the
+    runs, and the range."""
+
+    runs: int
+    mean: float
+    se: float
+    ahead: int
+    level: int
+    behind: int
+    p: float
+    low: float
+    high: float
+
+
+def run_diffs(diffs: list[float]) -> RunDiffs:
+    """:class:`RunDiffs` of a non-empty list of per-run differences."""
+    ahead, behind = sum(d > TIE for d in diffs), sum(d < -TIE for d in diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return RunDiffs(len(diffs), statistics.fmean(diffs), se, ahead, len(diffs) - ahead - behind, behind,
+                    sign_test(ahead, behind), min(diffs), max(diffs))

@@ -39,7 +39,7 @@ from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
 from bench_blocks import block_configs, build_parser, page_options, read_page  # noqa: E402
-from paired import mcnemar, sign_test, unpack_correct  # noqa: E402
+from paired import mcnemar, run_diffs, unpack_correct  # noqa: E402
 
 CRITERIA = ("lrp", "norm", "l1", "taylor")
 COLUMNS = ("lrp", "lrp rounds", "norm", "l1", "taylor")  # always shown; "<column> spread" where such runs exist
@@ -49,7 +49,6 @@ COMPARISONS = (("lrp", "norm"), ("lrp", "l1"), ("lrp", "taylor"), ("lrp rounds",
                ("lrp spread", "norm"))
 BY_BUDGET = (("lrp", "l1"), ("lrp", "taylor"), ("lrp", "norm"))  # issue 7: LRP ahead of L1 and Taylor at every budget
 PER_IMAGE = "per-image tests: ahead / behind at p < 0.05"  # a column only where pages keep per-image outcomes
-TIE = 0.005  # accuracies are rounded to 0.01: closer than this is the same accuracy
 
 
 def compared(s: argparse.Namespace, ap: argparse.ArgumentParser) -> bool:
@@ -156,14 +155,12 @@ def paired_row(cells: dict, col: str, base: str) -> dict | None:
     both = pairs(cells, col, base)
     if not both:
         return None
-    diffs = [a["test"] - b["test"] for a, b in both]
-    up, down = sum(d > TIE for d in diffs), sum(d < -TIE for d in diffs)
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    d = run_diffs([a["test"] - b["test"] for a, b in both])
     speed = [a["speed"] - b["speed"] for a, b in both]
-    return {"comparison": f"{col} − {base}", "runs": len(diffs), "mean": f"{statistics.fmean(diffs):+.2f}",
-            "± s.e.": "–" if se != se else f"{se:.2f}",
-            "ahead / level / behind": f"{up} / {len(diffs) - up - down} / {down}",
-            "range": f"{min(diffs):+.2f} to {max(diffs):+.2f}", "sign test p": f"{sign_test(up, down):.3f}",
+    return {"comparison": f"{col} − {base}", "runs": d.runs, "mean": f"{d.mean:+.2f}",
+            "± s.e.": "–" if d.se != d.se else f"{d.se:.2f}",
+            "ahead / level / behind": f"{d.ahead} / {d.level} / {d.behind}",
+            "range": f"{d.low:+.2f} to {d.high:+.2f}", "sign test p": f"{d.p:.3f}",
             "speed-up difference": f"{statistics.fmean(speed):+.2f}×", **per_image(both)}
 
 

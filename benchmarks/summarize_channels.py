@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,11 +30,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lrpcompress.report import markdown_table, write_page  # noqa: E402
 
-from paired import sign_test  # noqa: E402
+from paired import TIE, run_diffs  # noqa: E402
 
 DEFAULT = "lrp_mean_down"
 BASELINES = ("l1_down", "taylor_down", "l1")
-TIE = 0.005  # accuracies are rounded to 0.01
 
 
 def run_key(row: dict) -> tuple:
@@ -73,14 +71,10 @@ def group_of(key: tuple) -> tuple[str, str]:
 
 def paired(diffs: list[float]) -> dict:
     """Mean ± s.e. of the default's lead, ahead / level / behind, and the sign test over the runs."""
-    ahead = sum(d > TIE for d in diffs)
-    behind = sum(d < -TIE for d in diffs)
-    mean = f"{statistics.fmean(diffs):+.2f}"
-    if len(diffs) > 1:
-        mean += f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f}"
-    return {"runs": len(diffs), "mean ± s.e.": mean,
-            "ahead / level / behind": f"{ahead} / {len(diffs) - ahead - behind} / {behind}",
-            "sign test p": f"{sign_test(ahead, behind):.2g}", "range": f"{min(diffs):+.2f} to {max(diffs):+.2f}"}
+    d = run_diffs(diffs)
+    return {"runs": d.runs, "mean ± s.e.": f"{d.mean:+.2f}" + ("" if d.runs == 1 else f" ± {d.se:.2f}"),
+            "ahead / level / behind": f"{d.ahead} / {d.level} / {d.behind}",
+            "sign test p": f"{d.p:.2g}", "range": f"{d.low:+.2f} to {d.high:+.2f}"}
 
 
 def tables(runs: dict[tuple, dict[str, float]]) -> tuple[list[dict], list[dict]]:

@@ -436,6 +436,19 @@ def test_sign_test_is_the_exact_binomial_tail():
     assert sign_test(3, 3) == 1.0  # an even split is capped at 1, not 2 * P(X <= 3)
 
 
+def test_run_diffs_counts_ties_within_half_a_hundredth_and_tests_the_split():
+    import math
+
+    from paired import run_diffs
+
+    d = run_diffs([0.5, 0.004, -0.2, 1.0])
+    assert (d.runs, d.ahead, d.level, d.behind) == (4, 2, 1, 1)
+    assert d.mean == pytest.approx(0.326) and (d.low, d.high) == (-0.2, 1.0)
+    assert d.se == pytest.approx(0.26847, abs=1e-4) and d.p == 1.0
+    one = run_diffs([0.3])
+    assert math.isnan(one.se) and (one.ahead, one.p) == (1, 1.0)
+
+
 def test_summarize_blocks_without_pages_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = bench("summarize_blocks.py", "--results", tmp_path / "empty", "--out", tmp_path / "s.md")
