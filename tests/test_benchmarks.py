@@ -583,3 +583,73 @@ def test_summarize_channels_pairs_runs_on_one_page_and_counts_a_rerun_once(tmp_p
     (tmp_path / "task" / "channels.json").write_text(json.dumps([{"criterion": "l1_down"}]))
     with pytest.raises(ValueError, match=r"task/channels.json: not a bench_channels.py page \(KeyError"):
         collect(tmp_path)
+
+
+def test_summarize_routes_puts_each_routed_run_beside_the_fixed_runs_of_its_seed(tmp_path):
+    from summarize_routes import collect, rows
+
+    def report(seed, acc, blocks=None, channels=None, routes=None, classes=(3, 5, 7), bits=8):
+        quant = {"bits": bits, "allocation": "uniform"}
+        b = None if blocks is None else {"settings": {"speedup": blocks, "criterion": "norm", "steps": 1},
+                                         "recover_epochs": 1}
+        c = None if channels is None else {"settings": {"fraction": channels, "criterion": "lrp", "reference": "mean",
+                                                        "stream_fraction": 0.0, "scope": "layer"},
+                                           "recover_epochs": 1}
+        return {"arch": "resnet20", "classes": list(classes), "seed": seed, "method": "uniform",
+                "settings": {"quant": quant}, "block_pruning": b, "channel_pruning": c, "route_search": routes,
+                "accuracy": acc, "baseline_accuracy": 88.5, "speedup": 1.6, "cpu": {"model": "Test CPU"}}
+
+    trials = [{"channels": 0.0, "val_accuracy": 90.25, "speedup": 1.56}, {"channels": 0.5, "val_accuracy": None,
+                                                                          "speedup": 1.2}]
+    search = {"speedup_target": 1.5, "chosen": 0.0, "trials": trials}
+    pages = {"cli_routed_s0.json": report(0, 87.5, blocks=1.5, routes=search),
+             "cli_routed_s1.json": report(1, 88.0, blocks=1.5, routes=search),
+             "cli_depth_s0.json": report(0, 86.5, blocks=1.5),
+             "cli_comp_s0.json": report(0, 86.0, blocks=1.15, channels=0.5),
+             "cli_comp_s1.json": report(1, 87.0, blocks=1.15, channels=0.5),
+             "cli_comp_4bit_s1.json": report(1, 80.0, blocks=1.15, channels=0.5, bits=4),  # other file: not paired
+             "cli_depth_other_classes.json": report(0, 95.0, blocks=1.5, classes=(0, 1, 8)),
+             "cli_l1_s0.json": report(0, 10.0, blocks=1.15, channels=0.3)}  # another cut: ignored
+    for name, rep in pages.items():
+        (tmp_path / name).write_text(json.dumps(rep))
+    routed, fixed = collect(tmp_path)
+    per_run, summary = rows(routed, fixed)
+    assert [(r["seed"], r["vs dense"], r["blocks alone to 1.5×: vs dense"], r["1.15× blocks + 50% channels: vs dense"])
+            for r in per_run] == [(0, -1.0, -2.0, -2.5), (1, -0.5, None, -1.5)]
+    assert per_run[0]["routes (channels: held-out %, speed-up)"] == "0: 90.25 (1.56×) / 0.5: –"
+    assert summary == [{"model": "resnet20", "classes": "3,5,7", "target": "1.5×",
+                        "chooser: mean vs dense (runs)": "-0.75 (2)", "chooser: slowest speed-up": 1.6,
+                        "blocks alone, same seeds": "-2.00 (1)", "composition, same seeds": "-2.00 (2)"}]
+    (tmp_path / "cli_broken.json").write_text("{")
+    with pytest.raises(ValueError, match=r"cli_broken.json: not a compress report \(JSONDecodeError"):
+        collect(tmp_path)
+
+
+def test_bench_routes_audits_the_held_out_choice_on_the_test_split(tmp_path):
+    from bench_routes import summarize, write
+
+    def row(seed, channels, val, test, chosen, speedup=1.55):
+        return {"model": "resnet20", "classes": "3,5,7", "target": 1.5, "routes": "0,0.5", "epochs": 1, "seed": seed,
+                "channels": channels, "val_accuracy": val, "test_accuracy": test, "speedup": speedup,
+                "chosen": chosen, "dense_accuracy": 88.5, "cpu": "test cpu"}
+
+    rows = [row(0, 0.0, 90.0, 87.5, True), row(0, 0.5, 89.0, 86.0, False),  # chose the best: regret 0
+            row(1, 0.0, 90.0, 86.5, True), row(1, 0.5, 89.5, 87.0, False),  # chose the worse one: regret 0.5
+            row(2, 0.0, 90.0, 87.0, True), row(2, 0.5, None, None, False, speedup=1.4)]  # a route fell short
+    per_run, summary = summarize(rows)
+    assert [(r["seed"], r["chosen vs dense"], r["best on test"], r["regret"]) for r in per_run] == [
+        (0, -1.0, "0", 0.0), (1, -2.0, "0.5", 0.5), (2, -1.5, "0", 0.0)]
+    assert per_run[2]["routes (channels: held-out / test %, speed-up)"] == "0: 90.00 / 87.00 (1.55×) · 0.5: short"
+    assert summary == [{"model": "resnet20", "classes": "3,5,7", "target": "1.5×", "epochs": 1, "seeds": 3,
+                        "chosen: mean vs dense": "-1.50", "best on test picked": "2 of 3", "mean regret": "0.17",
+                        "channels 0 always": "-1.50", "channels 0.5 always": "–"}]
+    write(rows, tmp_path, "python benchmarks/bench_routes.py")
+    assert json.loads((tmp_path / "routes.json").read_text()) == rows
+    assert "| resnet20 | 3,5,7 | 1.5× | 1 | 3 | -1.50 | 2 of 3 | 0.17 |" in (tmp_path / "routes.md").read_text()
+
+
+def test_bench_routes_rejects_bad_settings_before_loading(tmp_path):
+    proc = bench("bench_routes.py", "--routes", "0,0", "--shared", tmp_path)
+    assert proc.returncode == 1 and "bench_routes.py: a channel fraction is given twice" in proc.stderr
+    proc = bench("bench_routes.py", "--shared", tmp_path)
+    assert proc.returncode == 1 and f"needs {tmp_path}/models" in proc.stderr

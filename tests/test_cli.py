@@ -512,6 +512,60 @@ def test_block_speedup_target_reports_costs_and_loads_back(tmp_path, tiny_data, 
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("args,message", [
+    (("--speedup", "1"), "must be above 1"),
+    (("--routes", "0,0.5"), "--routes are what --speedup tries: add --speedup S"),
+    (("--speedup", "1.5", "--prune-blocks", "2"), "drop --prune-blocks"),
+    (("--speedup", "1.5", "--block-speedup", "1.2"), "drop --block-speedup"),
+    (("--speedup", "1.5", "--prune-channels", "0.3"), "drop --prune-channels"),
+    (("--speedup", "1.5", "--prune-streams", "0.25"), "drop --prune-streams"),
+    (("--speedup", "1.5", "--block-steps", "2"), "drop --block-steps"),
+    (("--speedup", "1.5", "--channel-scope", "auto"), "not auto"),
+    (("--speedup", "1.5", "--routes", "0,0"), "given twice"),
+    (("--speedup", "1.5", "--routes", "0,1"), "must be"),
+    (("--speedup", "9", "--block-cost", "macs", "--routes", "0"), "no route reached 9x"),
+])
+def test_bad_speedup_options(tmp_path, tiny_data, resnet20_weights, capsys, args, message):
+    out = tmp_path / "x.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--no-speed", *args, "--out", out)
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_speedup_target_chooses_a_route_on_held_out_images_and_the_file_loads_back(tmp_path, tiny_data,
+                                                                                    resnet20_weights, capsys):
+    from lrpcompress.compress import load_compressed
+    from lrpcompress.data import load_data
+    from lrpcompress.evaluation import count_macs
+    from lrpcompress.models import load_model
+
+    out, rep = tmp_path / "r.lrpc", tmp_path / "r.json"
+    code, text, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                          "--samples", 8, "--speedup", 1.3, "--block-cost", "macs", "--routes", "0,0.5",
+                          "--channel-criterion", "l1", "--bits", 8, "--no-speed", "--out", out, "--report", rep)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    info = report["route_search"]
+    assert info["speedup_target"] == 1.3 and info["val_images"] == 8 and info["costs"]["unit"] == "MACs"
+    trials = info["trials"]
+    assert [t["channels"] for t in trials] == [0.0, 0.5]
+    assert all(t["speedup"] >= 1.3 and t["val_accuracy"] is not None for t in trials)
+    chosen = next(t for t in trials if t["channels"] == info["chosen"])
+    assert chosen["val_accuracy"] == max(t["val_accuracy"] for t in trials)
+    assert f"route: channels {info['chosen']:g} after blocks" in text and text.count("route channels") == 2
+    blocks, channels = report["block_pruning"], report["channel_pruning"]
+    assert (blocks["removed"] if blocks else []) == chosen["removed"]
+    assert (channels is None) == (chosen["channels"] == 0)
+    if channels:
+        assert channels["settings"]["fraction"] == chosen["channels"]
+    net, _ = load_compressed(out)
+    x = load_data(tiny_data, "test").tensor(np.arange(1))
+    dense = load_model("resnet20", resnet20_weights, num_classes=None)
+    assert count_macs(dense, x) / count_macs(net, x) == pytest.approx(chosen["speedup"], rel=1e-3)
+    assert all(isinstance(net.get_submodule(b), torch.nn.Identity) for b in chosen["removed"])
+
+
 def test_block_costs_from_an_earlier_report_choose_the_same_blocks_without_measuring(tmp_path, tiny_data,
                                                                                      resnet20_weights, capsys):
     """A cpu target counts the costs a report holds (here written by hand: stage-1 blocks dear), so the choice is the

@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "summed --block-criterion score whose --block-cost reaches it (removing a stage-1 block of a "
                         "CIFAR ResNet saves about 1.8x the CPU time of a stage-3 block at equal MACs)")
     c.add_argument("--block-cost", default="cpu", choices=BLOCK_COSTS,
-                   help="what --block-speedup counts: cpu (each block's time at batch 64, measured on this machine "
-                        "before the cut; the choice can vary with the machine's load: pin it with --block-costs) or "
-                        "macs (exact, reproducible)")
+                   help="what --block-speedup and --speedup count: cpu (each block's time at batch 64, measured on "
+                        "this machine before the cut; the choice can vary with the machine's load: pin it with "
+                        "--block-costs) or macs (exact, reproducible)")
     c.add_argument("--block-costs", default=None, metavar="FILE",
                    help="count these block costs instead of measuring them: the report of an earlier --block-speedup "
                         "run (its block_pruning.costs) or such a costs mapping; the same costs choose the same "
@@ -204,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "model in between (default 1: one scoring pass; for counts level on the mean after recovery, "
                         "§19; under a speed target lrp in 4 rounds +0.12 over one pass in 10 runs on ResNet-20/44, "
                         "level with taylor, while taylor in rounds loses 0.7; docs/FINDINGS.md §24-§25)")
+    c.add_argument("--speedup", type=_checked(float, lambda v: _finite(v) and v > 1, "must be above 1"), default=None,
+                   help="a CPU speed-up target (batch 64, measured on this machine) reached by the most accurate of "
+                        "several routes on --val-size held-out training images: each route removes a fraction of the "
+                        "inner channels (--routes) after a block cut that supplies the rest of the speed-up, is timed, "
+                        "recovered for --recover-epochs and scored (which route wins depends on the model and the "
+                        "task; docs/FINDINGS.md §30)")
+    c.add_argument("--routes", type=_fraction_list, default=None,
+                   help="channel fractions the --speedup routes remove after their blocks (default 0,0.3,0.5; 0: "
+                        "blocks alone)")
     c.add_argument("--recover-epochs", type=_checked(int, lambda v: 0 <= v <= 100, "must be 0..100"), default=0,
                    help="float fine-tuning epochs right after block or channel pruning, before quantization "
                         "(distillation from the unpruned model, BatchNorm statistics updated)")
@@ -381,21 +390,34 @@ def cmd_compress(a: argparse.Namespace) -> int:
         raise LrpcError("--channel-fractions is what --prune-channels auto tries: add --prune-channels auto")
     if a.block_speedup is not None and a.prune_blocks:
         raise LrpcError("give --prune-blocks or --block-speedup, not both")
-    if a.block_speedup is None and (a.block_cost != "cpu" or a.block_costs is not None):
+    routed = a.speedup is not None
+    if routed:
+        given = [o for o, on in (("--prune-blocks", a.prune_blocks), ("--block-speedup", a.block_speedup is not None),
+                                 ("--prune-channels", a.prune_channels != 0.0), ("--prune-streams", a.prune_streams),
+                                 ("--block-spread", a.block_spread), ("--block-steps", a.block_steps != 1),
+                                 ("--channel-steps", a.channel_steps != 1)) if on]
+        if given:
+            raise LrpcError(f"--speedup chooses the blocks and channels itself, in one pass each: drop {given[0]} "
+                            "(or drop --speedup and cut by hand)")
+    elif a.routes is not None:
+        raise LrpcError("--routes are what --speedup tries: add --speedup S")
+    if a.block_speedup is None and not routed and (a.block_cost != "cpu" or a.block_costs is not None):
         raise LrpcError("--block-cost and --block-costs are what --block-speedup counts: add --block-speedup S")
     cut_blocks = bool(a.prune_blocks) or a.block_speedup is not None
-    if not cut_blocks and (a.block_criterion != "norm" or a.block_spread or a.block_reference is not None
-                           or a.block_steps != 1):
+    if not cut_blocks and not routed and (a.block_criterion != "norm" or a.block_spread
+                                          or a.block_reference is not None or a.block_steps != 1):
         raise LrpcError("--block-criterion, --block-reference, --block-spread and --block-steps rank blocks for "
                         "--prune-blocks: add --prune-blocks N or --block-speedup S")
+    if routed and search:
+        raise LrpcError("--speedup is not combined with --prune-channels auto")
     if cut_blocks and search:
         raise LrpcError("--prune-blocks is not combined with --prune-channels auto; give a channel fraction instead")
     if a.recover_epochs == 0 and (a.recover_lr is not None or a.recover_batch is not None):
         raise LrpcError("--recover-lr and --recover-batch set the training of --recover-epochs: add --recover-epochs N")
-    held_out = (a.max_drop is not None or tune or search
+    held_out = (a.max_drop is not None or tune or search or routed
                 or (a.channel_scope == "auto" and a.prune_channels + a.prune_streams > 0))
     fit, val = split_train_val(train, min(a.val_size, len(train) // 5), a.seed) if held_out else (train, None)
-    slim, channel_info, block_info, knobs = model, None, None, None
+    slim, channel_info, block_info, knobs, route_info = model, None, None, None, None
     if cut_blocks:
         from .blocks import BlockPruneConfig, load_block_costs, prune_blocks
 
@@ -416,6 +438,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
                f"{predicted:.2f}x predicted" + (f" from the costs in {a.block_costs})" if given else ")") if bres.costs
                else f" (lowest {a.block_criterion} of {len(bres.candidates)})" if bres.scores else "")
         print(f"blocks removed: {', '.join(bres.removed) or 'none'}{how}")
+    if routed:
+        slim, block_info, channel_info, route_info = _choose_route(a, model, fit, val, extra_spec)
     if search:
         from .search import DEFAULT_FRACTIONS, ChannelSearch, compress_channel_search
         from .structured import ChannelPruneConfig
@@ -464,12 +488,12 @@ def cmd_compress(a: argparse.Namespace) -> int:
             extra_spec["shapes"] = sres.shapes
         channel_info = {"settings": ccfg, "kept_fraction": sres.kept_fraction,
                         "removed": {k: len(v) for k, v in sres.removed.items()}, "scope_trials": trials}
-    elif a.recover_epochs > 0 and not cut_blocks:
+    elif a.recover_epochs > 0 and not cut_blocks and not routed:
         raise LrpcError("--recover-epochs recovers from a structured cut: add --prune-blocks, --prune-channels or "
                         "--prune-streams")
     if slim is not model:  # blocks or channels were cut: recover in float, then count sizes from the given model
         rcfg = _recovery(a)
-        if a.recover_epochs > 0:
+        if a.recover_epochs > 0 and not routed:  # a route was recovered before it was scored
             from .recovery import finetune_model
 
             slim = finetune_model(slim, fit, rcfg, device=a.device, teacher=model)
@@ -499,7 +523,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     acc = accuracy(loaded, test)
     extra = {"classes": list(classes) if classes else None, "arch": a.arch, "weights": str(a.weights),
              "samples": a.samples, "seed": a.seed, "max_drop": a.max_drop, "chosen_ratio": chosen,
-             "channel_pruning": channel_info, "block_pruning": block_info, "tuned": knobs,
+             "channel_pruning": channel_info, "block_pruning": block_info, "route_search": route_info,
+             "tuned": knobs,
              "finetune_steps": cfg.finetune.steps(len(fit)),  # per training; --tune-finetuned trains each setting
              "finetune_recipe": ({"lr": cfg.finetune.lr, "batch_size": cfg.finetune.batch_size}
                                  if cfg.finetune.epochs else None)}
@@ -530,6 +555,57 @@ def cmd_compress(a: argparse.Namespace) -> int:
              f"{rep['deployed']['speedup']:.2f}x, {rep['deployed']['latency_ms']['compressed'][str(rep['speedup_batch'])]:.1f} ms"
              if "speedup" in rep else ""))
     return 0
+
+
+def _choose_route(a: argparse.Namespace, model, fit, val, extra_spec: dict):
+    """``--speedup``: the most accurate route on the held-out images; the recovered model and its report parts."""
+    from .blocks import BlockPruneConfig, load_block_costs
+    from .models import is_builtin_arch
+    from .routes import DEFAULT_ROUTES, RouteSearch, choose_route
+    from .structured import ChannelPruneConfig
+
+    bcfg = BlockPruneConfig(0, a.block_criterion, reference=a.block_reference, composite=a.composite, start=a.start,
+                            samples=a.samples, batch_size=a.batch_size, seed=a.seed)
+    ccfg = ChannelPruneConfig(0.0, a.channel_criterion, composite=a.channel_composite, reference=a.channel_reference,
+                              start=a.start, scope=a.channel_scope, samples=a.samples, batch_size=a.batch_size,
+                              seed=a.seed, round_to=a.channel_round_to, reconstruct=a.channel_reconstruct,
+                              refit_scope=a.channel_refit)
+    rcfg = _recovery(a)
+    rsearch = RouteSearch(a.speedup, a.routes or DEFAULT_ROUTES, bcfg, ccfg, rcfg, cost=a.block_cost)
+    given = load_block_costs(a.block_costs, a.block_cost) if a.block_costs is not None else None
+
+    def shown(t, _) -> None:
+        print(f"route channels {t.channels:g}: blocks {', '.join(t.removed) or 'none'}, "
+              + (f"{t.speedup:.2f}x {a.block_cost}, {t.val_accuracy:.2f}% on held-out training images"
+                 if t.eligible else t.note), flush=True)
+
+    found = choose_route(model, fit, val, rsearch, costs=given, device=a.device, on_trial=shown)
+    ch = found.chosen
+    print(f"route: channels {ch.channels:g} after blocks {', '.join(ch.removed) or 'none'} "
+          f"({ch.speedup:.2f}x {a.block_cost}, the most accurate of {sum(t.eligible for t in found.trials)} routes that "
+          f"reached {a.speedup:g}x)")
+    recovered = {"recover_epochs": a.recover_epochs,
+                 "recover_feature_distill": rcfg.feature_distill if a.recover_epochs else None,
+                 "recover_recipe": {"lr": rcfg.lr, "batch_size": rcfg.batch_size} if a.recover_epochs else None}
+    block_info = channel_info = None
+    if found.blocks is not None:
+        b = found.blocks
+        if not is_builtin_arch(a.arch):
+            extra_spec["removed"] = b.removed
+        block_info = {"settings": replace(bcfg, speedup=ch.block_target, cost=a.block_cost), "removed": b.removed,
+                      "candidates": b.candidates, "scores": b.scores or None,
+                      "costs": b.costs.as_dict() if b.costs else None, "costs_from": a.block_costs,
+                      "predicted_speedup": round(b.costs.speedup(b.removed), 3) if b.costs else None, **recovered}
+    if found.channels is not None:
+        c = found.channels
+        if not is_builtin_arch(a.arch):
+            extra_spec["shapes"] = c.shapes
+        channel_info = {"settings": replace(ccfg, fraction=ch.channels), "kept_fraction": c.kept_fraction,
+                        "removed": {k: len(v) for k, v in c.removed.items()}, "scope_trials": None, **recovered}
+    route_info = {"speedup_target": a.speedup, "chosen": ch.channels, "trials": [t.as_dict() for t in found.trials],
+                  "val_images": len(val), "costs": found.costs.as_dict() if found.costs else None,
+                  "costs_from": a.block_costs}
+    return found.model, block_info, channel_info, route_info
 
 
 def _load_lrpc(path: str, arch: str | None):

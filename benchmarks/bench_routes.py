@@ -1,0 +1,167 @@
+"""Speed-target routes audited on the test split: which route the held-out images chose, and which was best.
+
+For every model, class subset and seed, ``lrpcompress.routes.choose_route`` runs with the settings of
+``lrpcompress compress --classes C --speedup S --recover-epochs E --seed K`` (the library defaults: blocks by the
+norm, channels by LRP from the mean with the downstream refit, the recovery recipe, the CLI's held-out split of
+``--val-size`` training images). Each route's recovered float model is then also evaluated on the test images of the
+classes, which the choice never saw, so the page shows per run whether the chosen route was the best one on the test
+split and what the choice cost against the best (the regret) and against each fixed route. Rows are appended to
+``routes.json`` (a rerun of the same model, classes, target, routes, epochs and seed replaces its rows) and
+``routes.md`` is rewritten from all of them.
+
+    python benchmarks/bench_routes.py --models resnet20 --subsets "0,1,8;3,5,7" --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from statistics import mean
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lrpcompress.blocks import BlockPruneConfig  # noqa: E402
+from lrpcompress.data import load_data, split_train_val  # noqa: E402
+from lrpcompress.errors import LrpcError  # noqa: E402
+from lrpcompress.evaluation import accuracy, cpu_line  # noqa: E402
+from lrpcompress.models import load_model, restrict_classes  # noqa: E402
+from lrpcompress.recovery import RECOVERY_RECIPE  # noqa: E402
+from lrpcompress.report import atomic_write_bytes, markdown_table, write_page  # noqa: E402
+from lrpcompress.routes import DEFAULT_ROUTES, RouteSearch, choose_route  # noqa: E402
+from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+def run_key(r: dict) -> tuple:
+    return (r["model"], r["classes"], r["target"], r["routes"], r["epochs"], r["seed"])
+
+
+def summarize(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Per run: the chosen route's test accuracy, the best route's, the regret; per model and classes: means."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(run_key(r), []).append(r)
+    per_run, groups = [], {}
+    for key in sorted(runs):
+        members = sorted(runs[key], key=lambda r: r["channels"])
+        scored = [r for r in members if r["test_accuracy"] is not None]
+        chosen = next(r for r in members if r["chosen"])
+        best = max(scored, key=lambda r: r["test_accuracy"])
+        dense = chosen["dense_accuracy"]
+        row = {"model": key[0], "classes": key[1], "target": f"{key[2]:g}×", "seed": key[5],
+               "routes (channels: held-out / test %, speed-up)": " · ".join(
+                   f"{r['channels']:g}: " + (f"{r['val_accuracy']:.2f} / {r['test_accuracy']:.2f} ({r['speedup']:.2f}×)"
+                                             if r["test_accuracy"] is not None else "short") for r in members),
+               "chosen": f"{chosen['channels']:g}", "chosen vs dense": round(chosen["test_accuracy"] - dense, 2),
+               "best on test": f"{best['channels']:g}", "regret": round(best["test_accuracy"] - chosen["test_accuracy"], 2)}
+        per_run.append(row)
+        groups.setdefault(key[:5], []).append((row, members, dense))
+    summary = []
+    for (model, classes, target, routes, epochs), items in sorted(groups.items()):
+        fixed = {}
+        for f in (float(x) for x in routes.split(",")):
+            vals = [next((m["test_accuracy"] - d for m in ms if m["channels"] == f and m["test_accuracy"] is not None),
+                         None) for _, ms, d in items]
+            fixed[f"channels {f:g} always"] = (f"{mean(vals):+.2f}" if None not in vals else "–")
+        summary.append({"model": model, "classes": classes, "target": f"{target:g}×", "epochs": epochs,
+                        "seeds": len(items),
+                        "chosen: mean vs dense": f"{mean(r['chosen vs dense'] for r, _, _ in items):+.2f}",
+                        "best on test picked": f"{sum(r['regret'] == 0 for r, _, _ in items)} of {len(items)}",
+                        "mean regret": f"{mean(r['regret'] for r, _, _ in items):.2f}", **fixed})
+    return per_run, summary
+
+
+def write(rows: list[dict], out: Path, command: str) -> None:
+    atomic_write_bytes(out / "routes.json", (json.dumps(rows, indent=1) + "\n").encode())
+    per_run, summary = summarize(rows)
+    cpus = sorted({r["cpu"] for r in rows})
+    lines = [
+        "# Speed-target routes: the held-out choice audited on the test split",
+        "",
+        f"Last command: `{command}`. CPU: {'; '.join(cpus)}. Each run cuts every route (a fraction of the inner "
+        "channels after a block cut that supplies the rest of the target; 0 = blocks alone), times it against the "
+        "dense model at batch 64, recovers it and scores it on held-out training images of its classes "
+        "(`lrpcompress.routes.choose_route`, the settings of `compress --speedup`); the chosen route is the most "
+        "accurate there. The test accuracies (float models after recovery, the run's classes) were not seen by "
+        "the choice; `regret`: the best route's test accuracy minus the chosen one's. `channels f always`: the mean "
+        "over seeds of that fixed route's test accuracy minus the dense model's.",
+        "",
+        "## Per model and classes",
+        "",
+        markdown_table(summary, [(k, k) for k in summary[0]]),
+        "",
+        "## Per run",
+        "",
+        markdown_table(per_run, [(k, k) for k in per_run[0]]),
+        "",
+    ]
+    write_page(out / "routes.md", lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--subsets", default="0,1,8;3,5,7", help="class subsets, ';'-separated")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--speedup", type=float, default=1.5)
+    ap.add_argument("--routes", default=",".join(f"{f:g}" for f in DEFAULT_ROUTES))
+    ap.add_argument("--recover-epochs", type=int, default=1)
+    ap.add_argument("--val-size", type=int, default=2000)
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "routes"))
+    args = ap.parse_args()
+    command = shlex.join(["python", "benchmarks/bench_routes.py", *sys.argv[1:]])
+    try:
+        routes = tuple(float(f) for f in args.routes.split(","))
+        args.routes = ",".join(f"{f:g}" for f in routes)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        subsets = [[int(c) for c in s.split(",")] for s in args.subsets.split(";")]
+        RouteSearch(args.speedup, routes)  # the settings are checked before any model is loaded
+    except (ValueError, LrpcError) as e:
+        sys.exit(f"bench_routes.py: {e}")
+    shared, out = Path(args.shared), Path(args.out)
+    if not (shared / "models").is_dir():
+        sys.exit(f"bench_routes.py: the benchmark needs {shared}/models and {shared}/data (see README)")
+    out.mkdir(parents=True, exist_ok=True)
+    committed = out / "routes.json"
+    rows: list[dict] = json.loads(committed.read_text()) if committed.exists() else []
+    train_all = load_data(shared / "data" / "cifar10-jpeg", "train")
+    test_all = load_data(shared / "data" / "cifar10-jpeg", "test")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    for arch in args.models.split(","):
+        full = load_model(arch, shared / "models" / f"{arch}-cifar10jpeg.pt", num_classes=None)
+        for classes in subsets:
+            model = restrict_classes(full, classes)
+            train, test = train_all.restrict_classes(classes), test_all.restrict_classes(classes)
+            dense = accuracy(model, test, show_progress=False)
+            for seed in seeds:
+                t0 = time.perf_counter()
+                fit, val = split_train_val(train, min(args.val_size, len(train) // 5), seed)
+                search = RouteSearch(args.speedup, routes, BlockPruneConfig(seed=seed),
+                                     ChannelPruneConfig(0.0, seed=seed),
+                                     replace(RECOVERY_RECIPE, epochs=args.recover_epochs, seed=seed))
+                tests: dict[float, float | None] = {}
+                found = choose_route(model, fit, val, search, on_trial=lambda t, net: tests.__setitem__(
+                    t.channels, None if net is None else round(accuracy(net, test, show_progress=False), 2)))
+                name = ",".join(map(str, classes))
+                new = [{"model": arch, "classes": name, "target": args.speedup, "routes": args.routes,
+                        "epochs": args.recover_epochs, "seed": seed, **t.as_dict(), "test_accuracy": tests[t.channels],
+                        "chosen": t is found.chosen, "dense_accuracy": round(dense, 2), "val_images": len(val),
+                        "cpu": cpu_line(), "date": date, "command": command} for t in found.trials]
+                keys = {run_key(r) for r in new}
+                rows = [r for r in rows if run_key(r) not in keys] + new
+                write(rows, out, command)
+                print(f"{arch} {name} seed {seed}: chose {found.chosen.channels:g} in {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
