@@ -107,6 +107,9 @@ def rows(routed: list[dict], fixed: dict[tuple, dict]) -> tuple[list[dict], list
                             r["speed-up"] is not None for r, _, _ in members) else None,
                         "blocks alone, same seeds": avg([change(d) for _, d, _ in members]),
                         "composition, same seeds": avg([change(c) for _, _, c in members])})
+    for row in per_run:  # shown as changes with their sign, as the summary's means are
+        for k in [k for k in row if k == "vs dense" or k.endswith(": vs dense")]:
+            row[k] = None if row[k] is None else f"{row[k]:+.2f}"
     return per_run, summary
 
 

@@ -615,7 +615,7 @@ def test_summarize_routes_puts_each_routed_run_beside_the_fixed_runs_of_its_seed
     routed, fixed = collect(tmp_path)
     per_run, summary = rows(routed, fixed)
     assert [(r["seed"], r["vs dense"], r["blocks alone to 1.5×: vs dense"], r["1.15× blocks + 50% channels: vs dense"])
-            for r in per_run] == [(0, -1.0, -2.0, -2.5), (1, -0.5, None, -1.5)]
+            for r in per_run] == [(0, "-1.00", "-2.00", "-2.50"), (1, "-0.50", None, "-1.50")]
     assert per_run[0]["routes (channels: held-out %, speed-up)"] == "0: 90.25 (1.56×) / 0.5: –"
     assert summary == [{"model": "resnet20", "classes": "3,5,7", "target": "1.5×",
                         "chooser: mean vs dense (runs)": "-0.75 (2)", "chooser: slowest speed-up": 1.6,
@@ -638,11 +638,12 @@ def test_bench_routes_audits_the_held_out_choice_on_the_test_split(tmp_path):
             row(2, 0.0, 90.0, 87.0, True), row(2, 0.5, None, None, False, speedup=1.4)]  # a route fell short
     per_run, summary = summarize(rows)
     assert [(r["seed"], r["chosen vs dense"], r["best on test"], r["regret"]) for r in per_run] == [
-        (0, -1.0, "0", 0.0), (1, -2.0, "0.5", 0.5), (2, -1.5, "0", 0.0)]
+        (0, "-1.00", "0", "0.00"), (1, "-2.00", "0.5", "0.50"), (2, "-1.50", "0", "0.00")]
     assert per_run[2]["routes (channels: held-out / test %, speed-up)"] == "0: 90.00 / 87.00 (1.55×) · 0.5: short"
-    assert summary == [{"model": "resnet20", "classes": "3,5,7", "target": "1.5×", "epochs": 1, "seeds": 3,
+    assert summary == [{"model": "resnet20", "classes": "3,5,7", "target": "1.5×", "epochs": 1, "runs": 3,
                         "chosen: mean vs dense": "-1.50", "best on test picked": "2 of 3", "mean regret": "0.17",
-                        "channels 0 always": "-1.50", "channels 0.5 always": "–"}]
+                        "choice on unseen images: gain": "–", "channels 0 always": "-1.50",
+                        "channels 0.5 always": "–"}]
     write(rows, tmp_path, "python benchmarks/bench_routes.py")
     assert json.loads((tmp_path / "routes.json").read_text()) == rows
     assert "| resnet20 | 3,5,7 | 1.5× | 1 | 3 | -1.50 | 2 of 3 | 0.17 |" in (tmp_path / "routes.md").read_text()
@@ -653,3 +654,27 @@ def test_bench_routes_rejects_bad_settings_before_loading(tmp_path):
     assert proc.returncode == 1 and "bench_routes.py: a channel fraction is given twice" in proc.stderr
     proc = bench("bench_routes.py", "--shared", tmp_path)
     assert proc.returncode == 1 and f"needs {tmp_path}/models" in proc.stderr
+
+
+def test_bench_routes_tests_the_choice_image_by_image_and_chooses_again_on_unseen_halves():
+    import numpy as np
+    from bench_routes import crossed_choice, summarize
+    from paired import pack_correct
+
+    def row(channels, right, chosen):
+        right = np.array(right, dtype=bool)
+        return {"model": "resnet20", "classes": "0,1,8", "target": 1.5, "routes": "0,0.5", "epochs": 1, "seed": 0,
+                "channels": channels, "val_accuracy": 97.0, "test_accuracy": 100.0 * right.mean(), "speedup": 1.6,
+                "chosen": chosen, "dense_accuracy": 80.0, "cpu": "test cpu", "test_correct": pack_correct(right)}
+
+    rows = [row(0.0, [1, 1, 1, 1, 0, 0, 0, 0], True), row(0.5, [1, 1, 1, 1, 1, 1, 0, 0], False)]
+    # either half of the images picks the 0.5 route, which gets 75% of the other half against the chosen one's 50%
+    assert crossed_choice(rows, rows[0]) == 25.0 and crossed_choice(rows, rows[1]) == 0.0
+    per_run, summary = summarize(rows)
+    assert per_run[0]["regret"] == "25.00" and per_run[0]["best / chosen only, McNemar p"] == "2 / 0, 0.5"
+    assert summary[0]["choice on unseen images: gain"] == "+25.00" and len(summary) == 1
+    # runs of another subset with the same target, routes and epochs are pooled in an "all" row
+    rows += [dict(r, classes="3,5,7", test_correct=None) for r in rows]
+    _, summary = summarize(rows)
+    assert [(s["classes"], s["runs"], s["mean regret"], s["choice on unseen images: gain"]) for s in summary] == [
+        ("0,1,8", 1, "25.00", "+25.00"), ("3,5,7", 1, "25.00", "–"), ("all", 2, "25.00", "–")]

@@ -564,6 +564,13 @@ def test_speedup_target_chooses_a_route_on_held_out_images_and_the_file_loads_ba
     dense = load_model("resnet20", resnet20_weights, num_classes=None)
     assert count_macs(dense, x) / count_macs(net, x) == pytest.approx(chosen["speedup"], rel=1e-3)
     assert all(isinstance(net.get_submodule(b), torch.nn.Identity) for b in chosen["removed"])
+    # counted in MACs, the same seed chooses the same route and writes the same bytes
+    again = tmp_path / "r2.lrpc"
+    code, _, err = run(capsys, "compress", "--arch", "resnet20", "--weights", resnet20_weights, "--data", tiny_data,
+                       "--samples", 8, "--speedup", 1.3, "--block-cost", "macs", "--routes", "0,0.5",
+                       "--channel-criterion", "l1", "--bits", 8, "--no-speed", "--out", again)
+    assert code == 0, err
+    assert again.read_bytes() == out.read_bytes()
 
 
 def test_block_costs_from_an_earlier_report_choose_the_same_blocks_without_measuring(tmp_path, tiny_data,

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .blocks import BLOCK_COSTS, BlockCosts, BlockPruneConfig, BlockResult, measure_block_costs, prune_blocks, removable_blocks
+from .blocks import (BLOCK_COSTS, BlockCosts, BlockPruneConfig, BlockResult, measure_block_costs, prune_blocks,
+                     removable_blocks)
 from .data import ImageData
 from .errors import LrpcError
 from .evaluation import accuracy, count_macs, speed_profiles
@@ -41,8 +42,8 @@ class RouteSearch:
     ``blocks`` ranks blocks (its criterion, reference, samples; its ``speedup`` and ``cost`` are set per route and
     must be left unset here); ``channels`` ranks and refits channels (its ``fraction`` is set per route and must be
     0 here). ``recover`` trains each route before it is scored (``epochs=0``: scored as cut). A route timed below
-    the target is cut again with its block target raised by the shortfall, up to ``tries`` cuts in all.
-    ``repeats``: timed passes of each model per measurement."""
+    the target is cut again, the speed-up its blocks were priced at raised by the shortfall, up to ``tries`` cuts
+    in all. ``repeats``: timed passes of each model per measurement."""
 
     speedup: float
     channel_fractions: tuple[float, ...] = DEFAULT_ROUTES
@@ -171,7 +172,9 @@ def _cut(model: nn.Module, fit: ImageData, search: RouteSearch, fraction: float,
         trial.speedup = speed(model, net)
         if trial.speedup >= target:
             return trial, net, bres, cres
-        block_target = max(block_target, 1.0) * target / trial.speedup
+        # raise what the blocks actually supplied (their cover overshoots the target), so the next cover is larger
+        supplied = costs.speedup(bres.removed) if bres is not None and costs is not None else 1.0
+        block_target = max(block_target, supplied, 1.0) * target / trial.speedup
     trial.note = f"{trial.speedup:.2f}x after {search.tries} cut{'s' if search.tries > 1 else ''}, below {target:g}x"
     return trial, None, None, None
 
