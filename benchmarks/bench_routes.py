@@ -37,7 +37,7 @@ from lrpcompress.errors import LrpcError  # noqa: E402
 from lrpcompress.evaluation import accuracy, cpu_line  # noqa: E402
 from lrpcompress.models import load_model, restrict_classes  # noqa: E402
 from lrpcompress.recovery import RECOVERY_RECIPE  # noqa: E402
-from lrpcompress.report import atomic_write_bytes, markdown_table, write_page  # noqa: E402
+from lrpcompress.report import atomic_write_bytes, table_sections, write_page  # noqa: E402
 from lrpcompress.routes import DEFAULT_ROUTES, RouteSearch, choose_route  # noqa: E402
 from lrpcompress.structured import ChannelPruneConfig  # noqa: E402
 
@@ -135,15 +135,7 @@ def write(rows: list[dict], out: Path, command: str) -> None:
         "route chosen on one half of the test split instead (images the pretrained model never saw, as a user's own "
         "data would be; the held-out training images were part of its training set), scored on the other half, minus "
         "the held-out choice there, both ways averaged, mean over seeds (– where rows keep no per-image records).",
-        "",
-        "## Per model and classes",
-        "",
-        markdown_table(summary, [(k, k) for k in summary[0]]),
-        "",
-        "## Per run",
-        "",
-        markdown_table(per_run, [(k, k) for k in per_run[0]]),
-        "",
+        *table_sections({"Per model and classes": summary, "Per run": per_run}),
     ]
     write_page(out / "routes.md", lines)
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from lrpcompress.report import table_sections, write_page  # noqa: E402
 
 from paired import TIE, run_diffs  # noqa: E402
 
@@ -118,15 +118,7 @@ def main() -> None:
         "`l1_down` and `taylor_down` get the same refit (only the ranking differs), plain `l1` none. Accuracy on the "
         "test split of the run's classes; differences in points, the default minus the baseline; level = within "
         f"{TIE}; sign test: exact, two-sided, over runs (budgets of one model are not independent runs).",
-        "",
-        "## Pooled",
-        "",
-        markdown_table(pooled, [(k, k) for k in pooled[0]]),
-        "",
-        "## Per model",
-        "",
-        markdown_table(per_model, [(k, k) for k in per_model[0]]),
-        "",
+        *table_sections({"Pooled": pooled, "Per model": per_model}),
     ]
     write_page(Path(args.out), lines)
     print(f"wrote {args.out} ({len(runs)} runs)", file=sys.stderr)

@@ -25,7 +25,7 @@ from statistics import mean
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lrpcompress.report import markdown_table, write_page  # noqa: E402
+from lrpcompress.report import table_sections, write_page  # noqa: E402
 
 COMPOSITION = (1.15, 0.5)  # block target, channel fraction of the fixed composition
 
@@ -143,15 +143,7 @@ def main() -> None:
         "(CPU: " + (", ".join(cpus) or "not recorded") + "). The fixed columns are runs of the same model, classes, "
         "seed, recovery epochs and bits with a fixed cut: blocks alone (`--block-speedup S`) and 1.15× of blocks + "
         "50% of the inner channels; – where that run was not made.",
-        "",
-        "## Per model and classes",
-        "",
-        markdown_table(summary, [(k, k) for k in summary[0]]),
-        "",
-        "## Per run",
-        "",
-        markdown_table(per_run, [(k, k) for k in per_run[0]]),
-        "",
+        *table_sections({"Per model and classes": summary, "Per run": per_run}),
     ]
     write_page(Path(args.out), lines)
     print(f"wrote {args.out} ({len(routed)} routed runs)", file=sys.stderr)

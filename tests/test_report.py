@@ -23,3 +23,11 @@ def test_write_page_creates_folders_and_echoes(tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["page.md"]  # no temporary file left behind
     write_page(None, ["only", "printed"])  # no path: printed, nothing written
     assert capsys.readouterr().out == "only\nprinted\n" and [p.name for p in out.parent.iterdir()] == ["page.md"]
+
+
+def test_table_sections_give_a_heading_and_a_table_per_section():
+    from lrpcompress.report import table_sections
+
+    lines = table_sections({"Pooled": [{"a": 1, "b": "x|y"}], "Per run": [{"c": None}]})
+    assert lines == ["", "## Pooled", "", "| a | b |\n|---|---|\n| 1 | x\\|y |", "", "## Per run", "",
+                     "| c |\n|---|\n| – |", ""]

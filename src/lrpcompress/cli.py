@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the block-wise feature loss against the uncompressed model (blocks whose outputs "
                         "keep their shape); default: the recovery recipe's for --recover-epochs, 0 for "
                         "--finetune-epochs")
-    c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets)")
+    c.add_argument("--val-size", type=_positive_int, default=2000, help="training images held out to choose settings (--max-drop, size targets, --speedup routes)")
     c.add_argument("--prune-channels", type=_fraction_or_auto, default=0.0,
                    help="fraction of prunable channels (inner widths) removed physically before quantization, or "
                         "auto: with a size target, try --channel-fractions and keep the most accurate on "
@@ -408,8 +408,6 @@ def cmd_compress(a: argparse.Namespace) -> int:
                                           or a.block_reference is not None or a.block_steps != 1):
         raise LrpcError("--block-criterion, --block-reference, --block-spread and --block-steps rank blocks for "
                         "--prune-blocks: add --prune-blocks N or --block-speedup S")
-    if routed and search:
-        raise LrpcError("--speedup is not combined with --prune-channels auto")
     if cut_blocks and search:
         raise LrpcError("--prune-blocks is not combined with --prune-channels auto; give a channel fraction instead")
     if a.recover_epochs == 0 and (a.recover_lr is not None or a.recover_batch is not None):

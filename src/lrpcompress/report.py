@@ -86,6 +86,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[st
     return "\n".join([head, sep, *body])
 
 
+def table_sections(sections: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """A results page's body: per title, a ``## title`` heading and the rows as a markdown table whose columns are
+    the first row's keys (every row of a section has the same keys)."""
+    lines: list[str] = []
+    for title, rows in sections.items():
+        lines += ["", f"## {title}", "", markdown_table(rows, [(k, k) for k in rows[0]])]
+    return lines + [""]
+
+
 def write_page(path: str | Path | None, lines: Sequence[str]) -> None:
     """Write a results page (lines joined by newlines; folders created; atomic) and echo it to stdout; with no
     ``path``, only print it."""
