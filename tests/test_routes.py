@@ -14,7 +14,7 @@ from lrpcompress.errors import LrpcError
 from lrpcompress.evaluation import accuracy, count_macs
 from lrpcompress.models import build_model
 from lrpcompress.recovery import RECOVERY_RECIPE
-from lrpcompress.routes import RouteSearch, channel_speedup, choose_route, measured_speedup
+from lrpcompress.routes import RouteSearch, choose_route, measured_speedup, shape_alike
 from lrpcompress.structured import ChannelPruneConfig
 from test_structured import random_data, trained_like
 
@@ -65,7 +65,7 @@ def test_macs_speedup_is_the_exact_ratio(resnet20):
 
     real = prune_channels(resnet20, data, ChannelPruneConfig(0.5, "l1", samples=16, batch_size=16),
                           show_progress=False).model
-    assert channel_speedup(resnet20, data, CHANNELS, 0.5, "macs") == pytest.approx(
+    assert measured_speedup(resnet20, shape_alike(resnet20, data, CHANNELS, 0.5), x, "macs") == pytest.approx(
         count_macs(resnet20, x) / count_macs(real, x))
 
 

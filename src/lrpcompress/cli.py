@@ -429,9 +429,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         if not is_builtin_arch(a.arch):
             extra_spec["removed"] = bres.removed
         predicted = bres.costs.speedup(bres.removed) if bres.costs else None
-        block_info = {"settings": bcfg, "removed": bres.removed, "candidates": bres.candidates,
-                      "scores": bres.scores or None, "costs": bres.costs.as_dict() if bres.costs else None,
-                      "costs_from": a.block_costs, "predicted_speedup": round(predicted, 3) if bres.costs else None}
+        block_info = _block_info(bcfg, bres, a.block_costs)
         how = (f" (smallest {a.block_criterion} for a {a.block_speedup:g}x {a.block_cost} target, "
                f"{predicted:.2f}x predicted" + (f" from the costs in {a.block_costs})" if given else ")") if bres.costs
                else f" (lowest {a.block_criterion} of {len(bres.candidates)})" if bres.scores else "")
@@ -555,6 +553,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
     return 0
 
 
+def _block_info(settings, bres, costs_from: str | None) -> dict:
+    """The report's ``block_pruning`` for a block cut (its recovery fields are added after recovery)."""
+    return {"settings": settings, "removed": bres.removed, "candidates": bres.candidates, "scores": bres.scores or None,
+            "costs": bres.costs.as_dict() if bres.costs else None, "costs_from": costs_from,
+            "predicted_speedup": round(bres.costs.speedup(bres.removed), 3) if bres.costs else None}
+
+
 def _choose_route(a: argparse.Namespace, model, fit, val, extra_spec: dict):
     """``--speedup``: the most accurate route on the held-out images; the recovered model and its report parts."""
     from .blocks import BlockPruneConfig, load_block_costs
@@ -582,24 +587,18 @@ def _choose_route(a: argparse.Namespace, model, fit, val, extra_spec: dict):
     print(f"route: channels {ch.channels:g} after blocks {', '.join(ch.removed) or 'none'} "
           f"({ch.speedup:.2f}x {a.block_cost}, the most accurate of {sum(t.eligible for t in found.trials)} routes that "
           f"reached {a.speedup:g}x)")
-    recovered = {"recover_epochs": a.recover_epochs,
-                 "recover_feature_distill": rcfg.feature_distill if a.recover_epochs else None,
-                 "recover_recipe": {"lr": rcfg.lr, "batch_size": rcfg.batch_size} if a.recover_epochs else None}
-    block_info = channel_info = None
+    block_info = channel_info = None  # their recovery fields are added with the hand-made cuts'
     if found.blocks is not None:
         b = found.blocks
         if not is_builtin_arch(a.arch):
             extra_spec["removed"] = b.removed
-        block_info = {"settings": replace(bcfg, speedup=ch.block_target, cost=a.block_cost), "removed": b.removed,
-                      "candidates": b.candidates, "scores": b.scores or None,
-                      "costs": b.costs.as_dict() if b.costs else None, "costs_from": a.block_costs,
-                      "predicted_speedup": round(b.costs.speedup(b.removed), 3) if b.costs else None, **recovered}
+        block_info = _block_info(replace(bcfg, speedup=ch.block_target, cost=a.block_cost), b, a.block_costs)
     if found.channels is not None:
         c = found.channels
         if not is_builtin_arch(a.arch):
             extra_spec["shapes"] = c.shapes
         channel_info = {"settings": replace(ccfg, fraction=ch.channels), "kept_fraction": c.kept_fraction,
-                        "removed": {k: len(v) for k, v in c.removed.items()}, "scope_trials": None, **recovered}
+                        "removed": {k: len(v) for k, v in c.removed.items()}, "scope_trials": None}
     route_info = {"speedup_target": a.speedup, "chosen": ch.channels, "trials": [t.as_dict() for t in found.trials],
                   "val_images": len(val), "costs": found.costs.as_dict() if found.costs else None,
                   "costs_from": a.block_costs}

@@ -138,13 +138,6 @@ def shape_alike(model: nn.Module, data: ImageData, config: ChannelPruneConfig, f
     return prune_channels(model, data, shaped, show_progress=False).model
 
 
-def channel_speedup(model: nn.Module, data: ImageData, config: ChannelPruneConfig, fraction: float,
-                    cost: str = "cpu", repeats: int = 30) -> float:
-    """The speed-up that cutting ``fraction`` of ``model``'s inner channels gives (:func:`shape_alike`)."""
-    cut = shape_alike(model, data, config, fraction)
-    return measured_speedup(model, cut, data.tensor(np.arange(1), model_device(model)), cost, repeats)
-
-
 def _cut(model: nn.Module, fit: ImageData, search: RouteSearch, fraction: float, candidates: list[str],
          costs: BlockCosts | None, speed: Callable[[nn.Module, nn.Module], float], show_progress: bool
          ) -> tuple[RouteTrial, nn.Module | None, BlockResult | None, StructuredResult | None]:
@@ -217,5 +210,5 @@ def choose_route(model: nn.Module, fit: ImageData, val: ImageData, search: Route
     return best
 
 
-__all__ = ["DEFAULT_ROUTES", "RouteChoice", "RouteSearch", "RouteTrial", "channel_speedup", "choose_route",
+__all__ = ["DEFAULT_ROUTES", "RouteChoice", "RouteSearch", "RouteTrial", "choose_route",
            "measured_speedup", "shape_alike"]
